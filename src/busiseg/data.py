@@ -1,0 +1,204 @@
+"""Reading BUSI files and the tensor cache.
+
+One place decides how a PNG becomes a grey image or a binary lesion mask, so ingest (which checks
+every file), preprocess (which caches them) and predict (which reads new images) agree exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from busiseg.errors import BusisegError
+
+CLASSES = ("benign", "malignant", "normal")
+LESION_CLASSES = ("benign", "malignant")
+IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
+MASK_MODES = ("1", "L", "RGB", "RGBA", "LA")
+MASK_SEP = "|"
+
+Image.MAX_IMAGE_PIXELS = 64_000_000  # a 8k×8k ultrasound frame is already absurd; refuse bombs
+
+
+def open_png(path: Path) -> Image.Image:
+    """Open and fully decode, so truncated or corrupt files fail here and not mid-training."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BusisegError(f"{path}: empty (0-byte) file; re-download or remove it")
+        img = Image.open(path)
+        img.load()
+    except BusisegError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as exc:
+        raise BusisegError(f"{path}: not a readable image ({_reason(exc)}); "
+                           "re-download or remove it") from None
+    if img.format != "PNG" and path.suffix.lower() == ".png":
+        raise BusisegError(f"{path}: is a {img.format} file with a .png name; "
+                           "convert it to PNG or remove it")
+    return img
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).split("\n")[0]
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def image_to_gray(img: Image.Image, path: Path) -> np.ndarray:
+    """Ultrasound is single-channel; RGB copies (some with coloured marks) are converted to luma."""
+    if img.mode not in IMAGE_MODES:
+        raise BusisegError(f"{path}: image mode {_mode_name(img.mode)} is not supported; "
+                           "save it as 8-bit grayscale or RGB PNG")
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def mask_to_bool(img: Image.Image, path: Path) -> np.ndarray:
+    """Lesion = any non-zero colour channel (alpha only masks out), whatever the storage mode."""
+    if img.mode not in MASK_MODES:
+        raise BusisegError(f"{path}: mask mode {_mode_name(img.mode)} is not supported; "
+                           "save masks as 1-bit, 8-bit grayscale or RGB PNG")
+    colours = img.getcolors(maxcolors=2)  # C-speed; None when there are more than two
+    if colours is None:
+        n = len(img.getcolors(maxcolors=1 << 24) or [])
+        raise BusisegError(f"{path}: mask has {n} distinct values, expected two "
+                           "(background and lesion); re-export it as a binary mask")
+    arr = np.asarray(img)
+    values = [np.atleast_1d(np.asarray(c, dtype=np.int64)) for _, c in colours]
+    lesion_values = [v for v in values if _is_lesion(v, img.mode)]
+    if not lesion_values:
+        return np.zeros(arr.shape[:2], dtype=bool)
+    if len(lesion_values) == len(values):
+        return np.ones(arr.shape[:2], dtype=bool)
+    lesion, other = lesion_values[0], next(v for v in values if not _is_lesion(v, img.mode))
+    channel = int(np.flatnonzero(lesion != other)[0])  # one channel tells the two colours apart
+    plane = arr if arr.ndim == 2 else arr[..., channel]
+    return plane == (bool(lesion[channel]) if img.mode == "1" else lesion[channel])
+
+
+def _is_lesion(value: np.ndarray, mode: str) -> bool:
+    has_alpha = mode in ("RGBA", "LA")
+    colour = value[:-1] if has_alpha else value
+    return bool(colour.max() > 0 and (not has_alpha or value[-1] > 0))
+
+
+def _mode_name(mode: str) -> str:
+    names = {"P": "palette (P)", "I;16": "16-bit (I;16)", "I": "32-bit integer (I)",
+             "F": "float (F)", "1": "1-bit (1)", "CMYK": "CMYK"}
+    return names.get(mode, mode)
+
+
+def load_image(path: Path) -> np.ndarray:
+    return image_to_gray(open_png(path), path)
+
+
+def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Union of all masks of one image: BUSI stores separate lesions as _mask_1, _mask_2, ..."""
+    union = None
+    for p in paths:
+        m = mask_to_bool(open_png(p), p)
+        if shape is not None and m.shape != shape:
+            raise BusisegError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but its image is "
+                               f"{shape[1]}x{shape[0]}; re-export the mask at the image size")
+        union = m if union is None else (union | m)
+    if union is None:
+        raise BusisegError("internal: a case without masks reached load_mask_union")
+    return union
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest and cache
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise BusisegError(f"{path}: manifest not found; run the ingest stage first (dvc repro)")
+    return pd.read_csv(path, dtype={"case_id": str, "class": str}, keep_default_na=False)
+
+
+def mask_list(row: pd.Series) -> list[str]:
+    return [m for m in str(row["masks"]).split(MASK_SEP) if m]
+
+
+@dataclass
+class Cache:
+    """Images and union masks resized to one size, aligned with the manifest order."""
+
+    images: object  # torch.uint8 N×1×S×S
+    masks: object  # torch.uint8 N×1×S×S, values 0/1
+    case_ids: list[str]
+    classes: list[str]
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def indices(self, case_ids: list[str]) -> list[int]:
+        pos = {c: i for i, c in enumerate(self.case_ids)}
+        missing = [c for c in case_ids if c not in pos]
+        if missing:
+            raise BusisegError(f"cache has no case '{missing[0]}' (and {len(missing) - 1} more): "
+                               "the split and the cache disagree; re-run dvc repro")
+        return [pos[c] for c in case_ids]
+
+
+def save_cache(path: str | Path, images: np.ndarray, masks: np.ndarray, case_ids: list[str],
+               classes: list[str]) -> None:
+    import torch
+
+    payload = {
+        "format": "busiseg-cache-v1",
+        "images": torch.from_numpy(images),
+        "masks": torch.from_numpy(masks),
+        "case_ids": list(case_ids),
+        "classes": list(classes),
+    }
+    atomic_torch_save(payload, Path(path))
+
+
+def load_cache(path: str | Path) -> Cache:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise BusisegError(f"{path}: tensor cache not found; run the preprocess stage first")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise BusisegError(f"{path}: not a busiseg tensor cache ({_reason(exc)}); "
+                           "delete it and re-run the preprocess stage") from None
+    if not isinstance(data, dict) or data.get("format") != "busiseg-cache-v1":
+        raise BusisegError(f"{path}: not a busiseg tensor cache; re-run the preprocess stage")
+    return Cache(data["images"], data["masks"], list(data["case_ids"]), list(data["classes"]))
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write beside the target and rename, so a killed run never leaves a half-written file."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,98 @@
+"""Evaluate: score the chosen model on the held-out test split.
+
+The threshold is fixed by params or tuned on the validation split, never on test. Post-processing
+(largest component, hole filling) and flip test-time augmentation are params, applied identically
+to val and test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+from busiseg.data import Cache, load_cache
+from busiseg.metrics import confusion, dice_iou, rounded, summarize
+from busiseg.modelio import load_model
+from busiseg.params import Params
+from busiseg.train import pick_device, predict_probs
+
+THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+def postprocess(mask: np.ndarray, largest_cc: bool, fill_holes: bool) -> np.ndarray:
+    """Per image (H×W bool): optional largest connected component, then hole filling."""
+    if largest_cc and mask.any():
+        labels, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(labels.ravel())[1:]
+            mask = labels == (1 + int(np.argmax(sizes)))
+    if fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+def binarize(probs: np.ndarray, threshold: float, p: Params) -> np.ndarray:
+    """N×H×W probabilities → N×H×W bool masks, post-processed."""
+    pred = probs >= threshold
+    if p.evaluate.largest_cc or p.evaluate.fill_holes:
+        pred = np.stack([postprocess(m, p.evaluate.largest_cc, p.evaluate.fill_holes)
+                         for m in pred]) if len(pred) else pred
+    return pred
+
+
+def lesion_dice(pred: np.ndarray, target: np.ndarray) -> float:
+    dice, _ = dice_iou(confusion(pred, target))
+    lesion = target.reshape(len(target), -1).any(axis=1)
+    return float(dice[lesion].mean()) if lesion.any() else float("nan")
+
+
+def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd.DataFrame]:
+    rows = split[split["split"] == name]
+    return cache.indices(rows["case_id"].tolist()), rows
+
+
+def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
+    device = pick_device(p.train.device)
+    model, blob = load_model(model_path, device)
+    cache = load_cache(cache_path)
+    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
+    va_idx, _ = _subset(cache, split, "val")
+    te_idx, te_rows = _subset(cache, split, "test")
+
+    def probs(idx: list[int]) -> np.ndarray:
+        images = cache.images[torch.tensor(idx)]
+        pre = blob["preprocess"]
+        return predict_probs(model, images, pre["input_mean"], pre["input_std"], device,
+                             p.evaluate.batch_size, tta=p.evaluate.tta)[:, 0].numpy()
+
+    va_prob, va_true = probs(va_idx), cache.masks[torch.tensor(va_idx)][:, 0].numpy() > 0
+    sweep = pd.DataFrame({"threshold": THRESHOLDS,
+                          "val_dice": [round(lesion_dice(binarize(va_prob, t, p), va_true), 6)
+                                       for t in THRESHOLDS]})
+    threshold = p.evaluate.threshold
+    if p.evaluate.tune_threshold:
+        threshold = float(sweep.loc[sweep["val_dice"].idxmax(), "threshold"])
+
+    te_prob, te_true = probs(te_idx), cache.masks[torch.tensor(te_idx)][:, 0].numpy() > 0
+    te_pred = binarize(te_prob, threshold, p)
+    classes = te_rows["class"].tolist()
+    metrics, counts = summarize(te_pred, te_true, classes)
+    dice, iou = dice_iou(counts)
+    per_image = pd.DataFrame({
+        "case_id": te_rows["case_id"].tolist(),
+        "class": classes,
+        "dice": np.round(dice, 6),
+        "iou": np.round(iou, 6),
+        "lesion_area": te_true.reshape(len(te_true), -1).mean(axis=1).round(6),
+        "pred_area": te_pred.reshape(len(te_pred), -1).mean(axis=1).round(6),
+    })
+    metrics = {
+        **rounded(metrics),
+        "threshold": threshold,
+        "val_dice": round(lesion_dice(binarize(va_prob, threshold, p), va_true), 6),
+        "n_test": len(te_idx),
+    }
+    return {"metrics": metrics, "per_image": per_image, "threshold_sweep": sweep,
+            "test_pred": te_pred, "test_idx": te_idx}

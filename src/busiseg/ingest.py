@@ -1,0 +1,309 @@
+"""Ingest: flatten BUSI class folders into one manifest, accounting for every file.
+
+Every file under raw_dir ends up paired, ignored (OS clutter such as .DS_Store) or listed as a
+problem: a silently dropped file would change the dataset without anyone noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from busiseg.data import CLASSES, MASK_SEP, image_to_gray, mask_to_bool, open_png
+from busiseg.errors import BusisegError
+
+MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$")
+OS_CLUTTER = {".ds_store", "thumbs.db", "desktop.ini"}
+MAX_LINES = 25
+
+
+@dataclass
+class Problem:
+    file: str
+    kind: str
+    message: str
+
+
+@dataclass
+class Case:
+    case_id: str
+    cls: str
+    image: str
+    masks: list[str]
+    width: int = 0
+    height: int = 0
+    sha256: str = ""
+    pixel_sha256: str = ""
+    dhash: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class IngestResult:
+    manifest: pd.DataFrame
+    problems: list[Problem]
+    ignored: list[str]
+    duplicate_groups: list[dict]
+    metrics: dict
+
+
+class IngestError(BusisegError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = [p.message for p in problems[:MAX_LINES]]
+        if len(problems) > MAX_LINES:
+            lines.append(f"... and {len(problems) - MAX_LINES} more problems")
+        lines.append(f"ingest: {len(problems)} problem(s); fix the files above, or set "
+                     "data.on_problem: skip to drop them and list them in data/ingest_report.json")
+        super().__init__("\n".join(lines))
+
+
+def _scan(raw: Path) -> tuple[list[Case], list[Problem], list[str]]:
+    """Walk raw_dir and pair images with masks by exact stem; no file is left unaccounted."""
+    problems: list[Problem] = []
+    ignored: list[str] = []
+    cases: list[Case] = []
+
+    def rel(p: Path) -> str:
+        return p.relative_to(raw).as_posix()
+
+    def problem(p: Path, kind: str, msg: str) -> None:
+        problems.append(Problem(rel(p), kind, f"{p}: {msg}"))
+
+    top = sorted(raw.iterdir(), key=lambda p: p.name)
+    class_dirs = {p.name: p for p in top if p.is_dir() and p.name in CLASSES}
+    if not class_dirs and not any(p.is_dir() for p in top):
+        raise BusisegError(f"data.raw_dir '{raw}' holds no class folders (benign/, malignant/, "
+                           "normal/); point data.raw_dir at the Dataset_BUSI_with_GT folder")
+    for p in top:
+        if p.name.lower() in OS_CLUTTER:
+            ignored.append(rel(p))
+        elif p.is_file():
+            problem(p, "outside_class_folder", "file outside the class folders; move it into "
+                    "benign/, malignant/ or normal/, or remove it")
+        elif p.name not in CLASSES:
+            files = [f for f in sorted(p.rglob("*")) if f.is_file()]
+            hint = next((c for c in CLASSES if c == p.name.lower()), None)
+            fix = f"rename it to '{hint}'" if hint else "expected benign/, malignant/, normal/"
+            for f in files or [p]:
+                problem(f, "unknown_class_folder", f"in unknown class folder '{p.name}'; {fix}, "
+                        "or remove it")
+    for cls in CLASSES:
+        if cls not in class_dirs:
+            problems.append(Problem(cls, "missing_class_folder",
+                                    f"{raw / cls}: class folder is missing; BUSI has benign/, "
+                                    "malignant/ and normal/"))
+            continue
+        images: dict[str, Path] = {}
+        masks: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+        for p in sorted(class_dirs[cls].rglob("*")):
+            if p.is_dir():
+                continue
+            if p.name.lower() in OS_CLUTTER:
+                ignored.append(rel(p))
+                continue
+            if p.parent != class_dirs[cls]:
+                problem(p, "nested_folder", "inside a nested folder; BUSI class folders are flat: "
+                        "move the file up into the class folder or remove it")
+                continue
+            if p.suffix.lower() != ".png":
+                problem(p, "not_png", "not a PNG file; convert it to PNG or remove it")
+                continue
+            stem = p.name[: -len(p.suffix)]
+            m = MASK_RE.match(stem)
+            if m:
+                masks[m["stem"]].append((int(m["k"] or 0), p))
+            elif stem in images:
+                problem(p, "duplicate_name", f"same name as {images[stem].name}; keep one")
+            else:
+                images[stem] = p
+        if not images:
+            problems.append(Problem(cls, "empty_class_folder",
+                                    f"{class_dirs[cls]}: class folder has no images; add the "
+                                    "images or remove the folder"))
+        for stem, img in images.items():
+            found = sorted(masks.pop(stem, []), key=lambda t: t[0])
+            if not found:
+                problem(img, "image_without_mask", f"image has no mask (expected '{stem}_mask.png' "
+                        "beside it); add the mask or remove the image")
+                continue
+            cases.append(Case(stem, cls, rel(img), [rel(p) for _, p in found]))
+        for stem, found in masks.items():
+            for _, p in found:
+                problem(p, "mask_without_image", f"mask has no image (expected '{stem}.png' "
+                        "beside it); add the image or remove the mask")
+    seen: dict[str, Case] = {}
+    for c in cases:
+        if c.case_id in seen:
+            c.problems.append(Problem(c.image, "duplicate_case_id",
+                                      f"{raw / c.image}: same case name as "
+                                      f"{raw / seen[c.case_id].image}; rename one of them"))
+        seen.setdefault(c.case_id, c)
+    return cases, problems, ignored
+
+
+def _check_case(raw: Path, case: Case) -> Case:
+    """Decode the image and all its masks; record sizes and hashes, or the problems found."""
+    path = raw / case.image
+    try:
+        gray = image_to_gray(open_png(path), path)
+    except BusisegError as exc:
+        case.problems.append(Problem(case.image, "bad_image", str(exc)))
+        return case
+    case.height, case.width = gray.shape
+    case.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    case.pixel_sha256 = hashlib.sha256(gray.tobytes() + bytes(str(gray.shape), "ascii")).hexdigest()
+    case.dhash = dhash(gray)
+    for m in case.masks:
+        mp = raw / m
+        try:
+            mask = mask_to_bool(open_png(mp), mp)
+        except BusisegError as exc:
+            case.problems.append(Problem(m, "bad_mask", str(exc)))
+            continue
+        if mask.shape != gray.shape:
+            case.problems.append(Problem(
+                m, "mask_size", f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                f"{gray.shape[1]}x{gray.shape[0]}; re-export the mask at the image size"))
+    return case
+
+
+def dhash(gray: np.ndarray, side: int = 8) -> int:
+    """Difference hash: robust to re-encoding, resizing and small intensity changes."""
+    small = Image.fromarray(gray).resize((side + 1, side), Image.Resampling.BOX)
+    a = np.asarray(small, dtype=np.int16)
+    bits = (a[:, 1:] > a[:, :-1]).reshape(-1)
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def _check_all(raw: Path, cases: list[Case], workers: int) -> list[Case]:
+    if workers <= 1 or len(cases) < 64:
+        return [_check_case(raw, c) for c in cases]
+    ctx = get_context("fork") if "fork" in _start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(_check_case, [raw] * len(cases), cases, chunksize=16))
+
+
+def _start_methods() -> list[str]:
+    import multiprocessing
+
+    return multiprocessing.get_all_start_methods()
+
+
+def duplicate_groups(cases: list[Case], max_hamming: int) -> tuple[list[int], list[dict]]:
+    """Union-find over exact (same pixels) and near (dHash distance ≤ max_hamming) duplicates."""
+    n = len(cases)
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(i: int, j: int) -> None:
+        ri, rj = find(i), find(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+
+    by_pixels: dict[str, int] = {}
+    for i, c in enumerate(cases):
+        if c.pixel_sha256 in by_pixels:
+            union(by_pixels[c.pixel_sha256], i)
+        else:
+            by_pixels[c.pixel_sha256] = i
+    dist = None
+    if max_hamming >= 0 and n > 1:
+        h = np.array([c.dhash for c in cases], dtype=np.uint64)
+        x = (h[:, None] ^ h[None, :]).view(np.uint8).reshape(n, n, 8)
+        dist = np.unpackbits(x, axis=2).sum(axis=2)
+        ii, jj = np.nonzero(np.triu(dist <= max_hamming, k=1))
+        for i, j in zip(ii.tolist(), jj.tolist()):
+            union(i, j)
+    roots = [find(i) for i in range(n)]
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, r in enumerate(roots):
+        members[r].append(i)
+    group_of = {}
+    groups = []
+    for gid, (_, idx) in enumerate(sorted(members.items())):
+        for i in idx:
+            group_of[i] = gid
+        if len(idx) > 1:
+            exact = len({cases[i].pixel_sha256 for i in idx}) == 1
+            maxd = 0 if dist is None else int(dist[np.ix_(idx, idx)].max())
+            groups.append({"group": gid, "kind": "exact" if exact else "near",
+                           "max_hamming": maxd, "cases": [cases[i].case_id for i in idx],
+                           "classes": sorted({cases[i].cls for i in idx})})
+    return [group_of[i] for i in range(n)], groups
+
+
+def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
+           workers: int = 0) -> IngestResult:
+    raw = Path(raw_dir)
+    if not raw.exists():
+        raise BusisegError(f"data.raw_dir '{raw}' does not exist; download BUSI and point "
+                           "data.raw_dir at its Dataset_BUSI_with_GT folder (see README)")
+    if not raw.is_dir():
+        raise BusisegError(f"data.raw_dir '{raw}' is not a folder; point it at "
+                           "Dataset_BUSI_with_GT")
+    if not any(raw.iterdir()):
+        raise BusisegError(f"data.raw_dir '{raw}' is empty; unzip BUSI into it")
+    cases, problems, ignored = _scan(raw)
+    cases = _check_all(raw, cases, workers or os.cpu_count() or 1)
+    for c in cases:
+        problems.extend(c.problems)
+    if problems and on_problem == "error":
+        raise IngestError(problems)
+    good = [c for c in cases if not c.problems]
+    if not good:
+        raise BusisegError(f"data.raw_dir '{raw}': no usable image/mask pairs"
+                           + (f" ({len(problems)} problems skipped)" if problems else ""))
+    good.sort(key=lambda c: (CLASSES.index(c.cls), _natural_key(c.case_id)))
+    groups_of, groups = duplicate_groups(good, near_dup_hamming)
+    manifest = pd.DataFrame({
+        "case_id": [c.case_id for c in good],
+        "class": [c.cls for c in good],
+        "image": [c.image for c in good],
+        "masks": [MASK_SEP.join(c.masks) for c in good],
+        "n_masks": [len(c.masks) for c in good],
+        "width": [c.width for c in good],
+        "height": [c.height for c in good],
+        "sha256": [c.sha256 for c in good],
+        "dhash": [f"{c.dhash:016x}" for c in good],
+        "dup_group": groups_of,
+    })
+    metrics = {
+        "n_images": len(good),
+        "n_masks": int(manifest["n_masks"].sum()),
+        "n_multi_mask": int((manifest["n_masks"] > 1).sum()),
+        **{f"n_images_{cls}": int((manifest["class"] == cls).sum()) for cls in CLASSES},
+        "n_problems": len(problems),
+        "n_ignored": len(ignored),
+        "n_duplicate_groups": len(groups),
+        "n_images_in_duplicate_groups": sum(len(g["cases"]) for g in groups),
+    }
+    return IngestResult(manifest, problems, ignored, groups, metrics)
+
+
+def _natural_key(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def report_dict(result: IngestResult, raw_dir: str) -> dict:
+    return {
+        "raw_dir": str(raw_dir),
+        "problems": [asdict(p) | {"action": "skipped"} for p in result.problems],
+        "ignored": result.ignored,
+        "duplicate_groups": result.duplicate_groups,
+    }

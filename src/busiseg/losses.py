@@ -1,0 +1,63 @@
+"""Segmentation losses: a pixel term (BCE or focal) plus a region term (soft Dice or Tversky).
+
+The region term is computed per image and averaged, so small lesions weigh as much as large ones;
+images without a lesion contribute through the pixel term and a smoothed Dice that rewards an
+empty prediction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss
+
+SMOOTH = 1.0
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor,
+                   smooth: float = SMOOTH) -> torch.Tensor:
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    inter = (prob * target).sum(1)
+    dice = (2 * inter + smooth) / (prob.sum(1) + target.sum(1) + smooth)
+    return 1 - dice.mean()
+
+
+def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
+                 smooth: float = SMOOTH) -> torch.Tensor:
+    """alpha weighs false positives, beta false negatives: beta > alpha favours recall."""
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    tp = (prob * target).sum(1)
+    fp = (prob * (1 - target)).sum(1)
+    fn = ((1 - prob) * target).sum(1)
+    return 1 - ((tp + smooth) / (tp + alpha * fp + beta * fn + smooth)).mean()
+
+
+class SegLoss(torch.nn.Module):
+    def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
+                 focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7):
+        super().__init__()
+        self.kind, self.bce_weight, self.dice_weight = kind, bce_weight, dice_weight
+        self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
+
+    def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits, target = logits.float(), target.float()
+        if self.kind == "focal_dice":
+            pixel = sigmoid_focal_loss(logits, target, alpha=-1, gamma=self.focal_gamma,
+                                       reduction="mean")
+        else:
+            pixel = F.binary_cross_entropy_with_logits(logits, target)
+        if self.kind == "tversky":
+            region = tversky_loss(logits, target, self.alpha, self.beta)
+        else:
+            region = soft_dice_loss(logits, target)
+        return self.bce_weight * pixel + self.dice_weight * region
+
+    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):
+        """A list (deep supervision) averages the heads, the final head counting double."""
+        if isinstance(outputs, list | tuple):
+            weights = [2.0] + [1.0] * (len(outputs) - 1)
+            total = sum(w * self.single(o, target) for w, o in zip(weights, outputs))
+            return total / sum(weights)
+        return self.single(outputs, target)

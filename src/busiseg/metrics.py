@@ -1,0 +1,76 @@
+"""Segmentation metrics with explicit conventions.
+
+Published BUSI numbers mix per-image means, batch-pooled pixels and the inclusion of normal images;
+every figure here says which it is (see the README's "How the numbers are computed").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-image pixel counts [tp, fp, fn] for boolean arrays shaped N×H×W (or N×1×H×W)."""
+    p = pred.reshape(len(pred), -1).astype(bool)
+    t = target.reshape(len(target), -1).astype(bool)
+    tp = np.count_nonzero(p & t, axis=1)
+    fp = np.count_nonzero(p & ~t, axis=1)
+    fn = np.count_nonzero(~p & t, axis=1)
+    return np.stack([tp, fp, fn], axis=1).astype(np.int64)
+
+
+def dice_iou(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image Dice and IoU; an image with no lesion and no prediction scores 1 (perfect)."""
+    tp, fp, fn = counts[:, 0].astype(float), counts[:, 1].astype(float), counts[:, 2].astype(float)
+    denom_d = 2 * tp + fp + fn
+    denom_i = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(denom_d > 0, 2 * tp / denom_d, 1.0)
+        iou = np.where(denom_i > 0, tp / denom_i, 1.0)
+    return dice, iou
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den > 0 else float("nan")
+
+
+def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str]) -> tuple[dict, np.ndarray]:
+    """Test-set figures: Dice/IoU over lesion images only; normals scored by false positives."""
+    counts = confusion(pred, target)
+    dice, iou = dice_iou(counts)
+    classes_arr = np.asarray(classes)
+    lesion = target.reshape(len(target), -1).any(axis=1)
+    normal = ~lesion
+    tp, fp, fn = counts[lesion].sum(axis=0) if lesion.any() else (0, 0, 0)
+    n_pixels = pred[0].size if len(pred) else 1
+    pred_area = pred.reshape(len(pred), -1).sum(axis=1)
+    out = {
+        "n_lesion_images": int(lesion.sum()),
+        "n_normal_images": int(normal.sum()),
+        "dice": float(dice[lesion].mean()) if lesion.any() else float("nan"),
+        "iou": float(iou[lesion].mean()) if lesion.any() else float("nan"),
+        "dice_pooled": _ratio(2 * tp, 2 * tp + fp + fn),
+        "iou_pooled": _ratio(tp, tp + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+    }
+    for cls in ("benign", "malignant"):
+        sel = lesion & (classes_arr == cls)
+        out[f"dice_{cls}"] = float(dice[sel].mean()) if sel.any() else float("nan")
+        out[f"iou_{cls}"] = float(iou[sel].mean()) if sel.any() else float("nan")
+    out["normal_empty_rate"] = (float((pred_area[normal] == 0).mean()) if normal.any()
+                                else float("nan"))
+    out["normal_fp_area"] = (float(pred_area[normal].mean() / n_pixels) if normal.any()
+                             else float("nan"))
+    return out, counts
+
+
+def rounded(metrics: dict, digits: int = 6) -> dict:
+    """JSON-friendly: round floats, turn NaN into None (JSON has no NaN)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            out[k] = None if np.isnan(v) else round(v, digits)
+        else:
+            out[k] = v
+    return out

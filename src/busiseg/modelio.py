@@ -1,0 +1,91 @@
+"""Model files: everything predict needs in one file, loaded without executing code.
+
+A model file holds only tensors and plain values (no pickled classes), is read with
+`torch.load(weights_only=True)`, and carries a digest of its weights: a file that is not a busiseg
+model, or whose weights were edited, is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from busiseg.data import atomic_torch_save
+from busiseg.errors import BusisegError
+from busiseg.models import ARCHS, build_model
+from busiseg.params import ModelParams, Params
+
+FORMAT = "busiseg-model"
+VERSION = 1
+
+
+def model_kwargs(m: ModelParams) -> dict:
+    """The model section minus what this arch does not take (e.g. `compact` has no depth)."""
+    if m.arch not in ARCHS:
+        build_model(m.arch)  # raises the one-line "unknown arch" error
+    accepted = inspect.signature(ARCHS[m.arch]).parameters
+    fields = {k: v for k, v in asdict(m).items() if k in accepted}
+    return {"arch": m.arch, **fields}
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
+               threshold: float | None = None) -> None:
+    atomic_torch_save({
+        "format": FORMAT,
+        "version": VERSION,
+        "model": dict(kwargs),
+        "state_dict": state,
+        "digest": weights_digest(state),
+        "preprocess": {"size": size, "input_mean": p.model.input_mean,
+                       "input_std": p.model.input_std},
+        "threshold": p.evaluate.threshold if threshold is None else threshold,
+        "params": {k: asdict(v) for k, v in asdict_shallow(p).items()},
+    }, Path(path))
+
+
+def asdict_shallow(p: Params) -> dict:
+    return {k: getattr(p, k) for k in ("preprocess", "model", "train", "augment", "evaluate")}
+
+
+def load_model(path: str | Path,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from a busiseg model file; refuse anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise BusisegError(f"{path}: model file not found; train one with dvc repro")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a safe busiseg model
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BusisegError(f"{path}: refused: not a busiseg model file, or it holds code/objects "
+                           f"that are not loaded for safety ({reason})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise BusisegError(f"{path}: refused: not a busiseg model file")
+    if blob.get("version") != VERSION:
+        raise BusisegError(f"{path}: model file version {blob.get('version')} is not supported "
+                           f"by this busiseg (expects {VERSION}); retrain or upgrade")
+    state = blob.get("state_dict")
+    if not isinstance(state, dict) or weights_digest(state) != blob.get("digest"):
+        raise BusisegError(f"{path}: refused: the weights do not match the file's digest "
+                           "(corrupted or tampered with); retrain or restore the file")
+    model = build_model(**blob["model"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BusisegError(f"{path}: refused: weights do not fit model {blob['model']} "
+                           f"({str(exc).splitlines()[0][:160]})") from None
+    return model.to(device).eval(), blob

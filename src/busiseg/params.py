@@ -1,0 +1,297 @@
+"""Typed, validated params.
+
+`params.yaml` is the single source of every knob. It is read once per stage and checked as a whole,
+so a typo or an impossible value stops the run at its first stage with one line that names the key,
+instead of surfacing later as a silent default or a traceback deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from busiseg.errors import BusisegError
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    """Synthetic BUSI-layout dataset that a fresh clone trains on."""
+
+    n_benign: int = 48
+    n_malignant: int = 32
+    n_normal: int = 24
+    min_size: int = 160
+    max_size: int = 320
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("n_benign", "n_malignant", "n_normal"):
+            _require(getattr(self, name) >= 0, f"demo.{name}", "must be ≥ 0")
+        _require(self.n_benign + self.n_malignant + self.n_normal > 0, "demo.n_benign",
+                 "demo.n_benign + n_malignant + n_normal must be > 0")
+        _require(32 <= self.min_size <= self.max_size <= 2048, "demo.min_size",
+                 "need 32 ≤ demo.min_size ≤ demo.max_size ≤ 2048")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    raw_dir: str = "data/demo/Dataset_BUSI_with_GT"
+    # "error": stop and list every bad file; "skip": drop affected cases, list them in the report
+    on_problem: Literal["error", "skip"] = "error"
+    # near-duplicate frames: max Hamming distance between 64-bit perceptual hashes; -1 disables
+    near_dup_hamming: int = 6
+    workers: int = 0  # decoding processes; 0 = one per core
+
+    def check(self) -> None:
+        _require(bool(self.raw_dir.strip()), "data.raw_dir", "must not be empty")
+        _require(self.workers >= 0, "data.workers", "must be ≥ 0 (0 = all cores)")
+        _require(-1 <= self.near_dup_hamming <= 32, "data.near_dup_hamming", "must be in -1..32")
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    size: int = 96
+    workers: int = 0  # 0 = one process per core
+
+    def check(self) -> None:
+        _require(32 <= self.size <= 2048, "preprocess.size",
+                 f"must be in 32..2048, got {self.size}")
+        _require(self.workers >= 0, "preprocess.workers", "must be ≥ 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: int = 0
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    folds: int = 0  # k-fold assignment of the non-test cases (cross-validation); 0 = off
+
+    def check(self) -> None:
+        for name in ("train", "val", "test"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"split.{name}", "must be in [0, 1)")
+        total = self.train + self.val + self.test
+        _require(abs(total - 1.0) < 1e-6, "split.train",
+                 f"split.train + split.val + split.test must sum to 1, got {total:g}")
+        _require(self.train > 0 and self.val > 0 and self.test > 0, "split.val",
+                 "train, val and test fractions must all be > 0")
+        _require(self.folds == 0 or 2 <= self.folds <= 20, "split.folds", "must be 0 or 2..20")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    arch: str = "unet"
+    base: int = 16
+    depth: int = 4
+    up: Literal["transpose", "bilinear"] = "transpose"
+    norm: Literal["batch", "instance", "group", "none"] = "batch"
+    dropout: float = 0.0
+    deep_supervision: bool = False  # unet_plus_plus only
+    # input normalisation applied to uint8/255 images; stored in the model file for predict
+    input_mean: float = 0.5
+    input_std: float = 0.25
+
+    def check(self) -> None:
+        _require(self.base >= 1, "model.base", "must be ≥ 1")
+        _require(1 <= self.depth <= 6, "model.depth", "must be in 1..6")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(self.input_std > 0, "model.input_std", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 20
+    batch_size: int = 16
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    schedule: Literal["none", "cosine", "poly", "plateau"] = "cosine"
+    warmup_epochs: int = 1
+    patience: int = 0  # early stopping on val Dice; 0 = off
+    loss: Literal["bce_dice", "focal_dice", "tversky"] = "bce_dice"
+    bce_weight: float = 1.0  # weight of the pixel term (BCE or focal)
+    dice_weight: float = 1.0  # weight of the region term (soft Dice or Tversky)
+    focal_gamma: float = 2.0
+    tversky_alpha: float = 0.3  # false-positive weight
+    tversky_beta: float = 0.7  # false-negative weight
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU is always repeatable
+    progress: Literal["auto", "on", "off"] = "auto"
+
+    def check(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be ≥ 1")
+        _require(self.batch_size >= 1, "train.batch_size", "must be ≥ 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
+        _require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+                 "train.warmup_epochs", "must be ≥ 0 and < train.epochs")
+        _require(self.patience >= 0, "train.patience", "must be ≥ 0 (0 = off)")
+        _require(self.bce_weight >= 0 and self.dice_weight >= 0, "train.bce_weight",
+                 "loss weights must be ≥ 0")
+        _require(self.bce_weight + self.dice_weight > 0, "train.dice_weight",
+                 "train.bce_weight + train.dice_weight must be > 0")
+        _require(self.focal_gamma >= 0, "train.focal_gamma", "must be ≥ 0")
+        _require(self.tversky_alpha >= 0 and self.tversky_beta >= 0, "train.tversky_alpha",
+                 "Tversky weights must be ≥ 0")
+        _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Joint image/mask augmentation, drawn per sample, applied batched on the training device."""
+
+    hflip: float = 0.5  # probability
+    vflip: float = 0.0  # probability (ultrasound has a physical top: off by default)
+    rotate: float = 10.0  # max degrees
+    scale: float = 0.1  # max relative zoom in/out
+    shift: float = 0.05  # max shift as a fraction of the size
+    elastic: float = 0.0  # displacement strength in pixels of a 256 image; 0 = off
+    brightness: float = 0.1  # max additive change (images in [0, 1])
+    contrast: float = 0.1  # max relative change
+    gamma: float = 0.0  # max |log gamma|
+    blur: float = 0.0  # probability of a small Gaussian blur
+    noise: float = 0.0  # std of multiplicative speckle noise
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            _require(getattr(self, f.name) >= 0, f"augment.{f.name}", "must be ≥ 0")
+        for name in ("hflip", "vflip", "blur"):
+            _require(getattr(self, name) <= 1, f"augment.{name}", "is a probability: 0..1")
+        _require(self.rotate <= 180, "augment.rotate", "must be ≤ 180 degrees")
+        _require(self.scale < 1, "augment.scale", "must be < 1")
+        _require(self.shift <= 0.5, "augment.shift", "must be ≤ 0.5")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    threshold: float = 0.5
+    tune_threshold: bool = False  # pick the threshold that maximises val Dice
+    tta: bool = False  # average with the horizontally flipped prediction
+    largest_cc: bool = False  # keep only the largest connected component
+    fill_holes: bool = False
+    batch_size: int = 16
+
+    def check(self) -> None:
+        _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
+        _require(self.batch_size >= 1, "evaluate.batch_size", "must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class PlotParams:
+    n_montage: int = 8
+    n_worst: int = 6
+
+    def check(self) -> None:
+        _require(self.n_montage >= 1, "plot.n_montage", "must be ≥ 1")
+        _require(self.n_worst >= 1, "plot.n_worst", "must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    demo: DemoParams = field(default_factory=DemoParams)
+    data: DataParams = field(default_factory=DataParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    split: SplitParams = field(default_factory=SplitParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    plot: PlotParams = field(default_factory=PlotParams)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        text = message if message.startswith(key) else f"{key} {message}"
+        raise BusisegError(f"params.yaml: {text}")
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(choices)}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one value against its annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise BusisegError(f"params.yaml: {key} is {value!r}; choose one of: "
+                               + ", ".join(map(str, allowed)))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is type(None) and value is None:
+                return None
+        return _coerce(key, value, next(a for a in typing.get_args(hint) if a is not type(None)))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise BusisegError(f"params.yaml: {key} must be {hint.__name__}, got {value!r} "
+                           f"({type(value).__name__})")
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, section: str, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BusisegError(f"params.yaml: '{section}' must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise BusisegError(f"params.yaml: unknown key '{section}.{key}'" + _suggest(key, names))
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    obj = cls(**kwargs)
+    obj.check()
+    return obj
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a loaded params mapping; missing keys take their documented defaults."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise BusisegError("params.yaml: the top level must be a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    sections = [f.name for f in dataclasses.fields(Params)]
+    for key in raw:
+        if key not in sections:
+            raise BusisegError(f"params.yaml: unknown section '{key}'" + _suggest(key, sections))
+    return Params(**{name: _build(hints[name], name, raw.get(name)) for name in sections})
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise BusisegError(f"{path}: params file not found; run from the project root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise BusisegError(
+            f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw)
+
+
+def as_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)

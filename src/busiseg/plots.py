@@ -1,0 +1,83 @@
+"""Figures a reader can judge at a glance: curves, a test montage, and the worst cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+GT_COLOUR, PRED_COLOUR = "#2ecc71", "#e74c3c"
+
+
+def plot_curves(curves: pd.DataFrame, out: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    axes[0].plot(curves["epoch"], curves["train_loss"], label="train")
+    axes[0].plot(curves["epoch"], curves["val_loss"], label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(curves["epoch"], curves["val_dice"], label="val Dice")
+    axes[1].plot(curves["epoch"], curves["val_iou"], label="val IoU")
+    best = curves.loc[curves["val_dice"].idxmax()]
+    axes[1].axvline(best["epoch"], color="grey", ls="--", lw=1,
+                    label=f"best epoch {int(best['epoch'])}")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("validation (lesion images, per-image mean)")
+    axes[2].plot(curves["epoch"], curves["lr"])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _panel_row(axes, image, truth, pred, title: str) -> None:
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_ylabel(title, fontsize=8, rotation=0, ha="right", va="center")
+    axes[1].imshow(truth, cmap="gray", vmin=0, vmax=1)
+    axes[2].imshow(pred, cmap="gray", vmin=0, vmax=1)
+    axes[3].imshow(image, cmap="gray", vmin=0, vmax=255)
+    for mask, colour in ((truth, GT_COLOUR), (pred, PRED_COLOUR)):
+        if mask.any() and not mask.all():
+            axes[3].contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.2)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def plot_cases(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, titles: list[str],
+               out: Path, heading: str) -> None:
+    """One row per case: image | ground truth | prediction | overlay (green truth, red pred)."""
+    n = len(images)
+    fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.1 * n + 0.6), squeeze=False)
+    for col, name in enumerate(("image", "ground truth", "prediction", "overlay")):
+        axes[0, col].set_title(name, fontsize=9)
+    for r in range(n):
+        _panel_row(axes[r], images[r], truths[r], preds[r], titles[r])
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def pick_montage(per_image: pd.DataFrame, n: int) -> list[int]:
+    """Evenly spaced cases of every class, so a montage is not all benign."""
+    picks: list[int] = []
+    classes = sorted(per_image["class"].unique())
+    per_class = max(1, n // max(1, len(classes)))
+    for cls in classes:
+        rows = np.flatnonzero(per_image["class"].to_numpy() == cls)
+        take = np.linspace(0, len(rows) - 1, num=min(per_class, len(rows))).round().astype(int)
+        picks.extend(rows[take].tolist())
+    return sorted(picks)[:n]
+
+
+def pick_worst(per_image: pd.DataFrame, n: int) -> list[int]:
+    lesion = per_image[per_image["lesion_area"] > 0].sort_values(["dice", "case_id"])
+    return [int(per_image.index.get_loc(i)) for i in lesion.index[:n]]

@@ -1,0 +1,48 @@
+"""Shared plumbing for the stage scripts: one-line errors, atomic JSON outputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from busiseg.data import atomic_write_text
+from busiseg.errors import BusisegError
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Run a stage; user-fixable problems end as one line on stderr and exit 1, never a traceback.
+
+    SIGTERM is turned into KeyboardInterrupt so that `kill` and Ctrl-C take the same clean path.
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        main()
+    except BusisegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def remove_outputs(*paths: str | Path) -> None:
+    """Delete stale outputs first, so a failed run cannot leave last run's files looking fresh."""
+    import shutil
+
+    for p in map(Path, paths):
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)

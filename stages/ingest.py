@@ -1,0 +1,28 @@
+"""Stage ingest: pair every image with all its masks into data/manifest.csv, report problems."""
+
+from busiseg.ingest import ingest, report_dict
+from busiseg.params import load_params
+from busiseg.stage import remove_outputs, run, write_json
+
+MANIFEST = "data/manifest.csv"
+REPORT = "data/ingest_report.json"
+METRICS = "metrics/ingest.json"
+
+
+def main() -> None:
+    remove_outputs(MANIFEST, REPORT, METRICS)
+    p = load_params().data
+    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers)
+    result.manifest.to_csv(MANIFEST, index=False)
+    write_json(REPORT, report_dict(result, p.raw_dir))
+    write_json(METRICS, result.metrics)
+    m = result.metrics
+    print(f"ingest: {m['n_images']} images ({m['n_images_benign']} benign, "
+          f"{m['n_images_malignant']} malignant, {m['n_images_normal']} normal), "
+          f"{m['n_masks']} masks, {m['n_duplicate_groups']} duplicate groups")
+    for problem in result.problems:
+        print(f"skipped: {problem.message}")
+
+
+if __name__ == "__main__":
+    run(main)

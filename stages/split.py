@@ -1,0 +1,23 @@
+"""Stage split: seeded, class-stratified, duplicate-aware train/val/test split."""
+
+from busiseg.data import read_manifest
+from busiseg.params import load_params
+from busiseg.split import make_split, split_metrics
+from busiseg.stage import remove_outputs, run, write_json
+
+SPLIT = "data/split.csv"
+METRICS = "metrics/split.json"
+
+
+def main() -> None:
+    remove_outputs(SPLIT, METRICS)
+    p = load_params().split
+    split = make_split(read_manifest("data/manifest.csv"), p.train, p.val, p.test, p.seed, p.folds)
+    split.to_csv(SPLIT, index=False)
+    m = split_metrics(split)
+    write_json(METRICS, m)
+    print(f"split: {m['n_train']} train, {m['n_val']} val, {m['n_test']} test")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,31 @@
+"""Stage train: fit the model on the train split, pick the best epoch on val."""
+
+from pathlib import Path
+
+import torch
+
+from busiseg.params import load_params
+from busiseg.stage import run, write_json
+from busiseg.train import train
+
+MODEL = Path("models/model.pt")
+CHECKPOINT = Path("models/checkpoint.pt")  # persisted by DVC: a killed run resumes from it
+CURVES = Path("plots/train/curves.csv")
+METRICS = Path("metrics/train.json")
+
+
+def main() -> None:
+    params = load_params()
+    for p in (MODEL, CURVES, METRICS):
+        p.unlink(missing_ok=True)
+        p.parent.mkdir(parents=True, exist_ok=True)
+    metrics = train(params, Path("data/cache.pt"), Path("data/split.csv"), MODEL, CHECKPOINT,
+                    CURVES)
+    write_json(METRICS, metrics)
+    print(f"train: best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}, "
+          f"{metrics['images_per_s']} images/s on {metrics['device']} "
+          f"(torch {torch.__version__}) -> {MODEL}")
+
+
+if __name__ == "__main__":
+    run(main)
