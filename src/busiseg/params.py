@@ -108,7 +108,7 @@ class ModelParams:
 @dataclass(frozen=True)
 class TrainParams:
     epochs: int = 20
-    batch_size: int = 16
+    batch_size: int = 8
     optimizer: Literal["adam", "adamw"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -135,8 +135,8 @@ class TrainParams:
         _require(self.batch_size >= 1, "train.batch_size", "must be ≥ 1")
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
-        _require(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-                 "train.warmup_epochs", "must be ≥ 0 and < train.epochs")
+        _require(self.warmup_epochs >= 0, "train.warmup_epochs",
+                 "must be ≥ 0 (it is capped at train.epochs - 1)")
         _require(self.patience >= 0, "train.patience", "must be ≥ 0 (0 = off)")
         _require(self.bce_weight >= 0 and self.dice_weight >= 0, "train.bce_weight",
                  "loss weights must be ≥ 0")
@@ -217,9 +217,11 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise BusisegError(f"params.yaml: {text}")
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def _suggest(name: str, choices: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, choices, n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(choices)}"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; known keys: {', '.join(prefix + c for c in choices)}"
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -258,7 +260,8 @@ def _build(cls: type, section: str, raw: Any) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise BusisegError(f"params.yaml: unknown key '{section}.{key}'" + _suggest(key, names))
+            raise BusisegError(f"params.yaml: unknown key '{section}.{key}'"
+                               + _suggest(key, names, f"{section}."))
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     obj = cls(**kwargs)
     obj.check()

@@ -160,7 +160,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     bs = min(cfg.batch_size, len(tr_idx))
     steps_per_epoch = max(1, len(tr_idx) // bs)  # drop the ragged batch: BatchNorm needs ≥ 2
     total_steps = steps_per_epoch * cfg.epochs
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps_per_epoch  # -S train.epochs=1 works
     if cfg.schedule == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
                                                                patience=3)

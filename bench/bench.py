@@ -1,0 +1,318 @@
+"""busiseg benchmark harness: prints a table and writes JSON to bench/results/.
+
+    uv run python bench/bench.py train --size 256 --base 16           # busiseg vs conventional
+    uv run python bench/bench.py data --raw-dir PATH --size 256        # ingest + preprocess wall time
+    uv run python bench/bench.py repro                                 # no-op `dvc repro`
+    uv run python bench/bench.py evaluate                              # evaluate stage on the test split
+    uv run python bench/bench.py memory --size 256                     # peak RSS of the train stage
+
+Timings are medians of repeated runs after warm-up; the two training paths are interleaved round
+by round in one process so that both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def save(name: str, result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"bench": name, "machine": machine(), **result}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def dataset(raw_dir: str | None, tmp: Path) -> Path:
+    """The real data when given, else a demo set with BUSI-like image sizes (400–600 px)."""
+    if raw_dir:
+        return Path(raw_dir)
+    from busiseg.demo import generate_demo
+
+    generate_demo(tmp, n_benign=60, n_malignant=30, n_normal=20, min_size=400, max_size=600)
+    return tmp / "Dataset_BUSI_with_GT"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+class ConventionalDataset(torch.utils.data.Dataset):
+    """The usual tutorial pipeline: decode and resize PNGs per item, per-sample transforms."""
+
+    def __init__(self, manifest, raw: Path, size: int, transform):
+        self.rows = manifest.to_dict("records")
+        self.raw, self.size, self.transform = raw, size, transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        from torchvision import tv_tensors
+
+        row = self.rows[i]
+        img = Image.open(self.raw / row["image"]).convert("L").resize((self.size, self.size))
+        mask = np.zeros((self.size, self.size), bool)
+        for m in row["masks"].split("|"):
+            mask |= np.asarray(Image.open(self.raw / m).convert("L").resize(
+                (self.size, self.size), Image.Resampling.NEAREST)) > 0
+        x = tv_tensors.Image(torch.from_numpy(np.asarray(img, np.float32) / 255)[None])
+        y = tv_tensors.Mask(torch.from_numpy(mask.astype(np.float32))[None])
+        x, y = self.transform(x, y)
+        return (x - 0.5) / 0.25, y
+
+
+def bench_train(args) -> None:
+    from busiseg.augment import augment_batch, torchvision_transform
+    from busiseg.ingest import ingest
+    from busiseg.losses import SegLoss
+    from busiseg.models import build_model
+    from busiseg.params import AugmentParams
+    from busiseg.preprocess import preprocess
+    from busiseg.train import amp_dtype, pick_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    aug = AugmentParams()
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = dataset(args.raw_dir, Path(tmp))
+        manifest = ingest(raw).manifest
+        cache_path = Path(tmp) / "cache.pt"
+        preprocess(manifest, raw, args.size, cache_path)
+        from busiseg.data import load_cache
+
+        cache = load_cache(cache_path)
+        images, masks = cache.images.to(device), cache.masks.to(device)
+        loss_fn = SegLoss()
+
+        def make(channels_last: bool):
+            torch.manual_seed(0)
+            model = build_model(args.arch, base=args.base, depth=args.depth)
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            model = model.to(device, memory_format=fmt).train()
+            return model, torch.optim.AdamW(model.parameters(), 1e-3), fmt
+
+        fast_model, fast_opt, fmt = make(args.channels_last)
+        fast_fwd = torch.compile(fast_model) if args.compile else fast_model
+        dtype = amp_dtype(args.amp, device)
+        gen = torch.Generator().manual_seed(0)
+        timings = {"busiseg": [], "busiseg_data": [], "conventional": []}
+
+        def fast_step() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            idx = torch.randint(0, len(images), (args.batch,), generator=gen).to(device)
+            x, y = augment_batch(images[idx].float() / 255, masks[idx].float(), aug, gen)
+            x = ((x - 0.5) / 0.25).contiguous(memory_format=fmt)
+            sync(device)
+            t1 = time.perf_counter()
+            if dtype:
+                with torch.autocast(device.type, dtype=dtype):
+                    out = fast_fwd(x)
+            else:
+                out = fast_fwd(x)
+            loss = loss_fn(out, y)
+            fast_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            fast_opt.step()
+            sync(device)
+            return time.perf_counter() - t0, t1 - t0
+
+        conv_model, conv_opt, _ = make(False)
+        loader = torch.utils.data.DataLoader(
+            ConventionalDataset(manifest, raw, args.size, torchvision_transform(aug)),
+            batch_size=args.batch, shuffle=True, drop_last=True)
+        conv_iter = iter(loader)
+
+        def conv_step() -> float:
+            nonlocal conv_iter
+            t0 = time.perf_counter()
+            try:
+                x, y = next(conv_iter)
+            except StopIteration:
+                conv_iter = iter(loader)
+                x, y = next(conv_iter)
+            x, y = x.to(device), y.to(device)
+            loss = loss_fn(conv_model(x.as_subclass(torch.Tensor)), y.as_subclass(torch.Tensor))
+            conv_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            conv_opt.step()
+            sync(device)
+            return time.perf_counter() - t0
+
+        for _ in range(args.warmup):
+            fast_step()
+            conv_step()
+        for _ in range(args.rounds):
+            for _ in range(args.steps):
+                total, data = fast_step()
+                timings["busiseg"].append(total)
+                timings["busiseg_data"].append(data)
+            for _ in range(args.steps):
+                timings["conventional"].append(conv_step())
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "device": str(device),
+        "busiseg_images_per_s": round(args.batch / med["busiseg"], 2),
+        "conventional_images_per_s": round(args.batch / med["conventional"], 2),
+        "speedup": round(med["conventional"] / med["busiseg"], 2),
+        "busiseg_step_s": round(med["busiseg"], 4),
+        "busiseg_data_fraction": round(med["busiseg_data"] / med["busiseg"], 4),
+        "conventional_step_s": round(med["conventional"], 4),
+        "n_steps_each": len(timings["busiseg"]),
+    }
+    save(args.name or f"train_{args.arch}{args.base}_{args.size}_{device.type}", result)
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _run_stage(repo: Path, *stage: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, *stage], cwd=repo, check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def bench_data(args) -> None:
+    """Wall time of the ingest and preprocess stage scripts, as dvc runs them, median of reps."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = dataset(args.raw_dir, Path(tmp) / "raw").resolve()
+        work = Path(tmp) / "work"
+        (work / "data").mkdir(parents=True)
+        (work / "metrics").mkdir()
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["data"]["raw_dir"] = str(raw)
+        params["preprocess"]["size"] = args.size
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        rows = []
+        for _ in range(args.reps):
+            ti = _run_stage(work, str(REPO / "stages" / "ingest.py"))
+            tp = _run_stage(work, str(REPO / "stages" / "preprocess.py"))
+            rows.append((ti, tp))
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    ing = statistics.median(r[0] for r in rows)
+    pre = statistics.median(r[1] for r in rows)
+    save(args.name or "data", {
+        "raw_dir": str(args.raw_dir or "demo (110 images, 400-600 px)"), "size": args.size,
+        "ingest_s": round(ing, 2), "preprocess_s": round(pre, 2),
+        "ingest_plus_preprocess_s": round(ing + pre, 2), "reps": args.reps,
+        "peak_rss_mb_of_any_stage": round(peak, 1)})
+
+
+def bench_repro(args) -> None:
+    """No-op `dvc repro` in this repo (run the pipeline once first)."""
+    times = []
+    for _ in range(args.reps):
+        t = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout
+        times.append(time.perf_counter() - t)
+        if "Running stage" in out:
+            raise SystemExit("dvc repro was not a no-op: run it once first, then benchmark")
+    save(args.name or "repro_noop", {"median_s": round(statistics.median(times), 3),
+                                     "runs_s": [round(t, 3) for t in times]})
+
+
+def bench_evaluate(args) -> None:
+    times = [_run_stage(REPO, "stages/evaluate.py") for _ in range(args.reps)]
+    save(args.name or "evaluate", {"median_s": round(statistics.median(times), 2),
+                                   "runs_s": [round(t, 2) for t in times]})
+
+
+def bench_memory(args) -> None:
+    """Peak RSS of a short train stage at the given size (a child process, so RSS is its own)."""
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        raw = dataset(args.raw_dir, work / "raw").resolve()
+        (work / "data").mkdir()
+        (work / "metrics").mkdir()
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["data"]["raw_dir"] = str(raw)
+        params["preprocess"]["size"] = args.size
+        params["train"].update(epochs=1, batch_size=args.batch, progress="off")
+        params["model"].update(base=args.base)
+        (work / "params.yaml").write_text(yaml.safe_dump(params))
+        for stage in ("ingest", "preprocess", "split"):
+            _run_stage(work, str(REPO / "stages" / f"{stage}.py"))
+        code = ("import resource, runpy, sys; sys.argv=['train.py']; "
+                f"runpy.run_path({str(REPO / 'stages' / 'train.py')!r}, run_name='__main__')")
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code + "; print('RSS', resource.getrusage("
+                               "resource.RUSAGE_SELF).ru_maxrss)"], cwd=work, check=True,
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - t
+    rss = int(proc.stdout.strip().split("RSS")[-1]) / 1024
+    save(args.name or f"memory_{args.size}", {"size": args.size, "base": args.base,
+                                              "batch": args.batch, "peak_rss_mb": round(rss, 1),
+                                              "one_epoch_stage_s": round(seconds, 1)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--raw-dir", default=None, help="BUSI-layout folder (default: demo)")
+    common.add_argument("--name", default=None, help="result file name (bench/results/NAME.json)")
+    common.add_argument("--reps", type=int, default=3)
+    t = sub.add_parser("train", parents=[common])
+    t.add_argument("--arch", default="unet")
+    t.add_argument("--base", type=int, default=16)
+    t.add_argument("--depth", type=int, default=4)
+    t.add_argument("--size", type=int, default=256)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--steps", type=int, default=3, help="timed steps per path per round")
+    t.add_argument("--rounds", type=int, default=3)
+    t.add_argument("--warmup", type=int, default=2)
+    t.set_defaults(func=bench_train)
+    d = sub.add_parser("data", parents=[common])
+    d.add_argument("--size", type=int, default=256)
+    d.set_defaults(func=bench_data)
+    sub.add_parser("repro", parents=[common]).set_defaults(func=bench_repro)
+    sub.add_parser("evaluate", parents=[common]).set_defaults(func=bench_evaluate)
+    m = sub.add_parser("memory", parents=[common])
+    m.add_argument("--size", type=int, default=256)
+    m.add_argument("--base", type=int, default=16)
+    m.add_argument("--batch", type=int, default=8)
+    m.set_defaults(func=bench_memory)
+    args = ap.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Shared fixtures: small BUSI-layout datasets built in temp dirs, and a temp copy of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_BUSI = REPO.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
+
+# parameters that make the whole pipeline run in seconds
+TINY_PARAMS = {
+    "demo": {"n_benign": 10, "n_malignant": 8, "n_normal": 6, "min_size": 64, "max_size": 96},
+    "preprocess": {"size": 64},
+    "model": {"base": 4, "depth": 3},
+    "train": {"epochs": 3, "batch_size": 8, "threads": 1},
+    "plot": {"n_montage": 3, "n_worst": 2},
+}
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array)
+    if mode:
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+def make_case(root: Path, cls: str, n: int, size=(40, 32), n_masks: int = 1, lesion=True,
+              mask_mode: str = "1", seed: int = 0) -> tuple[Path, list[Path]]:
+    """One image (dark disc on speckle) with its mask files, BUSI naming."""
+    rng = np.random.default_rng(seed + n * 7 + len(cls))
+    w, h = size
+    img = rng.integers(80, 200, size=(h, w), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    masks = []
+    for k in range(n_masks):
+        cx, cy = (w // 3) * (1 + k % 2), h // 2
+        disc = ((xx - cx) ** 2 + (yy - cy) ** 2 <= (min(w, h) // 6) ** 2) & lesion
+        img[disc] = 20
+        name = f"{cls} ({n})_mask.png" if k == 0 else f"{cls} ({n})_mask_{k}.png"
+        masks.append(write_png(root / cls / name, (disc * 255).astype(np.uint8), mask_mode))
+    image = write_png(root / cls / f"{cls} ({n}).png", img)
+    return image, masks
+
+
+@pytest.fixture
+def small_busi(tmp_path: Path) -> Path:
+    """3 classes × 4 cases, one multi-mask case; a valid dataset to break in tests."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in ("benign", "malignant", "normal"):
+        for n in range(1, 5):
+            make_case(root, cls, n, n_masks=2 if (cls, n) == ("benign", 1) else 1,
+                      lesion=cls != "normal", mask_mode="RGB" if cls == "normal" else "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def python_env() -> dict:
+    """Environment whose PATH finds this interpreter's `python` and `dvc` first."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["CI"] = "true"
+    env.pop("DVC_ANALYTICS", None)
+    return env
+
+
+def copy_repo(dest: Path, params: dict | None = None) -> Path:
+    """A fresh git+DVC repo with the project's tracked files and (optionally) merged params."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\n")
+    for f in filter(None, files):
+        src = REPO / f
+        if not src.is_file() or f.startswith(("metrics/", "plots/")) or f == "dvc.lock":
+            continue
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / f)
+    if params:
+        merged = yaml.safe_load((dest / "params.yaml").read_text())
+        for section, values in params.items():
+            merged.setdefault(section, {}).update(values)
+        (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True,
+        timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from busiseg.losses import SegLoss, soft_dice_loss, tversky_loss
+from busiseg.metrics import confusion, dice_iou, rounded, summarize
+
+
+def masks(*rows: str) -> np.ndarray:
+    """Tiny masks from strings: '#' is lesion."""
+    return np.array([[c == "#" for c in r] for r in rows])
+
+
+def test_dice_iou_by_hand():
+    pred = masks("##..", "##..")
+    true = masks("#...", "#...")
+    counts = confusion(pred[None], true[None])
+    assert counts.tolist() == [[2, 2, 0]]
+    dice, iou = dice_iou(counts)
+    assert dice[0] == pytest.approx(2 * 2 / (2 * 2 + 2 + 0))  # 0.667
+    assert iou[0] == pytest.approx(2 / 4)
+
+
+def test_empty_conventions():
+    empty = np.zeros((1, 2, 2), bool)
+    full = np.ones((1, 2, 2), bool)
+    assert dice_iou(confusion(empty, empty))[0][0] == 1.0  # nothing to find, nothing found
+    assert dice_iou(confusion(full, empty))[0][0] == 0.0  # false positives on a normal image
+    assert dice_iou(confusion(empty, full))[0][0] == 0.0  # missed lesion
+
+
+def test_summarize_on_crafted_predictions():
+    true = np.stack([masks("##..", "...."), masks("....", "###."),
+                     masks("....", "...."), masks("....", "....")])
+    pred = np.stack([masks("##..", "...."),  # perfect: dice 1
+                     masks("....", "#..."),  # tp 1 fp 0 fn 2: dice 0.5, iou 1/3
+                     masks("....", "...."),  # normal, empty: good
+                     masks("#...", "....")])  # normal with 1 false-positive pixel
+    m, counts = summarize(pred, true, ["benign", "malignant", "normal", "normal"])
+    assert m["n_lesion_images"] == 2 and m["n_normal_images"] == 2
+    assert m["dice"] == pytest.approx((1 + 0.5) / 2)
+    assert m["iou"] == pytest.approx((1 + 1 / 3) / 2)
+    # pooled over lesion images: tp 3, fp 0, fn 2
+    assert m["dice_pooled"] == pytest.approx(6 / 8)
+    assert m["iou_pooled"] == pytest.approx(3 / 5)
+    assert m["precision"] == 1.0 and m["recall"] == pytest.approx(3 / 5)
+    assert m["dice_benign"] == 1.0 and m["dice_malignant"] == pytest.approx(0.5)
+    assert m["normal_empty_rate"] == 0.5
+    assert m["normal_fp_area"] == pytest.approx((0 + 1 / 8) / 2)
+
+
+def test_summarize_without_normals_or_lesions_gives_null_not_nan_in_json():
+    true = np.zeros((2, 2, 2), bool)
+    m, _ = summarize(true, true, ["normal", "normal"])
+    out = rounded(m)
+    assert out["dice"] is None and out["normal_empty_rate"] == 1.0
+
+
+def test_soft_dice_and_tversky_by_hand():
+    logits = torch.tensor([[[[10.0, -10.0], [-10.0, -10.0]]]])
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    assert soft_dice_loss(logits, target).item() == pytest.approx(0.0, abs=1e-4)
+    half = torch.zeros(1, 1, 2, 2)  # p = 0.5 everywhere
+    # dice = (2*0.5 + 1) / (2 + 1 + 1) = 0.5
+    assert soft_dice_loss(half, target).item() == pytest.approx(0.5)
+    # tp 0.5, fp 1.5, fn 0.5: (0.5+1)/(0.5 + 0.3*1.5 + 0.7*0.5 + 1)
+    expected = 1 - 1.5 / (0.5 + 0.45 + 0.35 + 1)
+    assert tversky_loss(half, target, 0.3, 0.7).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kind", ["bce_dice", "focal_dice", "tversky"])
+def test_losses_prefer_the_right_answer(kind):
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, :, 2:5, 2:5] = 1
+    good = (target * 2 - 1) * 6
+    bad = -good
+    loss = SegLoss(kind)
+    assert loss(good, target) < loss(torch.zeros_like(good), target) < loss(bad, target)
+    bce_only = SegLoss(kind, bce_weight=1, dice_weight=0)(torch.zeros_like(good), target)
+    assert bce_only.item() == pytest.approx(math.log(2) if kind != "focal_dice" else
+                                            0.25 * math.log(2), rel=1e-4)
+
+
+def test_deep_supervision_list_weights_the_final_head():
+    target = torch.ones(1, 1, 4, 4)
+    good, bad = torch.full_like(target, 8.0), torch.full_like(target, -8.0)
+    loss = SegLoss()
+    mixed = loss([good, bad], target).item()
+    assert mixed == pytest.approx((2 * loss(good, target).item() + loss(bad, target).item()) / 3)

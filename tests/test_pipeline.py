@@ -1,0 +1,159 @@
+"""The pipeline through its real entry points: dvc repro, dvc exp run, and the stage scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_PARAMS, copy_repo, run
+
+TIMING_KEYS = {"seconds", "images_per_s"}
+STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "plot")
+
+
+def dvc(repo: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], repo, env, check=check)
+
+
+def load_metrics(repo: Path) -> dict:
+    return {f.name: json.loads(f.read_text()) for f in sorted((repo / "metrics").glob("*.json"))}
+
+
+def without_timing(metrics: dict) -> dict:
+    return {name: {k: v for k, v in m.items() if k not in TIMING_KEYS}
+            for name, m in metrics.items()}
+
+
+def set_params(repo: Path, **changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stale_stages(repo: Path, env: dict) -> set[str]:
+    """Stages that `dvc repro` would run now (a dry run executes nothing)."""
+    out = dvc(repo, env, "repro", "--dry").stdout
+    return {s for s in STAGES if f"Running stage '{s}'" in out}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, python_env):
+    """One tiny end-to-end run, committed, shared by the tests below."""
+    repo = copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)
+    first = dvc(repo, python_env, "repro")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    run(git + ["add", "-A"], repo, python_env)
+    run(git + ["commit", "-qm", "run"], repo, python_env)
+    return repo, first, load_metrics(repo)
+
+
+def test_repro_writes_every_output(pipeline):
+    repo, first, metrics = pipeline
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    assert set(metrics) == {"ingest.json", "split.json", "train.json", "eval.json"}
+    ingest = metrics["ingest.json"]
+    assert ingest["n_images"] == 24 and ingest["n_problems"] == 0
+    for key in ("n_masks", "n_multi_mask", "n_images_benign", "n_images_malignant",
+                "n_images_normal", "n_duplicate_groups"):
+        assert key in ingest
+    for key in ("n_train", "n_val", "n_test"):
+        assert metrics["split.json"][key] > 0
+    for key in ("best_epoch", "best_val_dice", "best_val_iou", "epochs_run", "seconds",
+                "images_per_s"):
+        assert key in metrics["train.json"]
+    for key in ("dice", "iou", "dice_pooled", "iou_pooled", "precision", "recall", "dice_benign",
+                "dice_malignant", "normal_empty_rate", "normal_fp_area", "threshold"):
+        assert key in metrics["eval.json"]
+    for name in ("curves.png", "montage.png", "worst.png"):
+        assert (repo / "plots" / "figures" / name).stat().st_size > 1000
+    assert (repo / "plots" / "evaluate" / "per_image.csv").read_text().startswith(
+        "case_id,class,dice,iou,lesion_area,pred_area")
+    assert (repo / "models" / "model.pt").is_file()
+
+
+def test_params_invalidate_only_the_stages_that_read_them(pipeline, python_env):
+    """DVC re-runs a stage's dependents only when its outputs change, so the dry run names the
+    first stage a change reaches; nothing upstream of it may appear."""
+    repo, _, _ = pipeline
+    assert stale_stages(repo, python_env) == set()
+    original = (repo / "params.yaml").read_text()
+    try:
+        set_params(repo, train={"epochs": 7})
+        assert stale_stages(repo, python_env) == {"train"}
+        (repo / "params.yaml").write_text(original)
+        set_params(repo, preprocess={"size": 96})
+        assert stale_stages(repo, python_env) == {"preprocess"}
+        (repo / "params.yaml").write_text(original)
+        set_params(repo, evaluate={"tta": True})
+        assert stale_stages(repo, python_env) == {"evaluate"}
+        (repo / "params.yaml").write_text(original)
+        set_params(repo, split={"seed": 5})
+        assert stale_stages(repo, python_env) == {"split"}
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_exp_run_reruns_only_model_stages(pipeline, python_env):
+    repo, _, _ = pipeline
+    out = dvc(repo, python_env, "exp", "run", "-S", "train.epochs=1").stdout
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"train", "evaluate", "plot"}
+    show = dvc(repo, python_env, "exp", "show", "--csv").stdout
+    assert "train.epochs" in show and "dice" in show
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+    dvc(repo, python_env, "checkout", "-f")
+
+
+def test_two_clean_runs_give_identical_metrics(pipeline, python_env):
+    repo, _, metrics = pipeline
+    again = dvc(repo, python_env, "repro", "-f")
+    assert "Running stage 'train'" in again.stdout  # really re-ran, not restored from a cache
+    assert without_timing(load_metrics(repo)) == without_timing(metrics)
+
+
+def test_killed_training_resumes_to_the_same_result(pipeline, python_env):
+    repo, _, metrics = pipeline
+    reference = without_timing(metrics)["train.json"]
+    reference_digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
+    epochs = TINY_PARAMS["train"]["epochs"]
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "train"], cwd=repo,
+                            env=python_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(f"epoch   1/{epochs}"):
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            break
+    proc.wait(timeout=120)
+    assert proc.returncode != 0, "".join(seen)
+    assert "resuming" not in "".join(seen)  # the finished run's checkpoint was not resumed
+    assert not (repo / "models" / "model.pt").exists()
+    # --no-run-cache: otherwise DVC restores the earlier identical run instead of training
+    resumed = dvc(repo, python_env, "repro", "--no-run-cache")
+    assert f"resuming from epoch 1 of {epochs}" in resumed.stdout
+    assert json.loads((repo / "metrics" / "train.json").read_text()) | {
+        k: None for k in TIMING_KEYS} == reference | {k: None for k in TIMING_KEYS}
+    assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == reference_digest
+
+
+def test_bad_params_stop_with_one_line(pipeline, python_env):
+    repo, _, _ = pipeline
+    original = (repo / "params.yaml").read_text()
+    try:
+        set_params(repo, train={"epochs": "many"})
+        proc = run([sys.executable, "stages/train.py"], repo, python_env, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.strip() == ("error: params.yaml: train.epochs must be int, "
+                                       "got 'many' (str)")
+    finally:
+        (repo / "params.yaml").write_text(original)

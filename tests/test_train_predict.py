@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_png
+from PIL import Image
+
+from busiseg.augment import augment_batch
+from busiseg.data import save_cache
+from busiseg.errors import BusisegError
+from busiseg.modelio import load_model, save_model
+from busiseg.models import build_model
+from busiseg.params import AugmentParams, parse_params
+from busiseg.predict import predict_paths
+from busiseg.train import lr_factor, train
+
+
+def tiny_data(tmp_path: Path, n: int = 24, size: int = 32) -> tuple[Path, Path]:
+    """Dark discs on noise (every fourth image without a lesion), cached and split."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(120, 220, (n, 1, size, size)).astype(np.uint8)
+    masks = np.zeros((n, 1, size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    classes = []
+    for i in range(n):
+        if i % 4 == 3:
+            classes.append("normal")
+            continue
+        cx, cy, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(3, 7))]
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        images[i, 0][disc] = rng.integers(10, 60, disc.sum())
+        masks[i, 0][disc] = 1
+        classes.append("benign" if i % 2 else "malignant")
+    ids = [f"c{i}" for i in range(n)]
+    save_cache(tmp_path / "cache.pt", images, masks, ids, classes)
+    split = ["val" if i % 6 == 0 else "test" if i % 6 == 1 else "train" for i in range(n)]
+    pd.DataFrame({"case_id": ids, "class": classes, "dup_group": range(n), "split": split,
+                  "fold": -1}).to_csv(tmp_path / "split.csv", index=False)
+    return tmp_path / "cache.pt", tmp_path / "split.csv"
+
+
+def tiny_params(**train):
+    return parse_params({"model": {"base": 4, "depth": 2},
+                         "train": {"epochs": 6, "batch_size": 6, "lr": 0.01, "threads": 1,
+                                   "warmup_epochs": 0, **train}})
+
+
+def run_train(tmp_path: Path, p, tag: str = "a") -> dict:
+    cache, split = tiny_data(tmp_path)
+    out = tmp_path / tag
+    out.mkdir(exist_ok=True)
+    metrics = train(p, cache, split, out / "model.pt", out / "ckpt.pt", out / "curves.csv")
+    metrics["curves"] = pd.read_csv(out / "curves.csv")
+    return metrics
+
+
+def test_short_training_lowers_the_loss_and_picks_best_on_val(tmp_path: Path):
+    m = run_train(tmp_path, tiny_params())
+    curves = m["curves"]
+    assert len(curves) == 6 and m["epochs_run"] == 6
+    assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
+    assert m["best_val_dice"] == curves["val_dice"].max()
+    assert m["best_epoch"] == int(curves.loc[curves["val_dice"].idxmax(), "epoch"])
+    assert list(curves.columns) == ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr"]
+    ckpt = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert ckpt["complete"] is True and "model" not in ckpt  # nothing left to resume by mistake
+
+
+def test_training_is_repeatable_on_cpu(tmp_path: Path):
+    a = run_train(tmp_path, tiny_params(epochs=3), "a")
+    b = run_train(tmp_path, tiny_params(epochs=3), "b")
+    pd.testing.assert_frame_equal(a["curves"], b["curves"])
+
+
+def test_early_stopping(tmp_path: Path):
+    m = run_train(tmp_path, tiny_params(epochs=30, patience=1, lr=1e-6))
+    assert m["stopped_early"] and m["epochs_run"] < 30
+
+
+def test_lr_schedule_shapes():
+    assert lr_factor(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(99, 100, 10, "cosine") < 0.01
+    assert lr_factor(55, 100, 10, "poly") == pytest.approx(0.5 ** 0.9)
+    assert lr_factor(50, 100, 0, "none") == 1.0
+
+
+def test_augmentation_moves_image_and_mask_together():
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(8, 1, 32, 32)
+    mask[:, :, 8:20, 5:15] = 1
+    image = mask.clone()  # an image equal to its mask must stay equal to it after warping
+    p = AugmentParams(hflip=0.5, vflip=0.5, rotate=30, scale=0.2, shift=0.1, elastic=4,
+                      brightness=0, contrast=0)
+    x, y = augment_batch(image, mask, p, gen)
+    assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+    assert ((x > 0.5).float() == y).float().mean() > 0.98
+    assert not torch.equal(y, mask)  # something happened
+    x2, y2 = augment_batch(image, mask, p, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # seeded
+
+
+def test_intensity_augmentation_keeps_range_and_mask():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 1, 16, 16)
+    y = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    p = AugmentParams(hflip=0, rotate=0, scale=0, shift=0, brightness=0.3, contrast=0.3,
+                      gamma=0.3, blur=1.0, noise=0.2)
+    x2, y2 = augment_batch(x, y, p, gen)
+    assert torch.equal(y, y2) and x2.min() >= 0 and x2.max() <= 1 and not torch.equal(x, x2)
+
+
+# -- model files and predict ---------------------------------------------------------------
+
+
+def saved_model(tmp_path: Path) -> Path:
+    p = tiny_params()
+    model = build_model("unet", base=4, depth=2)
+    path = tmp_path / "model.pt"
+    save_model(path, model.state_dict(), model.config, p, size=32)
+    return path
+
+
+def test_model_file_round_trip(tmp_path: Path):
+    model, blob = load_model(saved_model(tmp_path))
+    assert blob["preprocess"]["size"] == 32 and blob["model"]["arch"] == "unet"
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/busiseg_pwned_marker")
+
+
+def test_malicious_pickle_is_refused_without_running_it(tmp_path: Path):
+    MARKER.unlink(missing_ok=True)
+    evil = tmp_path / "model.pt"
+    torch.save({"format": "busiseg-model", "payload": Exploit()}, evil)
+    with pytest.raises(BusisegError, match="refused"):
+        load_model(evil)
+    assert not MARKER.exists()
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(BusisegError, match="refused"):
+        load_model(raw)
+    assert not MARKER.exists()
+
+
+def test_tampered_or_foreign_files_are_refused(tmp_path: Path):
+    path = saved_model(tmp_path)
+    blob = torch.load(path, weights_only=True)
+    key = next(iter(blob["state_dict"]))
+    blob["state_dict"][key] = blob["state_dict"][key] + 1
+    torch.save(blob, path)
+    with pytest.raises(BusisegError, match="digest"):
+        load_model(path)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(BusisegError, match="not a busiseg model"):
+        load_model(other)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(BusisegError, match="refused"):
+        load_model(garbage)
+
+
+def test_predict_writes_masks_at_original_size(tmp_path: Path):
+    model = saved_model(tmp_path)
+    inputs = tmp_path / "in"
+    write_png(inputs / "grey.png", np.full((57, 83), 90, np.uint8))
+    write_png(inputs / "rgb.png", np.full((40, 30, 3), 90, np.uint8))
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(inputs / "photo.jpg")
+    write_png(inputs / "grey_mask.png", np.zeros((5, 5), np.uint8))  # masks are not inputs
+    (inputs / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    written, failures = predict_paths(model, [inputs], out)
+    assert sorted(p.name for p in written) == ["grey_mask.png", "photo_mask.png", "rgb_mask.png"]
+    assert Image.open(out / "grey_mask.png").size == (83, 57)
+    assert Image.open(out / "rgb_mask.png").size == (30, 40)
+    assert Image.open(out / "grey_overlay.png").mode == "RGB"
+    assert set(np.unique(np.asarray(Image.open(out / "grey_mask.png")))) <= {0, 255}
+    assert [f.path.name for f in failures] == ["broken.png"]
+
+
+def test_predict_cli_exit_codes(tmp_path: Path):
+    model = saved_model(tmp_path)
+    good = write_png(tmp_path / "a.png", np.full((40, 50), 90, np.uint8))
+    cmd = [sys.executable, "-m", "busiseg.cli", "predict", "--model", str(model), "--out",
+           str(tmp_path / "o")]
+    ok = subprocess.run(cmd + [str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(cmd + [str(good), str(tmp_path / "missing.png")], capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
+    nomodel = subprocess.run(cmd[:5] + [str(tmp_path / "x.pt")] + cmd[6:] + [str(good)],
+                             capture_output=True, text=True)
+    assert nomodel.returncode == 1 and "model file not found" in nomodel.stderr
+    assert "Traceback" not in nomodel.stderr
