@@ -235,9 +235,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-              f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_iou {val['iou']:.4f}"
-              f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
+        # persist first: once the line below is printed, this epoch survives a kill
         atomic_torch_save({
             "format": CKPT_FORMAT, "run_hash": key, "complete": False, "epoch": epoch + 1,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -245,6 +243,9 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
             "best_dice": best, "best_state": best_state, "history": history,
             "bad_epochs": bad_epochs, "seconds": seconds,
         }, ckpt_path)
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+              f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_iou {val['iou']:.4f}"
+              f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
     best_row = max(history, key=lambda r: r["val_dice"])
     save_model(model_path, best_state, kwargs, p, size)
