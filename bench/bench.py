@@ -1,10 +1,10 @@
 """busiseg benchmark harness: prints a table and writes JSON to bench/results/.
 
-    uv run python bench/bench.py train --size 256 --base 16           # busiseg vs conventional
-    uv run python bench/bench.py data --raw-dir PATH --size 256        # ingest + preprocess wall time
-    uv run python bench/bench.py repro                                 # no-op `dvc repro`
-    uv run python bench/bench.py evaluate                              # evaluate stage on the test split
-    uv run python bench/bench.py memory --size 256                     # peak RSS of the train stage
+    uv run python bench/bench.py train --size 256 --base 16     # busiseg vs conventional
+    uv run python bench/bench.py data --raw-dir PATH --size 256  # ingest + preprocess wall time
+    uv run python bench/bench.py repro                           # no-op `dvc repro`
+    uv run python bench/bench.py evaluate                        # evaluate stage, test split
+    uv run python bench/bench.py memory --size 256               # peak RSS of the train stage
 
 Timings are medians of repeated runs after warm-up; the two training paths are interleaved round
 by round in one process so that both see the same machine state.

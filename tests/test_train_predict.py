@@ -196,14 +196,14 @@ def test_predict_writes_masks_at_original_size(tmp_path: Path):
 def test_predict_cli_exit_codes(tmp_path: Path):
     model = saved_model(tmp_path)
     good = write_png(tmp_path / "a.png", np.full((40, 50), 90, np.uint8))
-    cmd = [sys.executable, "-m", "busiseg.cli", "predict", "--model", str(model), "--out",
-           str(tmp_path / "o")]
-    ok = subprocess.run(cmd + [str(good)], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(cmd + [str(good), str(tmp_path / "missing.png")], capture_output=True,
-                         text=True)
-    assert bad.returncode == 1 and "missing.png" in bad.stderr and "Traceback" not in bad.stderr
-    nomodel = subprocess.run(cmd[:5] + [str(tmp_path / "x.pt")] + cmd[6:] + [str(good)],
+    out = tmp_path / "o"
+    cli = [sys.executable, "-m", "busiseg.cli", "predict", "--out", str(out)]
+    bad = subprocess.run(cli + ["--model", str(model), str(good), str(tmp_path / "missing.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == f"skipped: {tmp_path / 'missing.png'}: no such file or folder"
+    assert (out / "a_mask.png").is_file()  # the good input was still written
+    nomodel = subprocess.run(cli + ["--model", str(tmp_path / "x.pt"), str(good)],
                              capture_output=True, text=True)
-    assert nomodel.returncode == 1 and "model file not found" in nomodel.stderr
-    assert "Traceback" not in nomodel.stderr
+    assert nomodel.returncode == 1 and "Traceback" not in nomodel.stderr
+    assert "model file not found" in nomodel.stderr

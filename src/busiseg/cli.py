@@ -19,12 +19,16 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--threshold", type=float, default=None,
                     help="probability threshold (default: the one stored in the model file)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+    pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
+    pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
+    pr.add_argument("--fill-holes", action="store_true")
     args = parser.parse_args(argv)
     try:
         from busiseg.predict import predict_paths
 
         written, failures = predict_paths(args.model, args.inputs, args.out, args.threshold,
-                                          args.device)
+                                          args.device, tta=args.tta, largest_cc=args.largest_cc,
+                                          fill_holes=args.fill_holes)
     except BusisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import sigmoid_focal_loss
 
 SMOOTH = 1.0
 
@@ -43,6 +42,8 @@ class SegLoss(torch.nn.Module):
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
         if self.kind == "focal_dice":
+            from torchvision.ops import sigmoid_focal_loss  # lazy: torchvision imports slowly
+
             pixel = sigmoid_focal_loss(logits, target, alpha=-1, gamma=self.focal_gamma,
                                        reduction="mean")
         else:

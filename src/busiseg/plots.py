@@ -55,6 +55,12 @@ def plot_cases(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, titles
                out: Path, heading: str) -> None:
     """One row per case: image | ground truth | prediction | overlay (green truth, red pred)."""
     n = len(images)
+    if n == 0:  # e.g. no lesion image in a tiny test split: say so instead of failing
+        fig = plt.figure(figsize=(6, 1.5))
+        fig.text(0.5, 0.5, f"{heading}: no cases to show", ha="center", va="center")
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        return
     fig, axes = plt.subplots(n, 4, figsize=(8.4, 2.1 * n + 0.6), squeeze=False)
     for col, name in enumerate(("image", "ground truth", "prediction", "overlay")):
         axes[0, col].set_title(name, fontsize=9)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from busiseg.data import image_to_gray, open_png
 from busiseg.errors import BusisegError
+from busiseg.evaluate import postprocess
 from busiseg.modelio import load_model
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -54,8 +55,9 @@ def _open_other(path: Path) -> Image.Image:
     return img
 
 
-def predict_one(model: torch.nn.Module, blob: dict, gray: np.ndarray,
-                device: torch.device, threshold: float) -> np.ndarray:
+def predict_one(model: torch.nn.Module, blob: dict, gray: np.ndarray, device: torch.device,
+                threshold: float, tta: bool = False, largest_cc: bool = False,
+                fill_holes: bool = False) -> np.ndarray:
     """Resize to the training size, predict, bring the probability map back to full size."""
     pre = blob["preprocess"]
     size = int(pre["size"])
@@ -64,9 +66,11 @@ def predict_one(model: torch.nn.Module, blob: dict, gray: np.ndarray,
     x = ((x - pre["input_mean"]) / pre["input_std"]).to(device)
     with torch.inference_mode():
         prob = torch.sigmoid(model(x).float())
+        if tta:
+            prob = 0.5 * (prob + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
         prob = torch.nn.functional.interpolate(prob, size=gray.shape, mode="bilinear",
                                                align_corners=False)
-    return prob[0, 0].cpu().numpy() >= threshold
+    return postprocess(prob[0, 0].cpu().numpy() >= threshold, largest_cc, fill_holes)
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
@@ -86,7 +90,8 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
                   threshold: float | None = None, device: str = "cpu",
-                  progress: bool | None = None) -> tuple[list[Path], list[Failure]]:
+                  progress: bool | None = None, tta: bool = False, largest_cc: bool = False,
+                  fill_holes: bool = False) -> tuple[list[Path], list[Failure]]:
     model, blob = load_model(model_path, device)
     thr = float(blob["threshold"] if threshold is None else threshold)
     if not 0 < thr < 1:
@@ -103,7 +108,8 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
         except BusisegError as exc:
             failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
             continue
-        mask = predict_one(model, blob, gray, torch.device(device), thr)
+        mask = predict_one(model, blob, gray, torch.device(device), thr, tta, largest_cc,
+                           fill_holes)
         stem = path.stem
         Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
         overlay(gray, mask).save(out_dir / f"{stem}_overlay.png")
