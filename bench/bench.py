@@ -104,7 +104,7 @@ def bench_train(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = dataset(args.raw_dir, Path(tmp))
         manifest = ingest(raw).manifest
-        cache_path = Path(tmp) / "cache.pt"
+        cache_path = Path(tmp) / "cache.npz"
         preprocess(manifest, raw, args.size, cache_path)
         from busiseg.data import load_cache
 

@@ -16,7 +16,7 @@ PREDICTIONS = Path("data/predictions.pt")
 
 def main() -> None:
     remove_outputs(METRICS, PER_IMAGE, SWEEP, PREDICTIONS)
-    result = evaluate(load_params(), "models/model.pt", "data/cache.pt", "data/split.csv")
+    result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv")
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(PER_IMAGE, index=False)
     result["threshold_sweep"].to_csv(SWEEP, index=False)

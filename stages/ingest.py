@@ -1,5 +1,6 @@
 """Stage ingest: pair every image with all its masks into data/manifest.csv, report problems."""
 
+from busiseg.data import write_manifest_rows
 from busiseg.ingest import ingest, report_dict
 from busiseg.params import load_params
 from busiseg.stage import remove_outputs, run, write_json
@@ -13,7 +14,7 @@ def main() -> None:
     remove_outputs(MANIFEST, REPORT, METRICS)
     p = load_params().data
     result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers)
-    result.manifest.to_csv(MANIFEST, index=False)
+    write_manifest_rows(MANIFEST, result.rows)
     write_json(REPORT, report_dict(result, p.raw_dir))
     write_json(METRICS, result.metrics)
     m = result.metrics

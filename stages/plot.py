@@ -18,7 +18,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     plot_curves(pd.read_csv("plots/train/curves.csv"), OUT / "curves.png")
     per_image = pd.read_csv("plots/evaluate/per_image.csv", dtype={"case_id": str})
-    cache = load_cache("data/cache.pt")
+    cache = load_cache("data/cache.npz")
     saved = torch.load("data/predictions.pt", weights_only=True)
     idx = torch.tensor(saved["test_idx"])
     images, truths = cache.images[idx][:, 0].numpy(), cache.masks[idx][:, 0].numpy()

@@ -2,18 +2,18 @@
 
 import time
 
-from busiseg.data import read_manifest
+from busiseg.data import read_manifest_rows
 from busiseg.params import load_params
 from busiseg.preprocess import preprocess
 from busiseg.stage import remove_outputs, run
 
-CACHE = "data/cache.pt"
+CACHE = "data/cache.npz"
 
 
 def main() -> None:
     remove_outputs(CACHE)
     params = load_params()
-    manifest = read_manifest("data/manifest.csv")
+    manifest = read_manifest_rows("data/manifest.csv")
     start = time.perf_counter()
     info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE,
                       params.preprocess.workers)

@@ -19,7 +19,7 @@ def main() -> None:
     for p in (MODEL, CURVES, METRICS):
         p.unlink(missing_ok=True)
         p.parent.mkdir(parents=True, exist_ok=True)
-    metrics = train(params, Path("data/cache.pt"), Path("data/split.csv"), MODEL, CHECKPOINT,
+    metrics = train(params, Path("data/cache.npz"), Path("data/split.csv"), MODEL, CHECKPOINT,
                     CURVES)
     write_json(METRICS, metrics)
     print(f"train: best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}, "

@@ -37,7 +37,7 @@ def test_union_of_masks_and_binary_resize(small_busi: Path, tmp_path: Path):
     # benign (1) has two masks in the fixture: the cache holds their union
     make_case(small_busi, "benign", 9, size=(120, 90), n_masks=3, mask_mode="RGBA")
     manifest = ingest(small_busi).manifest
-    out = tmp_path / "cache.pt"
+    out = tmp_path / "cache.npz"
     info = preprocess(manifest, small_busi, 32, out, workers=1)
     cache = load_cache(out)
     assert info["n_images"] == len(manifest) == len(cache.case_ids)
@@ -67,7 +67,7 @@ def test_cache_loads_fast(small_busi: Path, tmp_path: Path):
     manifest = ingest(small_busi).manifest
     big = pd.concat([manifest] * 40, ignore_index=True)
     big["case_id"] = [f"c{i}" for i in range(len(big))]
-    out = tmp_path / "cache.pt"
+    out = tmp_path / "cache.npz"
     preprocess(big, small_busi, 128, out, workers=1)
     t = time.perf_counter()
     cache = load_cache(out)

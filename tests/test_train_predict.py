@@ -40,11 +40,11 @@ def tiny_data(tmp_path: Path, n: int = 24, size: int = 32) -> tuple[Path, Path]:
         masks[i, 0][disc] = 1
         classes.append("benign" if i % 2 else "malignant")
     ids = [f"c{i}" for i in range(n)]
-    save_cache(tmp_path / "cache.pt", images, masks, ids, classes)
+    save_cache(tmp_path / "cache.npz", images, masks, ids, classes)
     split = ["val" if i % 6 == 0 else "test" if i % 6 == 1 else "train" for i in range(n)]
     pd.DataFrame({"case_id": ids, "class": classes, "dup_group": range(n), "split": split,
                   "fold": -1}).to_csv(tmp_path / "split.csv", index=False)
-    return tmp_path / "cache.pt", tmp_path / "split.csv"
+    return tmp_path / "cache.npz", tmp_path / "split.csv"
 
 
 def tiny_params(**train):

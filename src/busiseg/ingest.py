@@ -16,7 +16,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from busiseg.data import CLASSES, MASK_SEP, image_to_gray, mask_to_bool, open_png
@@ -50,11 +49,18 @@ class Case:
 
 @dataclass
 class IngestResult:
-    manifest: pd.DataFrame
+    rows: list[dict]  # the manifest, one dict per image, in manifest order
     problems: list[Problem]
     ignored: list[str]
     duplicate_groups: list[dict]
     metrics: dict
+
+    @property
+    def manifest(self):
+        """The manifest as a DataFrame (pandas is imported only when asked for)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
 
 
 class IngestError(BusisegError):
@@ -271,29 +277,21 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
                            + (f" ({len(problems)} problems skipped)" if problems else ""))
     good.sort(key=lambda c: (CLASSES.index(c.cls), _natural_key(c.case_id)))
     groups_of, groups = duplicate_groups(good, near_dup_hamming)
-    manifest = pd.DataFrame({
-        "case_id": [c.case_id for c in good],
-        "class": [c.cls for c in good],
-        "image": [c.image for c in good],
-        "masks": [MASK_SEP.join(c.masks) for c in good],
-        "n_masks": [len(c.masks) for c in good],
-        "width": [c.width for c in good],
-        "height": [c.height for c in good],
-        "sha256": [c.sha256 for c in good],
-        "dhash": [f"{c.dhash:016x}" for c in good],
-        "dup_group": groups_of,
-    })
+    rows = [{"case_id": c.case_id, "class": c.cls, "image": c.image,
+             "masks": MASK_SEP.join(c.masks), "n_masks": len(c.masks), "width": c.width,
+             "height": c.height, "sha256": c.sha256, "dhash": f"{c.dhash:016x}",
+             "dup_group": g} for c, g in zip(good, groups_of)]
     metrics = {
         "n_images": len(good),
-        "n_masks": int(manifest["n_masks"].sum()),
-        "n_multi_mask": int((manifest["n_masks"] > 1).sum()),
-        **{f"n_images_{cls}": int((manifest["class"] == cls).sum()) for cls in CLASSES},
+        "n_masks": sum(len(c.masks) for c in good),
+        "n_multi_mask": sum(len(c.masks) > 1 for c in good),
+        **{f"n_images_{cls}": sum(c.cls == cls for c in good) for cls in CLASSES},
         "n_problems": len(problems),
         "n_ignored": len(ignored),
         "n_duplicate_groups": len(groups),
         "n_images_in_duplicate_groups": sum(len(g["cases"]) for g in groups),
     }
-    return IngestResult(manifest, problems, ignored, groups, metrics)
+    return IngestResult(rows, problems, ignored, groups, metrics)
 
 
 def _natural_key(text: str) -> list:

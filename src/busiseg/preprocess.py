@@ -12,7 +12,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from busiseg.data import load_image, load_mask_union, mask_list, save_cache
@@ -34,12 +33,15 @@ def _one(args: tuple[str, str, list[str], int]) -> tuple[np.ndarray, np.ndarray]
     return resize_pair(gray, union, size)
 
 
-def preprocess(manifest: pd.DataFrame, raw_dir: str | Path, size: int, out_path: str | Path,
+def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
                workers: int = 0) -> dict:
+    """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns."""
+    if hasattr(manifest, "to_dict"):
+        manifest = manifest.to_dict("records")
     n = len(manifest)
     images = np.zeros((n, 1, size, size), dtype=np.uint8)
     masks = np.zeros((n, 1, size, size), dtype=np.uint8)
-    jobs = [(str(raw_dir), r["image"], mask_list(r), size) for _, r in manifest.iterrows()]
+    jobs = [(str(raw_dir), r["image"], mask_list(r), size) for r in manifest]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and n >= 64:
         ctx = multiprocessing.get_context("fork") if os.name == "posix" else None
@@ -50,7 +52,8 @@ def preprocess(manifest: pd.DataFrame, raw_dir: str | Path, size: int, out_path:
     else:
         for i, job in enumerate(jobs):
             images[i, 0], masks[i, 0] = _one(job)
-    save_cache(out_path, images, masks, manifest["case_id"].tolist(), manifest["class"].tolist())
+    save_cache(out_path, images, masks, [str(r["case_id"]) for r in manifest],
+               [str(r["class"]) for r in manifest])
     lesion = masks.reshape(n, -1).mean(axis=1)
     return {
         "n_images": n,
