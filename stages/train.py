@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from busiseg.params import load_params
-from busiseg.stage import run, write_json
+from busiseg.stage import remove_outputs, run, write_json
 from busiseg.train import train
 
 MODEL = Path("models/model.pt")
@@ -16,8 +16,8 @@ METRICS = Path("metrics/train.json")
 
 def main() -> None:
     params = load_params()
+    remove_outputs(MODEL, CURVES, METRICS)  # not the checkpoint: a killed run resumes from it
     for p in (MODEL, CURVES, METRICS):
-        p.unlink(missing_ok=True)
         p.parent.mkdir(parents=True, exist_ok=True)
     metrics = train(params, Path("data/cache.npz"), Path("data/split.csv"), MODEL, CHECKPOINT,
                     CURVES)

@@ -7,7 +7,10 @@ every file), preprocess (which caches them) and predict (which reads new images)
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,7 +149,8 @@ def read_manifest(path: str | Path):
     """The manifest as a pandas DataFrame, for stages that already need pandas."""
     import pandas as pd
 
-    read_manifest_rows(path)  # same error message when it is missing
+    if not Path(path).is_file():
+        raise BusisegError(f"{path}: manifest not found; run the ingest stage first (dvc repro)")
     return pd.read_csv(path, dtype={"case_id": str, "class": str}, keep_default_na=False)
 
 
@@ -211,6 +215,19 @@ def load_cache(path: str | Path) -> Cache:
         raise BusisegError(f"{path}: not a busiseg tensor cache ({_reason(exc)}); "
                            "delete it and re-run the preprocess stage") from None
     return Cache(torch.from_numpy(images), torch.from_numpy(masks), case_ids, classes)
+
+
+def process_map(fn: Callable, items: Iterable, workers: int = 0, min_items: int = 64,
+                chunksize: int = 8) -> list:
+    """Decoding PNGs is CPU-bound: spread it over processes (fork, so nothing is re-imported)."""
+    items = list(items)
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(items) < min_items:
+        return [fn(item) for item in items]
+    forking = "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork") if forking else None
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(fn, items, chunksize=chunksize))
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from scipy import ndimage
 
 from busiseg.data import Cache, load_cache
-from busiseg.metrics import confusion, dice_iou, rounded, summarize
+from busiseg.metrics import confusion, dice_iou, lesion_dice_iou, rounded, summarize
 from busiseg.modelio import load_model
 from busiseg.params import Params
 from busiseg.train import pick_device, predict_probs
@@ -43,9 +43,7 @@ def binarize(probs: np.ndarray, threshold: float, p: Params) -> np.ndarray:
 
 
 def lesion_dice(pred: np.ndarray, target: np.ndarray) -> float:
-    dice, _ = dice_iou(confusion(pred, target))
-    lesion = target.reshape(len(target), -1).any(axis=1)
-    return float(dice[lesion].mean()) if lesion.any() else float("nan")
+    return lesion_dice_iou(confusion(pred, target))[0]
 
 
 def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd.DataFrame]:

@@ -7,18 +7,16 @@ problem: a silently dropped file would change the dataset without anyone noticin
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from busiseg.data import CLASSES, MASK_SEP, image_to_gray, mask_to_bool, open_png
+from busiseg.data import CLASSES, MASK_SEP, image_to_gray, mask_to_bool, open_png, process_map
 from busiseg.errors import BusisegError
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$")
@@ -192,20 +190,6 @@ def dhash(gray: np.ndarray, side: int = 8) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def _check_all(raw: Path, cases: list[Case], workers: int) -> list[Case]:
-    if workers <= 1 or len(cases) < 64:
-        return [_check_case(raw, c) for c in cases]
-    ctx = get_context("fork") if "fork" in _start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return list(pool.map(_check_case, [raw] * len(cases), cases, chunksize=16))
-
-
-def _start_methods() -> list[str]:
-    import multiprocessing
-
-    return multiprocessing.get_all_start_methods()
-
-
 def duplicate_groups(cases: list[Case], max_hamming: int) -> tuple[list[int], list[dict]]:
     """Union-find over exact (same pixels) and near (dHash distance ≤ max_hamming) duplicates."""
     n = len(cases)
@@ -266,7 +250,7 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
     if not any(raw.iterdir()):
         raise BusisegError(f"data.raw_dir '{raw}' is empty; unzip BUSI into it")
     cases, problems, ignored = _scan(raw)
-    cases = _check_all(raw, cases, workers or os.cpu_count() or 1)
+    cases = process_map(partial(_check_case, raw), cases, workers, chunksize=16)
     for c in cases:
         problems.extend(c.problems)
     if problems and on_problem == "error":

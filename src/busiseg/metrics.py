@@ -30,6 +30,15 @@ def dice_iou(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dice, iou
 
 
+def lesion_dice_iou(counts: np.ndarray) -> tuple[float, float]:
+    """Per-image mean Dice and IoU over images whose ground truth has a lesion (tp + fn > 0)."""
+    dice, iou = dice_iou(counts)
+    lesion = (counts[:, 0] + counts[:, 2]) > 0
+    if not lesion.any():
+        return float("nan"), float("nan")
+    return float(dice[lesion].mean()), float(iou[lesion].mean())
+
+
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 

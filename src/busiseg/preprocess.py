@@ -6,15 +6,12 @@ return one small resized pair at a time, so peak memory follows the output, not 
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from busiseg.data import load_image, load_mask_union, mask_list, save_cache
+from busiseg.data import load_image, load_mask_union, mask_list, process_map, save_cache
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,16 +39,8 @@ def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
     images = np.zeros((n, 1, size, size), dtype=np.uint8)
     masks = np.zeros((n, 1, size, size), dtype=np.uint8)
     jobs = [(str(raw_dir), r["image"], mask_list(r), size) for r in manifest]
-    workers = workers or os.cpu_count() or 1
-    if workers > 1 and n >= 64:
-        ctx = multiprocessing.get_context("fork") if os.name == "posix" else None
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            results = pool.map(_one, jobs, chunksize=8)
-            for i, (img, m) in enumerate(results):
-                images[i, 0], masks[i, 0] = img, m
-    else:
-        for i, job in enumerate(jobs):
-            images[i, 0], masks[i, 0] = _one(job)
+    for i, (img, m) in enumerate(process_map(_one, jobs, workers)):
+        images[i, 0], masks[i, 0] = img, m
     save_cache(out_path, images, masks, [str(r["case_id"]) for r in manifest],
                [str(r["class"]) for r in manifest])
     lesion = masks.reshape(n, -1).mean(axis=1)

@@ -27,7 +27,7 @@ from busiseg.augment import augment_batch
 from busiseg.data import atomic_torch_save, load_cache
 from busiseg.errors import BusisegError
 from busiseg.losses import SegLoss
-from busiseg.metrics import confusion, dice_iou
+from busiseg.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.modelio import model_kwargs, save_model
 from busiseg.models import build_model, check_input_size
 from busiseg.params import Params
@@ -57,6 +57,10 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -117,8 +121,7 @@ def predict_probs(model: torch.nn.Module, images: torch.Tensor, mean: float, std
         x = normalize(images[i:i + batch_size].to(device), mean, std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with ctx:
+        with autocast(device, dtype):
             prob = torch.sigmoid(model(x).float())
             if tta:
                 prob = 0.5 * (prob + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
@@ -147,6 +150,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         raise BusisegError(f"{split_path}: the train and val splits must both be non-empty")
     images = cache.images.to(device)
     masks = cache.masks.to(device)
+    va_images, va_masks = images[va_idx.to(device)], masks[va_idx.to(device)]
     size = cache.size
 
     # model, optimiser, schedule, loss
@@ -204,8 +208,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
             x, y = augment_batch(x, y, p.augment, gen)
             x = ((x - p.model.input_mean) / p.model.input_std).contiguous(
                 memory_format=memory_format)
-            ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with ctx:
+            with autocast(device, dtype):
                 out = fwd(x)
             loss = loss_fn(out, y)
             optimizer.zero_grad(set_to_none=True)
@@ -221,8 +224,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         if bar:
             bar.close()
         lr = optimizer.param_groups[0]["lr"]
-        val = evaluate_split(model, images[va_idx.to(device)], masks[va_idx.to(device)],
-                             p, device, dtype, loss_fn, memory_format)
+        val = evaluate_split(model, va_images, va_masks, p, device, dtype, loss_fn, memory_format)
         if cfg.schedule == "plateau":
             scheduler.step(val["dice"])
         seconds += time.perf_counter() - t0
@@ -252,7 +254,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     pd.DataFrame(history).to_csv(curves_path, index=False)
     # the finished run leaves only a small marker: nothing a later run could resume by mistake
     atomic_torch_save({"format": CKPT_FORMAT, "run_hash": key, "complete": True}, ckpt_path)
-    images_seen = sum(steps_per_epoch * bs for _ in history)
+    images_seen = steps_per_epoch * bs * len(history)
     return {
         "best_epoch": best_row["epoch"],
         "best_val_dice": best_row["val_dice"],
@@ -277,18 +279,16 @@ def evaluate_split(model, images, masks, p: Params, device, dtype, loss_fn,
             x = normalize(images[i:i + bs], p.model.input_mean, p.model.input_std)
             x = x.contiguous(memory_format=memory_format)
             y = masks[i:i + bs].float()
-            ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-            with ctx:
+            with autocast(device, dtype):
                 logits = model(x)
             total += loss_fn(logits, y).item() * len(x)
             pred = (logits.float() > 0).cpu().numpy()  # sigmoid > 0.5
             counts.append(confusion(pred, y.cpu().numpy() > 0))
     c = np.concatenate(counts)
-    dice, iou = dice_iou(c)
-    lesion = (c[:, 0] + c[:, 2]) > 0
-    sel = lesion if lesion.any() else np.ones(len(c), bool)
-    return {"loss": total / len(images), "dice": float(dice[sel].mean()),
-            "iou": float(iou[sel].mean())}
+    dice, iou = lesion_dice_iou(c)
+    if np.isnan(dice):  # a val split without lesions: fall back to all images
+        dice, iou = (float(v.mean()) for v in dice_iou(c))
+    return {"loss": total / len(images), "dice": dice, "iou": iou}
 
 
 def load_checkpoint(path: Path) -> dict | None:
