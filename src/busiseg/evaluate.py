@@ -7,6 +7,9 @@ to val and test.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from itertools import product
+
 import numpy as np
 import pandas as pd
 import torch
@@ -94,3 +97,37 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     }
     return {"metrics": metrics, "per_image": per_image, "threshold_sweep": sweep,
             "test_pred": te_pred, "test_idx": te_idx}
+
+
+def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
+    """Every combination of the evaluate-time pieces (TTA, largest component, hole filling, tuned
+    threshold) on one trained model: what each is worth, with the model held fixed."""
+    device = pick_device(p.train.device)
+    model, blob = load_model(model_path, device)
+    cache = load_cache(cache_path)
+    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
+    va_idx, _ = _subset(cache, split, "val")
+    te_idx, te_rows = _subset(cache, split, "test")
+    pre = blob["preprocess"]
+    va_true = cache.masks[torch.tensor(va_idx)][:, 0].numpy() > 0
+    te_true = cache.masks[torch.tensor(te_idx)][:, 0].numpy() > 0
+    classes = te_rows["class"].tolist()
+    rows = []
+    for tta in (False, True):
+        va_prob, te_prob = (
+            predict_probs(model, cache.images[torch.tensor(idx)], pre["input_mean"],
+                          pre["input_std"], device, p.evaluate.batch_size, tta=tta)[:, 0].numpy()
+            for idx in (va_idx, te_idx))
+        for lcc, fill, tune in product((False, True), repeat=3):
+            q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
+                                            tune_threshold=tune))
+            threshold = p.evaluate.threshold
+            if tune:
+                threshold = max(THRESHOLDS, key=lambda t: lesion_dice(binarize(va_prob, t, q),
+                                                                      va_true))
+            metrics, _ = summarize(binarize(te_prob, threshold, q), te_true, classes)
+            rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
+                         "tune_threshold": tune, "threshold": float(threshold),
+                         **{k: metrics[k] for k in ("dice", "iou", "dice_pooled",
+                                                     "normal_empty_rate")}})
+    return pd.DataFrame(rows)

@@ -1,0 +1,155 @@
+"""The results protocol: run a preset over three split seeds and report mean ± sd.
+
+    uv run python bench/protocol.py show busi-cpu                 # print the dvc exp run commands
+    uv run python bench/protocol.py run busi-cpu [--seeds 0 1 2] [--raw-dir PATH]
+    uv run python bench/protocol.py record busi-cpu --seeds 0     # file a run already made
+    uv run python bench/protocol.py table                         # markdown for the README
+
+Each seed is one `dvc exp run` (split.seed = train.seed = seed), so every run is also an
+experiment in `dvc exp show`. After each run the evaluate-time pieces (flip TTA, largest component,
+hole filling, val-tuned threshold) are switched on and off on the same trained model, which says
+what each is worth without retraining. Only aggregate figures are written
+(bench/results/protocol/PRESET.json); nothing per-image from the real data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import machine
+from busiseg.evaluate import ablate
+from busiseg.params import load_params
+from busiseg.presets import exp_command, load_presets
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "results" / "protocol"
+BUSI = "../shared/data/Dataset_BUSI_with_GT"
+KEYS = ("dice", "iou", "dice_pooled", "dice_benign", "dice_malignant", "normal_empty_rate")
+PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
+
+
+def show(args) -> None:
+    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    for seed in args.seeds:
+        print("uv run " + shlex.join(exp_command(preset, seed, args.raw_dir)))
+
+
+def run(args) -> None:
+    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    for seed in args.seeds:
+        cmd = exp_command(preset, seed, args.raw_dir)
+        # a workspace run leaves its -S values in params.yaml: start each from the committed one
+        subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=REPO, check=True)
+        print("$ uv run " + shlex.join(cmd), flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
+        record(preset, seed, args.raw_dir, time.perf_counter() - start)
+
+
+def record_existing(args) -> None:
+    """Record the run now in the workspace (made with `show`'s command) without re-running it."""
+    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    for seed in args.seeds:
+        record(preset, seed, args.raw_dir, None)
+
+
+def record(preset, seed: int, raw_dir: str, wall: float | None) -> None:
+    p = load_params(REPO / "params.yaml")
+    want = {"data.raw_dir": raw_dir, **preset.overrides, "split.seed": seed, "train.seed": seed}
+    for key, value in want.items():  # refuse to file a run under the wrong preset or seed
+        section, _, name = key.partition(".")
+        have = getattr(getattr(p, section), name)
+        if have != value:
+            sys.exit(f"error: params.yaml has {key}={have!r}, preset {preset.name} seed {seed} "
+                     f"needs {value!r}; run the preset's command first")
+    path = OUT / f"{preset.name}.json"
+    rec = json.loads(path.read_text()) if path.is_file() else {}
+    rec.update({"preset": preset.name, "about": preset.about, "overrides": preset.overrides,
+                "raw_dir": raw_dir, "machine": machine()})
+    ev = json.loads((REPO / "metrics" / "eval.json").read_text())
+    tr = json.loads((REPO / "metrics" / "train.json").read_text())
+    table = ablate(p, REPO / "models" / "model.pt", REPO / "data" / "cache.npz",
+                   REPO / "data" / "split.csv")
+    rec.setdefault("runs", {})[str(seed)] = {
+        "command": "uv run " + shlex.join(exp_command(preset, seed, raw_dir)),
+        "eval": ev,
+        "train": {k: tr[k] for k in ("best_epoch", "best_val_dice", "epochs_run", "seconds",
+                                     "images_per_s", "device") if k in tr},
+        "wall_seconds": None if wall is None else round(wall, 1),
+        "ablation": table.round(6).to_dict(orient="records"),
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=2, sort_keys=False) + "\n")
+    print(f"{preset.name} seed {seed}: test Dice {ev['dice']}, training "
+          f"{tr['seconds'] / 60:.1f} min", flush=True)
+
+
+def _ms(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def piece_worth(rec: dict) -> dict[str, list[float]]:
+    """Per seed, test Dice of the preset minus the same with one evaluate-time piece flipped."""
+    worth: dict[str, list[float]] = {k: [] for k in PIECES}
+    for r in rec["runs"].values():
+        chosen = {k: bool(rec["overrides"].get(f"evaluate.{k}", False)) for k in PIECES}
+        rows = {tuple(row[k] for k in PIECES): row["dice"] for row in r["ablation"]}
+        here = rows[tuple(chosen[k] for k in PIECES)]
+        for k in PIECES:
+            flipped = tuple((not chosen[j]) if j == k else chosen[j] for j in PIECES)
+            sign = 1 if chosen[k] else -1
+            worth[k].append(sign * (here - rows[flipped]))
+    return worth
+
+
+def table(args) -> None:
+    print("| preset | seeds | test Dice | IoU | pooled Dice | benign | malignant | normal empty "
+          "| training / run | hardware |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    worth_lines = []
+    for path in sorted(OUT.glob("*.json")):
+        rec = json.loads(path.read_text())
+        runs = [rec["runs"][s] for s in sorted(rec["runs"], key=int)]
+        col = {k: _ms([r["eval"][k] for r in runs]) for k in KEYS}
+        minutes = statistics.mean(r["train"]["seconds"] for r in runs) / 60
+        hw = f"{rec['machine'].get('cpu_model') or rec['machine']['cpu']}, " \
+             f"{rec['machine']['threads']} threads"
+        if rec["machine"].get("cuda"):
+            hw = rec["machine"]["cuda"]
+        print(f"| {rec['preset']} | {','.join(sorted(rec['runs'], key=int))} | {col['dice']} | "
+              f"{col['iou']} | {col['dice_pooled']} | {col['dice_benign']} | "
+              f"{col['dice_malignant']} | {col['normal_empty_rate']} | {minutes:.1f} min | {hw} |")
+        w = piece_worth(rec)
+        worth_lines.append(f"- {rec['preset']}: " + ", ".join(
+            f"{k} {statistics.mean(v):+.3f}" for k, v in w.items()))
+    print("\nWhat each evaluate-time piece was worth (test Dice with it minus without, mean over "
+          "seeds, everything else as in the preset):")
+    print("\n".join(worth_lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in (("show", show), ("run", run), ("record", record_existing)):
+        sp = sub.add_parser(name)
+        sp.add_argument("preset")
+        sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        sp.add_argument("--raw-dir", default=BUSI)
+        sp.set_defaults(fn=fn)
+    sub.add_parser("table").set_defaults(fn=table)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from test_train_predict import run_train, tiny_params
+
+from busiseg.errors import BusisegError
+from busiseg.evaluate import ablate, evaluate
+from busiseg.params import parse_params
+from busiseg.presets import apply_overrides, exp_command, load_presets
+
+
+def test_every_committed_preset_is_valid_and_reproducible_as_one_command():
+    presets = load_presets(REPO / "presets.yaml", REPO / "params.yaml")
+    assert {"busi-cpu", "busi-gpu", "zoo-unet", "zoo-attention_unet", "zoo-res_unet",
+            "zoo-unet_plus_plus", "zoo-compact"} <= set(presets)
+    cmd = exp_command(presets["busi-cpu"], 2, "/data/BUSI")
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "busi-cpu-s2"]
+    flags = dict(f.split("=", 1) for f in cmd[6::2])
+    assert flags["data.raw_dir"] == "/data/BUSI"
+    assert flags["split.seed"] == flags["train.seed"] == "2"
+    assert flags["evaluate.tta"] == "true"  # YAML booleans, as dvc -S parses them
+    # the -S flags applied to params.yaml give exactly the preset's parameters
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = parse_params(apply_overrides(base, {k: yaml.safe_load(v) for k, v in flags.items()}))
+    assert (p.preprocess.size, p.model.arch, p.train.epochs) == (128, "unet", 40)
+    zoo = {n: parse_params(apply_overrides(base, presets[n].overrides))
+           for n in presets if n.startswith("zoo-")}
+    budgets = {(q.preprocess.size, q.train.epochs, q.train.batch_size, q.augment) for q in
+               zoo.values()}
+    assert len(budgets) == 1, "the zoo presets must share one budget"
+    assert {q.model.arch for q in zoo.values()} == {"unet", "attention_unet", "res_unet",
+                                                    "unet_plus_plus", "compact"}
+
+
+def test_a_bad_preset_names_the_preset_and_key(tmp_path: Path):
+    bad = tmp_path / "presets.yaml"
+    bad.write_text("mine:\n  set:\n    train.epoch: 3\n")
+    with pytest.raises(BusisegError, match="preset 'mine'.*did you mean 'train.epochs'"):
+        load_presets(bad, REPO / "params.yaml")
+    bad.write_text("mine:\n  set:\n    epochs: 3\n")
+    with pytest.raises(BusisegError, match="'epochs' is not a parameter"):
+        load_presets(bad, REPO / "params.yaml")
+    bad.write_text("mine:\n  about: no overrides\n")
+    with pytest.raises(BusisegError, match="preset 'mine' needs a 'set:'"):
+        load_presets(bad, REPO / "params.yaml")
+
+
+def test_ablation_covers_every_combination_and_matches_evaluate(tmp_path: Path):
+    p = tiny_params()
+    run_train(tmp_path, p)
+    model, cache, split = tmp_path / "a" / "model.pt", tmp_path / "cache.npz", \
+        tmp_path / "split.csv"
+    table = ablate(p, model, cache, split)
+    assert len(table) == 16
+    assert len(table.drop_duplicates(["tta", "largest_cc", "fill_holes", "tune_threshold"])) == 16
+    for tta, lcc in ((False, False), (True, True)):
+        q = parse_params({"model": {"base": 4, "depth": 2},
+                          "evaluate": {"tta": tta, "largest_cc": lcc, "tune_threshold": True}})
+        m = evaluate(q, model, cache, split)["metrics"]
+        row = table[(table.tta == tta) & (table.largest_cc == lcc) & ~table.fill_holes
+                    & table.tune_threshold].iloc[0]
+        assert row["dice"] == pytest.approx(m["dice"], abs=1e-6)
+        assert row["threshold"] == pytest.approx(m["threshold"])
