@@ -97,43 +97,52 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def piece_worth(rec: dict) -> dict[str, list[float]]:
-    """Per seed, test Dice of the preset minus the same with one evaluate-time piece flipped."""
-    worth: dict[str, list[float]] = {k: [] for k in PIECES}
+def piece_worth(rec: dict) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Per seed and evaluate-time piece: test Dice change when it is removed from the preset's
+    setting, and when it is added alone to no post-processing at all (fixed threshold)."""
+    removed: dict[str, list[float]] = {k: [] for k in PIECES}
+    alone: dict[str, list[float]] = {k: [] for k in PIECES}
     for r in rec["runs"].values():
         chosen = {k: bool(rec["overrides"].get(f"evaluate.{k}", False)) for k in PIECES}
         rows = {tuple(row[k] for k in PIECES): row["dice"] for row in r["ablation"]}
         here = rows[tuple(chosen[k] for k in PIECES)]
+        bare = rows[(False,) * len(PIECES)]
         for k in PIECES:
             flipped = tuple((not chosen[j]) if j == k else chosen[j] for j in PIECES)
-            sign = 1 if chosen[k] else -1
-            worth[k].append(sign * (here - rows[flipped]))
-    return worth
+            removed[k].append((1 if chosen[k] else -1) * (here - rows[flipped]))
+            alone[k].append(rows[tuple(j == k for j in PIECES)] - bare)
+    return removed, alone
 
 
 def table(args) -> None:
-    print("| preset | seeds | test Dice | IoU | pooled Dice | benign | malignant | normal empty "
-          "| training / run | hardware |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    worth_lines = []
+    print("| preset | arch | size | seeds | test Dice | IoU | pooled Dice | benign | malignant "
+          "| normal empty | training / run | hardware |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = load_params(REPO / "params.yaml")
+    worth_lines, commands = [], []
     for path in sorted(OUT.glob("*.json")):
         rec = json.loads(path.read_text())
         runs = [rec["runs"][s] for s in sorted(rec["runs"], key=int)]
         col = {k: _ms([r["eval"][k] for r in runs]) for k in KEYS}
         minutes = statistics.mean(r["train"]["seconds"] for r in runs) / 60
-        hw = f"{rec['machine'].get('cpu_model') or rec['machine']['cpu']}, " \
-             f"{rec['machine']['threads']} threads"
-        if rec["machine"].get("cuda"):
-            hw = rec["machine"]["cuda"]
-        print(f"| {rec['preset']} | {','.join(sorted(rec['runs'], key=int))} | {col['dice']} | "
-              f"{col['iou']} | {col['dice_pooled']} | {col['dice_benign']} | "
+        m = rec["machine"]
+        hw = m["cuda"] if m.get("cuda") else f"{m.get('cpu_model') or m['cpu']}, {m['threads']} thr"
+        ov = rec["overrides"]
+        arch = f"{ov.get('model.arch', base.model.arch)} {ov.get('model.base', base.model.base)}"
+        size = ov.get("preprocess.size", base.preprocess.size)
+        print(f"| {rec['preset']} | {arch} | {size} | {','.join(sorted(rec['runs'], key=int))} | "
+              f"{col['dice']} | {col['iou']} | {col['dice_pooled']} | {col['dice_benign']} | "
               f"{col['dice_malignant']} | {col['normal_empty_rate']} | {minutes:.1f} min | {hw} |")
-        w = piece_worth(rec)
+        removed, alone = piece_worth(rec)
         worth_lines.append(f"- {rec['preset']}: " + ", ".join(
-            f"{k} {statistics.mean(v):+.3f}" for k, v in w.items()))
-    print("\nWhat each evaluate-time piece was worth (test Dice with it minus without, mean over "
-          "seeds, everything else as in the preset):")
+            f"{k} {statistics.mean(removed[k]):+.3f} (alone {statistics.mean(alone[k]):+.3f})"
+            for k in PIECES))
+        commands.append(f"# {rec['preset']}\n{runs[0]['command']}")
+    print("\nWhat each evaluate-time piece was worth: test Dice of the preset minus the preset "
+          "without it, and (alone) of the piece alone minus none at all; mean over seeds:")
     print("\n".join(worth_lines))
+    print("\nCommands (first seed; the others change split.seed and train.seed):")
+    print("\n".join(commands))
 
 
 def main() -> None:
