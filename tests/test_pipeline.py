@@ -136,7 +136,9 @@ def test_killed_training_resumes_to_the_same_result(pipeline, python_env):
         reference_digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
         proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "train"],
                                 cwd=repo, env=python_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                # a shell's background job inherits SIGINT as ignored: undo that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         seen = []
         for line in proc.stdout:
             seen.append(line)
