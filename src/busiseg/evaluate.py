@@ -7,7 +7,8 @@ to val and test.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from itertools import product
 
 import numpy as np
@@ -54,21 +55,41 @@ def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd
     return cache.indices(rows["case_id"].tolist()), rows
 
 
-def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
+@dataclass
+class _Splits:
+    """The trained model and the val/test subsets, loaded once for evaluate and ablate."""
+
+    probs: Callable[[list[int], bool], np.ndarray]
+    va_idx: list[int]
+    te_idx: list[int]
+    te_rows: pd.DataFrame
+    va_true: np.ndarray
+    te_true: np.ndarray
+
+
+def _load(p: Params, model_path, cache_path, split_path) -> _Splits:
     device = pick_device(p.train.device)
     model, blob = load_model(model_path, device)
     cache = load_cache(cache_path)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     va_idx, _ = _subset(cache, split, "val")
     te_idx, te_rows = _subset(cache, split, "test")
+    pre = blob["preprocess"]
 
-    def probs(idx: list[int]) -> np.ndarray:
-        images = cache.images[torch.tensor(idx)]
-        pre = blob["preprocess"]
-        return predict_probs(model, images, pre["input_mean"], pre["input_std"], device,
-                             p.evaluate.batch_size, tta=p.evaluate.tta)[:, 0].numpy()
+    def probs(idx: list[int], tta: bool) -> np.ndarray:
+        return predict_probs(model, cache.images[torch.tensor(idx)], pre["input_mean"],
+                             pre["input_std"], device, p.evaluate.batch_size, tta=tta)[:, 0].numpy()
 
-    va_prob, va_true = probs(va_idx), cache.masks[torch.tensor(va_idx)][:, 0].numpy() > 0
+    def truth(idx: list[int]) -> np.ndarray:
+        return cache.masks[torch.tensor(idx)][:, 0].numpy() > 0
+
+    return _Splits(probs, va_idx, te_idx, te_rows, truth(va_idx), truth(te_idx))
+
+
+def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
+    d = _load(p, model_path, cache_path, split_path)
+    va_idx, te_idx, te_rows, va_true, te_true = d.va_idx, d.te_idx, d.te_rows, d.va_true, d.te_true
+    va_prob = d.probs(va_idx, p.evaluate.tta)
     sweep = pd.DataFrame({"threshold": THRESHOLDS,
                           "val_dice": [round(lesion_dice(binarize(va_prob, t, p), va_true), 6)
                                        for t in THRESHOLDS]})
@@ -76,7 +97,7 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     if p.evaluate.tune_threshold:
         threshold = float(sweep.loc[sweep["val_dice"].idxmax(), "threshold"])
 
-    te_prob, te_true = probs(te_idx), cache.masks[torch.tensor(te_idx)][:, 0].numpy() > 0
+    te_prob = d.probs(te_idx, p.evaluate.tta)
     te_pred = binarize(te_prob, threshold, p)
     classes = te_rows["class"].tolist()
     metrics, counts = summarize(te_pred, te_true, classes)
@@ -102,30 +123,19 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
 def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
     """Every combination of the evaluate-time pieces (TTA, largest component, hole filling, tuned
     threshold) on one trained model: what each is worth, with the model held fixed."""
-    device = pick_device(p.train.device)
-    model, blob = load_model(model_path, device)
-    cache = load_cache(cache_path)
-    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    va_idx, _ = _subset(cache, split, "val")
-    te_idx, te_rows = _subset(cache, split, "test")
-    pre = blob["preprocess"]
-    va_true = cache.masks[torch.tensor(va_idx)][:, 0].numpy() > 0
-    te_true = cache.masks[torch.tensor(te_idx)][:, 0].numpy() > 0
-    classes = te_rows["class"].tolist()
+    d = _load(p, model_path, cache_path, split_path)
+    classes = d.te_rows["class"].tolist()
     rows = []
     for tta in (False, True):
-        va_prob, te_prob = (
-            predict_probs(model, cache.images[torch.tensor(idx)], pre["input_mean"],
-                          pre["input_std"], device, p.evaluate.batch_size, tta=tta)[:, 0].numpy()
-            for idx in (va_idx, te_idx))
+        va_prob, te_prob = d.probs(d.va_idx, tta), d.probs(d.te_idx, tta)
         for lcc, fill, tune in product((False, True), repeat=3):
             q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
                                             tune_threshold=tune))
             threshold = p.evaluate.threshold
             if tune:
                 threshold = max(THRESHOLDS, key=lambda t: lesion_dice(binarize(va_prob, t, q),
-                                                                      va_true))
-            metrics, _ = summarize(binarize(te_prob, threshold, q), te_true, classes)
+                                                                      d.va_true))
+            metrics, _ = summarize(binarize(te_prob, threshold, q), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
                          "tune_threshold": tune, "threshold": float(threshold),
                          **{k: metrics[k] for k in ("dice", "iou", "dice_pooled",
