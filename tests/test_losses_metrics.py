@@ -103,3 +103,40 @@ def test_postprocess_largest_component_and_holes():
     filled = postprocess(m, largest_cc=True, fill_holes=True)
     assert filled.sum() == 9 and filled[1, 1]
     assert not postprocess(np.zeros((3, 3), bool), True, True).any()
+
+
+@pytest.mark.parametrize("kind", ["bce_dice", "tversky"])
+def test_image_reduction_charges_a_missed_small_lesion_in_full(kind):
+    """Batch pooling lets a big lesion hide a missed small one; per-image reduction does not."""
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, :, 2:14, 2:14] = 1  # big lesion, found
+    target[1, :, 5:9, 5:9] = 1  # small lesion, missed
+    # image 2 is normal and predicted empty
+    logits = torch.where(target > 0, 10.0, -10.0)
+    logits[1] = -10.0
+    batch = SegLoss(kind, bce_weight=0, reduction="batch")(logits, target).item()
+    image = SegLoss(kind, bce_weight=0, reduction="image")(logits, target).item()
+    assert batch < 0.1  # the miss is 16 of 160 lesion pixels
+    assert image == pytest.approx(0.5, abs=0.05)  # mean of ~0 (found) and ~1 (missed), normal out
+
+
+def test_image_reduction_on_a_batch_without_lesions_leaves_the_pixel_term():
+    target = torch.zeros(2, 1, 8, 8)
+    logits = torch.full((2, 1, 8, 8), 0.3, requires_grad=True)
+    region = soft_dice_loss(logits, target, reduction="image")
+    assert region.item() == 0.0
+    region.backward()  # still part of the graph
+    full = SegLoss("bce_dice", reduction="image")(logits, target)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    assert full.item() == pytest.approx(bce.item())
+
+
+def test_image_reduction_matches_the_mean_of_single_image_losses():
+    torch.manual_seed(0)
+    target = (torch.rand(4, 1, 8, 8) > 0.7).float()
+    logits = torch.randn(4, 1, 8, 8)
+    each = [soft_dice_loss(logits[i:i + 1], target[i:i + 1]) for i in range(4)]
+    assert soft_dice_loss(logits, target, reduction="image").item() == pytest.approx(
+        torch.stack(each).mean().item())
+    with pytest.raises(ValueError, match="reduction"):
+        SegLoss(reduction="pixel")

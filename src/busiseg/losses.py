@@ -1,8 +1,12 @@
 """Segmentation losses: a pixel term (BCE or focal) plus a region term (soft Dice or Tversky).
 
-The region term is pooled over the batch (as in nnU-Net's batch Dice): a per-image soft Dice
-scores every image without a lesion near 1 unless the network drives *every* pixel to ~0, which
-fights lesion detection and stalls training on BUSI, where about a sixth of the images are normal.
+The region term is pooled over the batch by default (as in nnU-Net's batch Dice): a per-image soft
+Dice over *every* image scores each normal image near 1 unless the network drives every pixel to ~0,
+which fights lesion detection and stalls training on BUSI, where about a sixth of the images are
+normal. Batch pooling has its own bias, though: big lesions dominate the pooled overlap, so missing
+a small or faint lesion entirely costs little. ``reduction="image"`` averages the region term over
+the images that *have* a lesion (the pixel term alone keeps normal images empty), so every missed
+lesion costs a full point, as it does in the per-image Dice that evaluate reports.
 """
 
 from __future__ import annotations
@@ -13,30 +17,53 @@ import torch.nn.functional as F
 SMOOTH = 1.0
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor,
-                   smooth: float = SMOOTH) -> torch.Tensor:
-    prob = torch.sigmoid(logits.float()).flatten()
-    target = target.float().flatten()
-    inter = (prob * target).sum()
-    return 1 - (2 * inter + smooth) / (prob.sum() + target.sum() + smooth)
+def _flat(logits: torch.Tensor, target: torch.Tensor, per_image: bool):
+    """Probabilities and targets as (batch, pixels) rows, or one row for the whole batch."""
+    prob, target = torch.sigmoid(logits.float()), target.float()
+    rows = len(prob) if per_image else 1
+    return prob.reshape(rows, -1), target.reshape(rows, -1)
+
+
+def _reduce(loss: torch.Tensor, target: torch.Tensor, logits: torch.Tensor,
+            per_image: bool) -> torch.Tensor:
+    if not per_image:
+        return loss[0]
+    has_lesion = target.sum(dim=1) > 0
+    if not has_lesion.any():  # a batch of normal images: the pixel term alone speaks
+        return logits.sum() * 0.0
+    return loss[has_lesion].mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = SMOOTH,
+                   reduction: str = "batch") -> torch.Tensor:
+    per_image = reduction == "image"
+    prob, tgt = _flat(logits, target, per_image)
+    inter = (prob * tgt).sum(dim=1)
+    loss = 1 - (2 * inter + smooth) / (prob.sum(dim=1) + tgt.sum(dim=1) + smooth)
+    return _reduce(loss, tgt, logits, per_image)
 
 
 def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
-                 smooth: float = SMOOTH) -> torch.Tensor:
+                 smooth: float = SMOOTH, reduction: str = "batch") -> torch.Tensor:
     """alpha weighs false positives, beta false negatives: beta > alpha favours recall."""
-    prob = torch.sigmoid(logits.float()).flatten()
-    target = target.float().flatten()
-    tp = (prob * target).sum()
-    fp = (prob * (1 - target)).sum()
-    fn = ((1 - prob) * target).sum()
-    return 1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+    per_image = reduction == "image"
+    prob, tgt = _flat(logits, target, per_image)
+    tp = (prob * tgt).sum(dim=1)
+    fp = (prob * (1 - tgt)).sum(dim=1)
+    fn = ((1 - prob) * tgt).sum(dim=1)
+    loss = 1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+    return _reduce(loss, tgt, logits, per_image)
 
 
 class SegLoss(torch.nn.Module):
     def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
-                 focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7):
+                 focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
+                 reduction: str = "batch"):
         super().__init__()
+        if reduction not in ("batch", "image"):
+            raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
         self.kind, self.bce_weight, self.dice_weight = kind, bce_weight, dice_weight
+        self.reduction = reduction
         self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,9 +76,10 @@ class SegLoss(torch.nn.Module):
         else:
             pixel = F.binary_cross_entropy_with_logits(logits, target)
         if self.kind == "tversky":
-            region = tversky_loss(logits, target, self.alpha, self.beta)
+            region = tversky_loss(logits, target, self.alpha, self.beta,
+                                  reduction=self.reduction)
         else:
-            region = soft_dice_loss(logits, target)
+            region = soft_dice_loss(logits, target, reduction=self.reduction)
         return self.bce_weight * pixel + self.dice_weight * region
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):

@@ -118,6 +118,8 @@ class TrainParams:
     loss: Literal["bce_dice", "focal_dice", "tversky"] = "bce_dice"
     bce_weight: float = 1.0  # weight of the pixel term (BCE or focal)
     dice_weight: float = 1.0  # weight of the region term (soft Dice or Tversky)
+    # region term pooled over the batch, or averaged over the images that have a lesion
+    dice_reduction: Literal["batch", "image"] = "batch"
     focal_gamma: float = 2.0
     tversky_alpha: float = 0.3  # false-positive weight
     tversky_beta: float = 0.7  # false-negative weight
