@@ -50,6 +50,20 @@ def lesion_dice(pred: np.ndarray, target: np.ndarray) -> float:
     return lesion_dice_iou(confusion(pred, target))[0]
 
 
+def threshold_sweep(va_prob: np.ndarray, va_true: np.ndarray, p: Params) -> pd.DataFrame:
+    """Val lesion Dice at every candidate threshold, post-processing as configured in p."""
+    return pd.DataFrame({"threshold": THRESHOLDS,
+                         "val_dice": [round(lesion_dice(binarize(va_prob, t, p), va_true), 6)
+                                      for t in THRESHOLDS]})
+
+
+def pick_threshold(sweep: pd.DataFrame, p: Params) -> float:
+    """The params' threshold, or the val sweep's best when tune_threshold is on."""
+    if not p.evaluate.tune_threshold:
+        return p.evaluate.threshold
+    return float(sweep.loc[sweep["val_dice"].idxmax(), "threshold"])
+
+
 def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd.DataFrame]:
     rows = split[split["split"] == name]
     return cache.indices(rows["case_id"].tolist()), rows
@@ -90,12 +104,8 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     d = _load(p, model_path, cache_path, split_path)
     va_idx, te_idx, te_rows, va_true, te_true = d.va_idx, d.te_idx, d.te_rows, d.va_true, d.te_true
     va_prob = d.probs(va_idx, p.evaluate.tta)
-    sweep = pd.DataFrame({"threshold": THRESHOLDS,
-                          "val_dice": [round(lesion_dice(binarize(va_prob, t, p), va_true), 6)
-                                       for t in THRESHOLDS]})
-    threshold = p.evaluate.threshold
-    if p.evaluate.tune_threshold:
-        threshold = float(sweep.loc[sweep["val_dice"].idxmax(), "threshold"])
+    sweep = threshold_sweep(va_prob, va_true, p)
+    threshold = pick_threshold(sweep, p)
 
     te_prob = d.probs(te_idx, p.evaluate.tta)
     te_pred = binarize(te_prob, threshold, p)
@@ -131,10 +141,8 @@ def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
         for lcc, fill, tune in product((False, True), repeat=3):
             q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
                                             tune_threshold=tune))
-            threshold = p.evaluate.threshold
-            if tune:
-                threshold = max(THRESHOLDS, key=lambda t: lesion_dice(binarize(va_prob, t, q),
-                                                                      d.va_true))
+            threshold = (pick_threshold(threshold_sweep(va_prob, d.va_true, q), q) if tune
+                         else p.evaluate.threshold)
             metrics, _ = summarize(binarize(te_prob, threshold, q), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
                          "tune_threshold": tune, "threshold": float(threshold),

@@ -15,44 +15,43 @@ import torch
 import torch.nn.functional as F
 
 SMOOTH = 1.0
+REDUCTIONS = ("batch", "image")
 
 
-def _flat(logits: torch.Tensor, target: torch.Tensor, per_image: bool):
-    """Probabilities and targets as (batch, pixels) rows, or one row for the whole batch."""
+def _rows(logits: torch.Tensor, target: torch.Tensor, reduction: str):
+    """Probabilities and targets as one row per image ("image") or one row for the batch."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
     prob, target = torch.sigmoid(logits.float()), target.float()
-    rows = len(prob) if per_image else 1
+    rows = len(prob) if reduction == "image" else 1
     return prob.reshape(rows, -1), target.reshape(rows, -1)
 
 
-def _reduce(loss: torch.Tensor, target: torch.Tensor, logits: torch.Tensor,
-            per_image: bool) -> torch.Tensor:
-    if not per_image:
+def _reduce(loss: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "batch":
         return loss[0]
     has_lesion = target.sum(dim=1) > 0
     if not has_lesion.any():  # a batch of normal images: the pixel term alone speaks
-        return logits.sum() * 0.0
+        return loss.sum() * 0.0  # zero, still in the graph
     return loss[has_lesion].mean()
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = SMOOTH,
                    reduction: str = "batch") -> torch.Tensor:
-    per_image = reduction == "image"
-    prob, tgt = _flat(logits, target, per_image)
+    prob, tgt = _rows(logits, target, reduction)
     inter = (prob * tgt).sum(dim=1)
-    loss = 1 - (2 * inter + smooth) / (prob.sum(dim=1) + tgt.sum(dim=1) + smooth)
-    return _reduce(loss, tgt, logits, per_image)
+    return _reduce(1 - (2 * inter + smooth) / (prob.sum(dim=1) + tgt.sum(dim=1) + smooth), tgt,
+                   reduction)
 
 
 def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: float,
                  smooth: float = SMOOTH, reduction: str = "batch") -> torch.Tensor:
     """alpha weighs false positives, beta false negatives: beta > alpha favours recall."""
-    per_image = reduction == "image"
-    prob, tgt = _flat(logits, target, per_image)
+    prob, tgt = _rows(logits, target, reduction)
     tp = (prob * tgt).sum(dim=1)
     fp = (prob * (1 - tgt)).sum(dim=1)
     fn = ((1 - prob) * tgt).sum(dim=1)
-    loss = 1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
-    return _reduce(loss, tgt, logits, per_image)
+    return _reduce(1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth), tgt, reduction)
 
 
 class SegLoss(torch.nn.Module):
@@ -60,7 +59,7 @@ class SegLoss(torch.nn.Module):
                  focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
                  reduction: str = "batch"):
         super().__init__()
-        if reduction not in ("batch", "image"):
+        if reduction not in REDUCTIONS:  # fail at construction, not at the first batch
             raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
         self.kind, self.bce_weight, self.dice_weight = kind, bce_weight, dice_weight
         self.reduction = reduction
