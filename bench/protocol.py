@@ -103,7 +103,9 @@ def piece_worth(rec: dict) -> tuple[dict[str, list[float]], dict[str, list[float
     removed: dict[str, list[float]] = {k: [] for k in PIECES}
     alone: dict[str, list[float]] = {k: [] for k in PIECES}
     for r in rec["runs"].values():
-        chosen = {k: bool(rec["overrides"].get(f"evaluate.{k}", False)) for k in PIECES}
+        # what was applied to test: the run's own record (select_on_val may narrow the preset)
+        chosen = {k: bool(r["eval"].get(f"used_{k}", rec["overrides"].get(f"evaluate.{k}", False)))
+                  for k in PIECES}
         rows = {tuple(row[k] for k in PIECES): row["dice"] for row in r["ablation"]}
         here = rows[tuple(chosen[k] for k in PIECES)]
         bare = rows[(False,) * len(PIECES)]

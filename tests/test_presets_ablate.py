@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import REPO
 from test_train_predict import run_train, tiny_params
 
 from busiseg.errors import BusisegError
-from busiseg.evaluate import ablate, evaluate
+from busiseg.evaluate import PIECES, ablate, candidates, evaluate
 from busiseg.params import parse_params
 from busiseg.presets import apply_overrides, exp_command, load_presets
 
@@ -65,3 +66,29 @@ def test_ablation_covers_every_combination_and_matches_evaluate(tmp_path: Path):
                     & table.tune_threshold].iloc[0]
         assert row["dice"] == pytest.approx(m["dice"], abs=1e-6)
         assert row["threshold"] == pytest.approx(m["threshold"])
+        assert row["val_dice"] == pytest.approx(m["val_dice"], abs=1e-6)
+
+    # select_on_val: the best val Dice among the enabled pieces' subsets, applied to test
+    model_kw = {"base": 4, "depth": 2}
+    for enabled in (PIECES, ("tta",), ("largest_cc", "tune_threshold")):
+        q = parse_params({"model": model_kw,
+                          "evaluate": {"select_on_val": True, **{k: True for k in enabled}}})
+        m = evaluate(q, model, cache, split)["metrics"]
+        allowed = table[~table[[k for k in PIECES if k not in enabled]].any(axis=1)]
+        assert len(allowed) == 2 ** len(enabled)
+        assert m["val_dice"] == pytest.approx(allowed["val_dice"].max(), abs=1e-6)
+        used = {k: bool(m[f"used_{k}"]) for k in PIECES}
+        assert not any(used[k] for k in PIECES if k not in enabled)
+        row = allowed[(allowed[list(PIECES)] == pd.Series(used)).all(axis=1)].iloc[0]
+        assert row["val_dice"] == pytest.approx(m["val_dice"], abs=1e-6)
+        assert row["dice"] == pytest.approx(m["dice"], abs=1e-6)
+
+
+def test_select_on_val_candidates_are_subsets_of_the_enabled_pieces_simplest_first():
+    p = parse_params({"evaluate": {"tta": True, "fill_holes": True}})
+    assert candidates(p) == [p]
+    s = parse_params({"evaluate": {"tta": True, "fill_holes": True, "select_on_val": True}})
+    got = [tuple(getattr(q.evaluate, k) for k in PIECES) for q in candidates(s)]
+    assert got[0] == (False, False, False, False)
+    assert got[-1] == (True, False, True, False)
+    assert sorted(got) == sorted({(t, False, f, False) for t in (0, 1) for f in (0, 1)})

@@ -2,7 +2,9 @@
 
 The threshold is fixed by params or tuned on the validation split, never on test. Post-processing
 (largest component, hole filling) and flip test-time augmentation are params, applied identically
-to val and test.
+to val and test. With `select_on_val` the pieces the params enable are candidates: every subset is
+scored on val and the best is applied to test, so a piece that hurts on this model is dropped
+without looking at test.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from busiseg.params import Params
 from busiseg.train import pick_device, predict_probs
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
 
 
 def postprocess(mask: np.ndarray, largest_cc: bool, fill_holes: bool) -> np.ndarray:
@@ -100,15 +103,36 @@ def _load(p: Params, model_path, cache_path, split_path) -> _Splits:
     return _Splits(probs, va_idx, te_idx, te_rows, truth(va_idx), truth(te_idx))
 
 
+def candidates(p: Params) -> list[Params]:
+    """The evaluate settings to choose among: p itself, or with select_on_val every subset of the
+    pieces p switches on (fewest pieces first, so a tie keeps the simpler setting)."""
+    if not p.evaluate.select_on_val:
+        return [p]
+    on = [k for k in PIECES if getattr(p.evaluate, k)]
+    subsets = sorted(product((False, True), repeat=len(on)), key=sum)
+    return [replace(p, evaluate=replace(p.evaluate, **dict(zip(on, flags)))) for flags in subsets]
+
+
+def _on_val(d: _Splits, q: Params, va_prob: np.ndarray) -> tuple[pd.DataFrame, float, float]:
+    """Threshold sweep, chosen threshold and val lesion Dice of one evaluate setting."""
+    sweep = threshold_sweep(va_prob, d.va_true, q)
+    threshold = pick_threshold(sweep, q)
+    return sweep, threshold, round(lesion_dice(binarize(va_prob, threshold, q), d.va_true), 6)
+
+
 def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     d = _load(p, model_path, cache_path, split_path)
-    va_idx, te_idx, te_rows, va_true, te_true = d.va_idx, d.te_idx, d.te_rows, d.va_true, d.te_true
-    va_prob = d.probs(va_idx, p.evaluate.tta)
-    sweep = threshold_sweep(va_prob, va_true, p)
-    threshold = pick_threshold(sweep, p)
+    va_probs = {tta: d.probs(d.va_idx, tta) for tta in {q.evaluate.tta for q in candidates(p)}}
+    best = None
+    for q in candidates(p):
+        sweep, threshold, val_dice = _on_val(d, q, va_probs[q.evaluate.tta])
+        if best is None or val_dice > best[3]:
+            best = (q, sweep, threshold, val_dice)
+    q, sweep, threshold, val_dice = best
 
-    te_prob = d.probs(te_idx, p.evaluate.tta)
-    te_pred = binarize(te_prob, threshold, p)
+    te_prob = d.probs(d.te_idx, q.evaluate.tta)
+    te_pred = binarize(te_prob, threshold, q)
+    te_true, te_rows = d.te_true, d.te_rows
     classes = te_rows["class"].tolist()
     metrics, counts = summarize(te_pred, te_true, classes)
     dice, iou = dice_iou(counts)
@@ -123,11 +147,13 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     metrics = {
         **rounded(metrics),
         "threshold": threshold,
-        "val_dice": round(lesion_dice(binarize(va_prob, threshold, p), va_true), 6),
-        "n_test": len(te_idx),
+        "val_dice": val_dice,
+        "n_test": len(d.te_idx),
+        # what was applied to test (0/1), which select_on_val may have narrowed from the params
+        **{f"used_{k}": int(getattr(q.evaluate, k)) for k in PIECES},
     }
     return {"metrics": metrics, "per_image": per_image, "threshold_sweep": sweep,
-            "test_pred": te_pred, "test_idx": te_idx}
+            "test_pred": te_pred, "test_idx": d.te_idx}
 
 
 def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
@@ -141,11 +167,11 @@ def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
         for lcc, fill, tune in product((False, True), repeat=3):
             q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
                                             tune_threshold=tune))
-            threshold = (pick_threshold(threshold_sweep(va_prob, d.va_true, q), q) if tune
-                         else p.evaluate.threshold)
+            _, threshold, val_dice = _on_val(d, q, va_prob)
             metrics, _ = summarize(binarize(te_prob, threshold, q), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
                          "tune_threshold": tune, "threshold": float(threshold),
+                         "val_dice": val_dice,
                          **{k: metrics[k] for k in ("dice", "iou", "dice_pooled",
                                                      "normal_empty_rate")}})
     return pd.DataFrame(rows)

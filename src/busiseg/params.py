@@ -183,6 +183,7 @@ class EvaluateParams:
     tta: bool = False  # average with the horizontally flipped prediction
     largest_cc: bool = False  # keep only the largest connected component
     fill_holes: bool = False
+    select_on_val: bool = False  # keep only the enabled pieces that help val Dice
     batch_size: int = 16
 
     def check(self) -> None:
