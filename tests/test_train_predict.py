@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import subprocess
@@ -19,7 +20,7 @@ from busiseg.errors import BusisegError
 from busiseg.modelio import load_model, save_model
 from busiseg.models import build_model
 from busiseg.params import AugmentParams, parse_params
-from busiseg.predict import predict_paths
+from busiseg.predict import eval_settings, predict_paths
 from busiseg.train import lr_factor, train
 
 
@@ -207,3 +208,34 @@ def test_predict_cli_exit_codes(tmp_path: Path):
                              capture_output=True, text=True)
     assert nomodel.returncode == 1 and "Traceback" not in nomodel.stderr
     assert "model file not found" in nomodel.stderr
+
+
+def test_predict_from_eval_applies_what_evaluate_applied(tmp_path: Path):
+    model = saved_model(tmp_path)
+    good = write_png(tmp_path / "a.png", np.random.default_rng(0).integers(0, 255, (40, 50),
+                                                                            dtype=np.uint8))
+    cli = [sys.executable, "-m", "busiseg.cli", "predict", "--model", str(model), str(good)]
+    ev = tmp_path / "eval.json"
+    ev.write_text(json.dumps({"dice": 0.5, "threshold": 0.3, "used_tta": 1, "used_largest_cc": 1,
+                              "used_fill_holes": 0, "used_tune_threshold": 1}))
+    a = subprocess.run(cli + ["--out", str(tmp_path / "a"), "--from-eval", str(ev)],
+                       capture_output=True, text=True)
+    b = subprocess.run(cli + ["--out", str(tmp_path / "b"), "--threshold", "0.3", "--tta",
+                              "--largest-cc"], capture_output=True, text=True)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    mask = np.asarray(Image.open(tmp_path / "a" / "a_mask.png"))
+    assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "b" / "a_mask.png")))
+    assert eval_settings(ev) == {"threshold": 0.3, "tta": True, "largest_cc": True,
+                                 "fill_holes": False}
+
+    both = subprocess.run(cli + ["--out", str(tmp_path / "c"), "--from-eval", str(ev), "--tta"],
+                          capture_output=True, text=True)
+    assert both.returncode == 2 and "either it or them" in both.stderr
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"dice": 0.5, "threshold": 0.5}))
+    for path, msg in ((old, "not an evaluate metrics file"), (tmp_path / "no.json", "not found")):
+        r = subprocess.run(cli + ["--out", str(tmp_path / "d"), "--from-eval", str(path)],
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().startswith(f"error: {path}: {msg}")
+        assert len(r.stderr.strip().splitlines()) == 1

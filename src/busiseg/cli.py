@@ -22,13 +22,22 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
+    pr.add_argument("--from-eval", type=Path, metavar="EVAL_JSON",
+                    help="use the threshold and pieces the evaluate stage applied to test "
+                         "(metrics/eval.json of the same run); replaces the four options above")
     args = parser.parse_args(argv)
+    if args.from_eval and (args.threshold is not None or args.tta or args.largest_cc
+                           or args.fill_holes):
+        parser.error("--from-eval sets the threshold, --tta, --largest-cc and --fill-holes; "
+                     "give either it or them")
     try:
-        from busiseg.predict import predict_paths
+        from busiseg.predict import eval_settings, predict_paths
 
-        written, failures = predict_paths(args.model, args.inputs, args.out, args.threshold,
-                                          args.device, tta=args.tta, largest_cc=args.largest_cc,
-                                          fill_holes=args.fill_holes)
+        settings = (eval_settings(args.from_eval) if args.from_eval else
+                    {"threshold": args.threshold, "tta": args.tta, "largest_cc": args.largest_cc,
+                     "fill_holes": args.fill_holes})
+        written, failures = predict_paths(args.model, args.inputs, args.out,
+                                          device=args.device, **settings)
     except BusisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

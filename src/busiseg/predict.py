@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,22 @@ from busiseg.evaluate import postprocess
 from busiseg.modelio import load_model
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def eval_settings(path: Path) -> dict:
+    """Threshold and evaluate-time pieces that the evaluate stage applied to test (its
+    metrics/eval.json), so new images are segmented exactly as the reported figures were."""
+    try:
+        m = json.loads(Path(path).read_text())
+        settings = {"threshold": float(m["threshold"]), "tta": bool(m["used_tta"]),
+                    "largest_cc": bool(m["used_largest_cc"]),
+                    "fill_holes": bool(m["used_fill_holes"])}
+    except FileNotFoundError:
+        raise BusisegError(f"{path}: not found; run `dvc repro evaluate` first") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BusisegError(f"{path}: not an evaluate metrics file with threshold and used_* keys "
+                           f"({type(exc).__name__}: {exc}); re-run `dvc repro evaluate`") from None
+    return settings
 
 
 @dataclass
