@@ -136,9 +136,12 @@ def table(args) -> None:
               f"{col['dice']} | {col['iou']} | {col['dice_pooled']} | {col['dice_benign']} | "
               f"{col['dice_malignant']} | {col['normal_empty_rate']} | {minutes:.1f} min | {hw} |")
         removed, alone = piece_worth(rec)
+        kept = "; ".join(f"seed {s}: " + (" + ".join(k for k in PIECES if r["eval"][f"used_{k}"])
+                                           or "none")
+                         for s, r in sorted(rec["runs"].items()) if "used_tta" in r["eval"])
         worth_lines.append(f"- {rec['preset']}: " + ", ".join(
             f"{k} {statistics.mean(removed[k]):+.3f} (alone {statistics.mean(alone[k]):+.3f})"
-            for k in PIECES))
+            for k in PIECES) + (f" [applied to test: {kept}]" if kept else ""))
         commands.append(f"# {rec['preset']}\n{runs[0]['command']}")
     print("\nWhat each evaluate-time piece was worth: test Dice of the preset minus the preset "
           "without it, and (alone) of the piece alone minus none at all; mean over seeds:")
