@@ -113,22 +113,27 @@ def candidates(p: Params) -> list[Params]:
     return [replace(p, evaluate=replace(p.evaluate, **dict(zip(on, flags)))) for flags in subsets]
 
 
-def _on_val(d: _Splits, q: Params, va_prob: np.ndarray) -> tuple[pd.DataFrame, float, float]:
-    """Threshold sweep, chosen threshold and val lesion Dice of one evaluate setting."""
-    sweep = threshold_sweep(va_prob, d.va_true, q)
+def _on_val(d: _Splits, q: Params, va_prob: np.ndarray,
+            sweeps: dict) -> tuple[pd.DataFrame, float, float]:
+    """Threshold sweep, chosen threshold and val lesion Dice of one evaluate setting. The sweep
+    does not depend on tune_threshold, so `sweeps` keeps one per post-processing setting."""
+    e = q.evaluate
+    key = (e.tta, e.largest_cc, e.fill_holes)
+    if key not in sweeps:
+        sweeps[key] = threshold_sweep(va_prob, d.va_true, q)
+    sweep = sweeps[key]
     threshold = pick_threshold(sweep, q)
     return sweep, threshold, round(lesion_dice(binarize(va_prob, threshold, q), d.va_true), 6)
 
 
 def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     d = _load(p, model_path, cache_path, split_path)
-    va_probs = {tta: d.probs(d.va_idx, tta) for tta in {q.evaluate.tta for q in candidates(p)}}
-    best = None
-    for q in candidates(p):
-        sweep, threshold, val_dice = _on_val(d, q, va_probs[q.evaluate.tta])
-        if best is None or val_dice > best[3]:
-            best = (q, sweep, threshold, val_dice)
-    q, sweep, threshold, val_dice = best
+    settings = candidates(p)
+    va_probs = {tta: d.probs(d.va_idx, tta) for tta in {q.evaluate.tta for q in settings}}
+    sweeps: dict = {}
+    scored = [(q, *_on_val(d, q, va_probs[q.evaluate.tta], sweeps)) for q in settings]
+    # max keeps the first of equals, and candidates come simplest first
+    q, sweep, threshold, val_dice = max(scored, key=lambda s: s[3])
 
     te_prob = d.probs(d.te_idx, q.evaluate.tta)
     te_pred = binarize(te_prob, threshold, q)
@@ -161,13 +166,13 @@ def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
     threshold) on one trained model: what each is worth, with the model held fixed."""
     d = _load(p, model_path, cache_path, split_path)
     classes = d.te_rows["class"].tolist()
-    rows = []
+    rows, sweeps = [], {}
     for tta in (False, True):
         va_prob, te_prob = d.probs(d.va_idx, tta), d.probs(d.te_idx, tta)
         for lcc, fill, tune in product((False, True), repeat=3):
             q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
                                             tune_threshold=tune))
-            _, threshold, val_dice = _on_val(d, q, va_prob)
+            _, threshold, val_dice = _on_val(d, q, va_prob, sweeps)
             metrics, _ = summarize(binarize(te_prob, threshold, q), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
                          "tune_threshold": tune, "threshold": float(threshold),
