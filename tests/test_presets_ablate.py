@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -92,3 +94,23 @@ def test_select_on_val_candidates_are_subsets_of_the_enabled_pieces_simplest_fir
     assert got[0] == (False, False, False, False)
     assert got[-1] == (True, False, True, False)
     assert sorted(got) == sorted({(t, False, f, False) for t in (0, 1) for f in (0, 1)})
+
+
+def test_normals_diagnostic_counts_confident_false_positives_and_smaller_lesions():
+    spec = importlib.util.spec_from_file_location("bench_normals", REPO / "bench" / "normals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stats = module.stats
+
+    prob = np.zeros((4, 10, 10), np.float32)
+    true = np.zeros((4, 10, 10), bool)
+    prob[0, :2, :5] = 0.95  # normal, confident false positive covering 10 %
+    prob[1, 0, 0] = 0.6  # normal, faint 1-pixel false positive
+    true[2, :1, :5] = True  # lesion of 5 %, found at 0.8
+    prob[2, :1, :5] = 0.8
+    true[3, :5, :5] = True  # lesion of 25 %, missed (peak 0.3)
+    prob[3, :5, :5] = 0.3
+    s = stats(prob, true, threshold=0.5)
+    assert s == {"n_normal": 2, "n_normal_nonempty": 2, "n_normal_peak_ge_0.9": 1,
+                 "median_normal_pred_area": 0.055, "n_lesion": 2,
+                 "n_lesion_smaller_than_that": 1, "n_lesion_peak_lt_0.9": 2}

@@ -73,7 +73,7 @@ def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd
 
 
 @dataclass
-class _Splits:
+class Splits:
     """The trained model and the val/test subsets, loaded once for evaluate and ablate."""
 
     probs: Callable[[list[int], bool], np.ndarray]
@@ -84,7 +84,7 @@ class _Splits:
     te_true: np.ndarray
 
 
-def _load(p: Params, model_path, cache_path, split_path) -> _Splits:
+def load_splits(p: Params, model_path, cache_path, split_path) -> Splits:
     device = pick_device(p.train.device)
     model, blob = load_model(model_path, device)
     cache = load_cache(cache_path)
@@ -100,7 +100,7 @@ def _load(p: Params, model_path, cache_path, split_path) -> _Splits:
     def truth(idx: list[int]) -> np.ndarray:
         return cache.masks[torch.tensor(idx)][:, 0].numpy() > 0
 
-    return _Splits(probs, va_idx, te_idx, te_rows, truth(va_idx), truth(te_idx))
+    return Splits(probs, va_idx, te_idx, te_rows, truth(va_idx), truth(te_idx))
 
 
 def candidates(p: Params) -> list[Params]:
@@ -113,7 +113,7 @@ def candidates(p: Params) -> list[Params]:
     return [replace(p, evaluate=replace(p.evaluate, **dict(zip(on, flags)))) for flags in subsets]
 
 
-def _on_val(d: _Splits, q: Params, va_prob: np.ndarray,
+def _on_val(d: Splits, q: Params, va_prob: np.ndarray,
             sweeps: dict) -> tuple[pd.DataFrame, float, float]:
     """Threshold sweep, chosen threshold and val lesion Dice of one evaluate setting. The sweep
     does not depend on tune_threshold, so `sweeps` keeps one per post-processing setting."""
@@ -127,7 +127,7 @@ def _on_val(d: _Splits, q: Params, va_prob: np.ndarray,
 
 
 def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
-    d = _load(p, model_path, cache_path, split_path)
+    d = load_splits(p, model_path, cache_path, split_path)
     settings = candidates(p)
     va_probs = {tta: d.probs(d.va_idx, tta) for tta in {q.evaluate.tta for q in settings}}
     sweeps: dict = {}
@@ -164,7 +164,7 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
 def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
     """Every combination of the evaluate-time pieces (TTA, largest component, hole filling, tuned
     threshold) on one trained model: what each is worth, with the model held fixed."""
-    d = _load(p, model_path, cache_path, split_path)
+    d = load_splits(p, model_path, cache_path, split_path)
     classes = d.te_rows["class"].tolist()
     rows, sweeps = [], {}
     for tta in (False, True):
