@@ -36,7 +36,7 @@ def stats(prob: np.ndarray, true: np.ndarray, threshold: float) -> dict:
         "n_normal_peak_ge_0.9": int((peak[~lesion] >= 0.9).sum()),
         "median_normal_pred_area": round(median_fp, 4),
         "n_lesion": int(lesion.sum()),
-        "n_lesion_smaller_than_that": int((true_area < median_fp).sum()) if len(fp) else 0,
+        "n_lesion_smaller_than_that": int((true_area < median_fp).sum()),
         "n_lesion_peak_lt_0.9": int((peak[lesion] < 0.9).sum()),
     }
 
