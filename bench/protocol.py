@@ -4,6 +4,7 @@
     uv run python bench/protocol.py run busi-cpu [--seeds 0 1 2] [--raw-dir PATH]
     uv run python bench/protocol.py record busi-cpu --seeds 0     # file a run already made
     uv run python bench/protocol.py table                         # markdown for the README
+    uv run python bench/protocol.py paired zoo-unet piece-poly    # gain over a baseline, by seed
 
 Each seed is one `dvc exp run` (split.seed = train.seed = seed), so every run is also an
 experiment in `dvc exp show`. After each run the evaluate-time pieces (flip TTA, largest component,
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 from bench import machine
 from busiseg.evaluate import ablate
@@ -150,6 +153,61 @@ def table(args) -> None:
     print("\n".join(commands))
 
 
+def _value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)  # as `dvc exp run -S` takes it
+
+
+def paired(base: dict, other: dict, defaults: dict | None = None) -> dict:
+    """Test-Dice gain of one preset over another on the splits both ran, seed by seed: with
+    76-81 test images the split moves Dice more than most recipe changes, so only differences on
+    the same split say what a change was worth."""
+    if base.get("raw_dir") != other.get("raw_dir"):
+        raise ValueError(f"{other['preset']} ran on {other.get('raw_dir')!r}, {base['preset']} on "
+                         f"{base.get('raw_dir')!r}: paired figures need the same data")
+    seeds = sorted(set(base["runs"]) & set(other["runs"]), key=int)
+    if not seeds:
+        raise ValueError(f"{other['preset']} and {base['preset']} share no split seed; run both "
+                         "with the same --seeds")
+    defaults = defaults or {}  # params.yaml's values, for a key only one preset sets
+    b, o = ({**{k: defaults.get(k) for k in set(base["overrides"]) | set(other["overrides"])},
+             **r["overrides"]} for r in (base, other))
+    changed = {k: _value(o[k]) for k in sorted(o) if b[k] != o[k]}
+    gain = {s: other["runs"][s]["eval"]["dice"] - base["runs"][s]["eval"]["dice"] for s in seeds}
+    empty = {s: (base["runs"][s]["eval"]["normal_empty_rate"],
+                 other["runs"][s]["eval"]["normal_empty_rate"]) for s in seeds}
+    time_ratio = (statistics.mean(other["runs"][s]["train"]["seconds"] for s in seeds)
+                  / statistics.mean(base["runs"][s]["train"]["seconds"] for s in seeds))
+    return {"preset": other["preset"], "changed": changed, "gain": gain,
+            "mean": statistics.mean(gain.values()), "wins": sum(g > 0 for g in gain.values()),
+            "normal_empty": empty, "time_ratio": time_ratio}
+
+
+def paired_table(args) -> None:
+    def load(name: str) -> dict:
+        path = OUT / f"{name}.json"
+        if not path.is_file():
+            sys.exit(f"error: {path} not found; run `bench/protocol.py run {name}` first")
+        return json.loads(path.read_text())
+
+    base = load(args.base)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = {f"{sec}.{k}": v for sec, d in raw.items() for k, v in d.items()}
+    try:  # every record checked before a line is printed
+        rows = [paired(base, load(name), defaults) for name in args.presets]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"| preset | changed from {args.base} | test Dice gain by seed | mean | better on "
+          "| normal empty (base → preset) | training time |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        changed = ", ".join(f"`{k}={v}`" for k, v in r["changed"].items()) or "nothing"
+        by_seed = " / ".join(f"{g:+.3f}" for g in r["gain"].values())
+        empty = " / ".join(f"{a:.2f} → {b:.2f}" if a is not None and b is not None else "n/a"
+                           for a, b in r["normal_empty"].values())
+        print(f"| {r['preset']} | {changed} | {by_seed} | **{r['mean']:+.3f}** | "
+              f"{r['wins']} of {len(r['gain'])} | {empty} | ×{r['time_ratio']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,6 +219,10 @@ def main() -> None:
         sp.add_argument("--raw-dir", default=BUSI)
         sp.set_defaults(fn=fn)
     sub.add_parser("table").set_defaults(fn=table)
+    sp = sub.add_parser("paired", help="test Dice gain over a baseline preset, seed by seed")
+    sp.add_argument("base")
+    sp.add_argument("presets", nargs="+")
+    sp.set_defaults(fn=paired_table)
     args = parser.parse_args()
     args.fn(args)
 

@@ -114,3 +114,36 @@ def test_normals_diagnostic_counts_confident_false_positives_and_smaller_lesions
     assert s == {"n_normal": 2, "n_normal_nonempty": 2, "n_normal_peak_ge_0.9": 1,
                  "median_normal_pred_area": 0.055, "n_lesion": 2,
                  "n_lesion_smaller_than_that": 1, "n_lesion_peak_lt_0.9": 2}
+
+
+def _record(preset: str, overrides: dict, dice: dict, raw_dir: str = "/data/BUSI") -> dict:
+    return {"preset": preset, "overrides": overrides, "raw_dir": raw_dir,
+            "runs": {s: {"eval": {"dice": d, "normal_empty_rate": 0.5},
+                         "train": {"seconds": 100.0 * (1 + len(overrides))}}
+                     for s, d in dice.items()}}
+
+
+def test_paired_gain_is_seed_by_seed_on_shared_splits_and_names_what_changed(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as when run: `bench` is bench/bench.py
+    spec = importlib.util.spec_from_file_location("bench_protocol", REPO / "bench" / "protocol.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    base = _record("zoo-unet", {"model.arch": "unet", "model.base": 16},
+                   {"0": 0.60, "1": 0.70, "2": 0.50})
+    # seed 3 has no baseline run: it must not enter the mean
+    other = _record("piece-x", {"model.arch": "unet", "train.loss": "tversky",
+                                "evaluate.tta": True}, {"0": 0.62, "1": 0.69, "3": 0.99})
+    r = module.paired(base, other, {"model.base": 16, "train.loss": "bce_dice",
+                                    "evaluate.tta": False})
+    assert list(r["gain"]) == ["0", "1"]
+    assert r["gain"]["0"] == pytest.approx(0.02) and r["gain"]["1"] == pytest.approx(-0.01)
+    assert r["mean"] == pytest.approx(0.005) and r["wins"] == 1
+    # model.base is set by one preset only but equals the default: not a change
+    assert r["changed"] == {"evaluate.tta": "true", "train.loss": "tversky"}
+    assert r["time_ratio"] == pytest.approx(400 / 300)
+
+    with pytest.raises(ValueError, match="same data"):
+        module.paired(base, _record("p", {}, {"0": 0.6}, raw_dir="elsewhere"))
+    with pytest.raises(ValueError, match="share no split seed"):
+        module.paired(base, _record("p", {}, {"7": 0.6}))
