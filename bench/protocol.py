@@ -86,6 +86,9 @@ def record(preset, seed: int, raw_dir: str, wall: float | None) -> None:
         "train": {k: tr[k] for k in ("best_epoch", "best_val_dice", "epochs_run", "seconds",
                                      "images_per_s", "device") if k in tr},
         "wall_seconds": None if wall is None else round(wall, 1),
+        # the code that trained it: float summation order alone moves a run (README, pieces)
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                 capture_output=True, text=True).stdout.strip() or None,
         "ablation": table.round(6).to_dict(orient="records"),
     }
     OUT.mkdir(parents=True, exist_ok=True)
@@ -183,8 +186,8 @@ def paired(base: dict, other: dict, defaults: dict | None = None) -> dict:
 
 
 def paired_table(args) -> None:
-    def load(name: str) -> dict:
-        path = OUT / f"{name}.json"
+    def load(name: str) -> dict:  # a preset's record, or a record file given by path
+        path = Path(name) if name.endswith(".json") else OUT / f"{name}.json"
         if not path.is_file():
             sys.exit(f"error: {path} not found; run `bench/protocol.py run {name}` first")
         return json.loads(path.read_text())
