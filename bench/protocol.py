@@ -4,7 +4,7 @@
     uv run python bench/protocol.py run busi-cpu [--seeds 0 1 2] [--raw-dir PATH]
     uv run python bench/protocol.py record busi-cpu --seeds 0     # file a run already made
     uv run python bench/protocol.py table                         # markdown for the README
-    uv run python bench/protocol.py paired zoo-unet piece-poly    # gain over a baseline, by seed
+    uv run python bench/protocol.py paired zoo-unet piece-tversky # gain over a baseline, by seed
 
 Each seed is one `dvc exp run` (split.seed = train.seed = seed), so every run is also an
 experiment in `dvc exp show`. After each run the evaluate-time pieces (flip TTA, largest component,
@@ -29,7 +29,7 @@ import yaml
 from bench import machine
 from busiseg.evaluate import ablate
 from busiseg.params import load_params
-from busiseg.presets import exp_command, load_presets
+from busiseg.presets import exp_command, flag, load_presets
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results" / "protocol"
@@ -156,10 +156,6 @@ def table(args) -> None:
     print("\n".join(commands))
 
 
-def _value(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)  # as `dvc exp run -S` takes it
-
-
 def paired(base: dict, other: dict, defaults: dict | None = None) -> dict:
     """Test-Dice gain of one preset over another on the splits both ran, seed by seed: with
     76-81 test images the split moves Dice more than most recipe changes, so only differences on
@@ -174,7 +170,7 @@ def paired(base: dict, other: dict, defaults: dict | None = None) -> dict:
     defaults = defaults or {}  # params.yaml's values, for a key only one preset sets
     b, o = ({**{k: defaults.get(k) for k in set(base["overrides"]) | set(other["overrides"])},
              **r["overrides"]} for r in (base, other))
-    changed = {k: _value(o[k]) for k in sorted(o) if b[k] != o[k]}
+    changed = {k: flag(o[k]) for k in sorted(o) if b[k] != o[k]}
     gain = {s: other["runs"][s]["eval"]["dice"] - base["runs"][s]["eval"]["dice"] for s in seeds}
     empty = {s: (base["runs"][s]["eval"]["normal_empty_rate"],
                  other["runs"][s]["eval"]["normal_empty_rate"]) for s in seeds}

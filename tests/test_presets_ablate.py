@@ -96,11 +96,16 @@ def test_select_on_val_candidates_are_subsets_of_the_enabled_pieces_simplest_fir
     assert sorted(got) == sorted({(t, False, f, False) for t in (0, 1) for f in (0, 1)})
 
 
-def test_normals_diagnostic_counts_confident_false_positives_and_smaller_lesions():
-    spec = importlib.util.spec_from_file_location("bench_normals", REPO / "bench" / "normals.py")
+def _bench_script(name: str):
+    """A bench/ script loaded as a module: bench/ is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    stats = module.stats
+    return module
+
+
+def test_normals_diagnostic_counts_confident_false_positives_and_smaller_lesions():
+    stats = _bench_script("normals").stats
 
     prob = np.zeros((4, 10, 10), np.float32)
     true = np.zeros((4, 10, 10), bool)
@@ -125,9 +130,7 @@ def _record(preset: str, overrides: dict, dice: dict, raw_dir: str = "/data/BUSI
 
 def test_paired_gain_is_seed_by_seed_on_shared_splits_and_names_what_changed(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "bench"))  # as when run: `bench` is bench/bench.py
-    spec = importlib.util.spec_from_file_location("bench_protocol", REPO / "bench" / "protocol.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_script("protocol")
 
     base = _record("zoo-unet", {"model.arch": "unet", "model.base": 16},
                    {"0": 0.60, "1": 0.70, "2": 0.50})

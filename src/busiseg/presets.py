@@ -53,7 +53,8 @@ def load_presets(path: str | Path = "presets.yaml",
     return presets
 
 
-def _flag(value: object) -> str:
+def flag(value: object) -> str:
+    """A value as `dvc exp run -S` takes it (YAML booleans: true/false)."""
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -63,5 +64,5 @@ def exp_command(preset: Preset, seed: int, raw_dir: str) -> list[str]:
                  "split.seed": seed, "train.seed": seed}
     cmd = ["dvc", "exp", "run", "-n", f"{preset.name}-s{seed}"]
     for key, value in overrides.items():
-        cmd += ["-S", f"{key}={_flag(value)}"]
+        cmd += ["-S", f"{key}={flag(value)}"]
     return cmd
