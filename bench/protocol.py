@@ -5,12 +5,15 @@
     uv run python bench/protocol.py record busi-cpu --seeds 0     # file a run already made
     uv run python bench/protocol.py table                         # markdown for the README
     uv run python bench/protocol.py paired zoo-unet piece-tversky # gain over a baseline, by seed
+    uv run python bench/protocol.py noise zoo-unet --split-seed 0 --train-seeds 0 1 2 3 4
 
 Each seed is one `dvc exp run` (split.seed = train.seed = seed), so every run is also an
 experiment in `dvc exp show`. After each run the evaluate-time pieces (flip TTA, largest component,
 hole filling, val-tuned threshold) are switched on and off on the same trained model, which says
-what each is worth without retraining. Only aggregate figures are written
-(bench/results/protocol/PRESET.json); nothing per-image from the real data.
+what each is worth without retraining. `noise` trains one split from several training seeds:
+the spread is what a single run moves on its own, the yardstick for `paired` gains. Only aggregate
+figures are written (bench/results/protocol/PRESET.json, noise/PRESET.json); nothing per-image from
+the real data.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ OUT = REPO / "bench" / "results" / "protocol"
 BUSI = "../shared/data/Dataset_BUSI_with_GT"
 KEYS = ("dice", "iou", "dice_pooled", "dice_benign", "dice_malignant", "normal_empty_rate")
 PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
+# what can change a run besides its overrides: code, stage wiring, defaults, locked versions
+TRAINING_CODE = ("src", "stages", "dvc.yaml", "params.yaml", "uv.lock")
 
 
 def show(args) -> None:
@@ -47,13 +52,34 @@ def show(args) -> None:
 def run(args) -> None:
     preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
     for seed in args.seeds:
-        cmd = exp_command(preset, seed, args.raw_dir)
-        # a workspace run leaves its -S values in params.yaml: start each from the committed one
-        subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=REPO, check=True)
-        print("$ uv run " + shlex.join(cmd), flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
-        record(preset, seed, args.raw_dir, time.perf_counter() - start)
+        _run_one(preset, seed, args.raw_dir, None)
+
+
+def noise(args) -> None:
+    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    _noise_path(preset.name, args.split_seed)  # a clash with an earlier split fails before training
+    for t in args.train_seeds:
+        _run_one(preset, args.split_seed, args.raw_dir, t)
+
+
+def _run_one(preset, seed: int, raw_dir: str, train_seed: int | None) -> None:
+    cmd = exp_command(preset, seed, raw_dir, train_seed)
+    # a workspace run leaves its -S values in params.yaml: start each from the committed one
+    subprocess.run(["git", "checkout", "HEAD", "--", "params.yaml"], cwd=REPO, check=True)
+    print("$ uv run " + shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
+    record(preset, seed, raw_dir, time.perf_counter() - start, train_seed)
+
+
+def _noise_path(name: str, split_seed: int) -> Path:
+    """One noise record per preset, all on one split: training seeds are only comparable there."""
+    path = OUT / "noise" / f"{name}.json"
+    if path.is_file() and json.loads(path.read_text())["split_seed"] != split_seed:
+        sys.exit(f"error: {path} holds runs on split seed "
+                 f"{json.loads(path.read_text())['split_seed']}; use that --split-seed, or move "
+                 "the file away to start another split")
+    return path
 
 
 def record_existing(args) -> None:
@@ -63,38 +89,65 @@ def record_existing(args) -> None:
         record(preset, seed, args.raw_dir, None)
 
 
-def record(preset, seed: int, raw_dir: str, wall: float | None) -> None:
+def record(preset, seed: int, raw_dir: str, wall: float | None,
+           train_seed: int | None = None) -> None:
+    """File the workspace run under its preset and seed; with `train_seed`, as a noise run (one
+    split, several training seeds), without the evaluate-time ablation."""
     p = load_params(REPO / "params.yaml")
-    want = {"data.raw_dir": raw_dir, **preset.overrides, "split.seed": seed, "train.seed": seed}
+    t = seed if train_seed is None else train_seed
+    want = {"data.raw_dir": raw_dir, **preset.overrides, "split.seed": seed, "train.seed": t}
     for key, value in want.items():  # refuse to file a run under the wrong preset or seed
         section, _, name = key.partition(".")
         have = getattr(getattr(p, section), name)
         if have != value:
             sys.exit(f"error: params.yaml has {key}={have!r}, preset {preset.name} seed {seed} "
                      f"needs {value!r}; run the preset's command first")
-    path = OUT / f"{preset.name}.json"
+    noisy = train_seed is not None
+    path = _noise_path(preset.name, seed) if noisy else OUT / f"{preset.name}.json"
     rec = json.loads(path.read_text()) if path.is_file() else {}
     rec.update({"preset": preset.name, "about": preset.about, "overrides": preset.overrides,
                 "raw_dir": raw_dir, "machine": machine()})
+    if noisy:
+        rec["split_seed"] = seed
     ev = json.loads((REPO / "metrics" / "eval.json").read_text())
     tr = json.loads((REPO / "metrics" / "train.json").read_text())
-    table = ablate(p, REPO / "models" / "model.pt", REPO / "data" / "cache.npz",
-                   REPO / "data" / "split.csv")
-    rec.setdefault("runs", {})[str(seed)] = {
-        "command": "uv run " + shlex.join(exp_command(preset, seed, raw_dir)),
+    table = None if noisy else ablate(
+        p, REPO / "models" / "model.pt", REPO / "data" / "cache.npz", REPO / "data" / "split.csv")
+    rec.setdefault("runs", {})[str(t if noisy else seed)] = {
+        "command": "uv run " + shlex.join(exp_command(preset, seed, raw_dir, train_seed)),
         "eval": ev,
         "train": {k: tr[k] for k in ("best_epoch", "best_val_dice", "epochs_run", "seconds",
                                      "images_per_s", "device") if k in tr},
         "wall_seconds": None if wall is None else round(wall, 1),
         # the code that trained it: float summation order alone moves a run (README, pieces)
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                 capture_output=True, text=True).stdout.strip() or None,
-        "ablation": table.round(6).to_dict(orient="records"),
+        "commit": _commit(),
+        **({} if table is None else {"ablation": table.round(6).to_dict(orient="records")}),
     }
-    OUT.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=2, sort_keys=False) + "\n")
-    print(f"{preset.name} seed {seed}: test Dice {ev['dice']}, training "
+    tag = f"seed {seed}" + ("" if train_seed is None else f" training seed {train_seed}")
+    print(f"{preset.name} {tag}: test Dice {ev['dice']}, training "
           f"{tr['seconds'] / 60:.1f} min", flush=True)
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+
+def _commit() -> str | None:
+    """HEAD, with -dirty when the workspace's code differs from it (params.yaml is the run's)."""
+    head = _git("rev-parse", "--short", "HEAD").stdout.strip()
+    dirty = _git("status", "--porcelain", "--", *(p for p in TRAINING_CODE if p != "params.yaml"))
+    return (head + ("-dirty" if dirty.stdout.strip() else "")) or None
+
+
+def code_diff(a: str, b: str) -> list[str] | None:
+    """Files that can change a run and differ between two recorded commits; None when that
+    cannot be known (a commit git does not have, or a run from a modified workspace)."""
+    if a.endswith("-dirty") or b.endswith("-dirty"):
+        return None
+    out = _git("diff", "--name-only", a, b, "--", *TRAINING_CODE)
+    return None if out.returncode else out.stdout.split()
 
 
 def _ms(values: list[float]) -> str:
@@ -120,6 +173,21 @@ def piece_worth(rec: dict) -> tuple[dict[str, list[float]], dict[str, list[float
             removed[k].append((1 if chosen[k] else -1) * (here - rows[flipped]))
             alone[k].append(rows[tuple(j == k for j in PIECES)] - bare)
     return removed, alone
+
+
+def noise_summary(rec: dict) -> dict:
+    """Spread of test Dice over training seeds on one split, and the codes that trained them."""
+    dice = [r["eval"]["dice"] for r in rec["runs"].values()]
+    return {"preset": rec["preset"], "split_seed": rec["split_seed"], "n": len(dice),
+            "mean": statistics.mean(dice), "sd": statistics.stdev(dice) if len(dice) > 1 else None,
+            "min": min(dice), "max": max(dice),
+            "commits": sorted({str(r.get("commit")) for r in rec["runs"].values()})}
+
+
+def noise_band(sd: float, k: int) -> float:
+    """Half-width of the range a mean paired gain over k splits stays in about 95 % of the time
+    when the change did nothing: each gain is a difference of two runs (variance 2 sd^2)."""
+    return 2 * sd * (2 / k) ** 0.5
 
 
 def table(args) -> None:
@@ -154,9 +222,20 @@ def table(args) -> None:
     print("\n".join(worth_lines))
     print("\nCommands (first seed; the others change split.seed and train.seed):")
     print("\n".join(commands))
+    noise_lines = []
+    for path in sorted((OUT / "noise").glob("*.json")):
+        n = noise_summary(json.loads(path.read_text()))
+        if n["sd"] is not None:
+            noise_lines.append(
+                f"- {n['preset']}, split seed {n['split_seed']}: test Dice {n['mean']:.3f} ± "
+                f"{n['sd']:.3f} over {n['n']} training seeds (range {n['min']:.3f}-{n['max']:.3f}"
+                f"; code {', '.join(n['commits'])})")
+    if noise_lines:
+        print("\nTraining noise: one split trained from several training seeds (`noise`):")
+        print("\n".join(noise_lines))
 
 
-def paired(base: dict, other: dict, defaults: dict | None = None) -> dict:
+def paired(base: dict, other: dict, defaults: dict | None = None, diff=None) -> dict:
     """Test-Dice gain of one preset over another on the splits both ran, seed by seed: with
     76-81 test images the split moves Dice more than most recipe changes, so only differences on
     the same split say what a change was worth."""
@@ -174,11 +253,18 @@ def paired(base: dict, other: dict, defaults: dict | None = None) -> dict:
     gain = {s: other["runs"][s]["eval"]["dice"] - base["runs"][s]["eval"]["dice"] for s in seeds}
     empty = {s: (base["runs"][s]["eval"]["normal_empty_rate"],
                  other["runs"][s]["eval"]["normal_empty_rate"]) for s in seeds}
-    time_ratio = (statistics.mean(other["runs"][s]["train"]["seconds"] for s in seeds)
-                  / statistics.mean(base["runs"][s]["train"]["seconds"] for s in seeds))
+    # float summation order alone moves a run: a pair from two codes is not the change alone.
+    # `diff(a, b)` (code_diff) lists the files that differ between two commits.
+    code = {}
+    for s in seeds:
+        cb, co = base["runs"][s].get("commit"), other["runs"][s].get("commit")
+        files = diff(cb, co) if diff and cb and co and cb != co else None
+        code[s] = ("unknown" if not (cb and co) else "same" if cb == co or files == [] else
+                   f"{cb} vs {co}" + (f" ({', '.join(files)} differ)" if files else ""))
+    # no training-time ratio: runs not timed side by side on a quiet machine say nothing about speed
     return {"preset": other["preset"], "changed": changed, "gain": gain,
             "mean": statistics.mean(gain.values()), "wins": sum(g > 0 for g in gain.values()),
-            "normal_empty": empty, "time_ratio": time_ratio}
+            "normal_empty": empty, "code": code}
 
 
 def paired_table(args) -> None:
@@ -192,19 +278,32 @@ def paired_table(args) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     defaults = {f"{sec}.{k}": v for sec, d in raw.items() for k, v in d.items()}
     try:  # every record checked before a line is printed
-        rows = [paired(base, load(name), defaults) for name in args.presets]
+        rows = [paired(base, load(name), defaults, code_diff) for name in args.presets]
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"| preset | changed from {args.base} | test Dice gain by seed | mean | better on "
-          "| normal empty (base → preset) | training time |")
+          "| normal empty (base → preset) | trained by |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         changed = ", ".join(f"`{k}={v}`" for k, v in r["changed"].items()) or "nothing"
         by_seed = " / ".join(f"{g:+.3f}" for g in r["gain"].values())
         empty = " / ".join(f"{a:.2f} → {b:.2f}" if a is not None and b is not None else "n/a"
                            for a, b in r["normal_empty"].values())
+        codes = set(r["code"].values())
+        code = ("same code" if codes == {"same"} else
+                "; ".join(f"seed {s}: {c}" for s, c in r["code"].items() if c != "same"))
         print(f"| {r['preset']} | {changed} | {by_seed} | **{r['mean']:+.3f}** | "
-              f"{r['wins']} of {len(r['gain'])} | {empty} | ×{r['time_ratio']:.2f} |")
+              f"{r['wins']} of {len(r['gain'])} | {empty} | {code} |")
+    noise_path = OUT / "noise" / f"{base['preset']}.json"
+    n = noise_summary(json.loads(noise_path.read_text())) if noise_path.is_file() else None
+    if n is None or n["sd"] is None:
+        print(f"\nNo training-noise record for {base['preset']}: run `bench/protocol.py noise "
+              f"{base['preset']}` to learn which of these gains a single run could make alone.")
+        return
+    k = len(rows[0]["gain"])
+    print(f"\nTraining noise of {base['preset']} (split seed {n['split_seed']}, {n['n']} training "
+          f"seeds): test Dice sd {n['sd']:.3f}. A change that does nothing gives a mean gain over "
+          f"{k} split(s) within ±{noise_band(n['sd'], k):.3f} about 95 % of the time.")
 
 
 def main() -> None:
@@ -217,6 +316,12 @@ def main() -> None:
         sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         sp.add_argument("--raw-dir", default=BUSI)
         sp.set_defaults(fn=fn)
+    sp = sub.add_parser("noise", help="one split, several training seeds: what a run moves alone")
+    sp.add_argument("preset")
+    sp.add_argument("--split-seed", type=int, default=0)
+    sp.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    sp.add_argument("--raw-dir", default=BUSI)
+    sp.set_defaults(fn=noise)
     sub.add_parser("table").set_defaults(fn=table)
     sp = sub.add_parser("paired", help="test Dice gain over a baseline preset, seed by seed")
     sp.add_argument("base")

@@ -26,6 +26,13 @@ def test_every_committed_preset_is_valid_and_reproducible_as_one_command():
     assert flags["data.raw_dir"] == "/data/BUSI"
     assert flags["split.seed"] == flags["train.seed"] == "2"
     assert flags["evaluate.tta"] == "true"  # YAML booleans, as dvc -S parses them
+    # a noise run: the same split trained from another seed, under its own experiment name
+    noisy = exp_command(presets["busi-cpu"], 2, "/data/BUSI", train_seed=5)
+    assert noisy[4] == "busi-cpu-s2-t5"
+    noisy_flags = dict(f.split("=", 1) for f in noisy[6::2])
+    assert (noisy_flags["split.seed"], noisy_flags["train.seed"]) == ("2", "5")
+    assert {k: v for k, v in noisy_flags.items() if k != "train.seed"} == {
+        k: v for k, v in flags.items() if k != "train.seed"}
     # the -S flags applied to params.yaml give exactly the preset's parameters
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     p = parse_params(apply_overrides(base, {k: yaml.safe_load(v) for k, v in flags.items()}))
@@ -121,10 +128,12 @@ def test_normals_diagnostic_counts_confident_false_positives_and_smaller_lesions
                  "n_lesion_smaller_than_that": 1, "n_lesion_peak_lt_0.9": 2}
 
 
-def _record(preset: str, overrides: dict, dice: dict, raw_dir: str = "/data/BUSI") -> dict:
+def _record(preset: str, overrides: dict, dice: dict, raw_dir: str = "/data/BUSI",
+            commits: dict | None = None) -> dict:
     return {"preset": preset, "overrides": overrides, "raw_dir": raw_dir,
             "runs": {s: {"eval": {"dice": d, "normal_empty_rate": 0.5},
-                         "train": {"seconds": 100.0 * (1 + len(overrides))}}
+                         "train": {"seconds": 100.0 * (1 + len(overrides))},
+                         "commit": (commits or {}).get(s)}
                      for s, d in dice.items()}}
 
 
@@ -133,10 +142,11 @@ def test_paired_gain_is_seed_by_seed_on_shared_splits_and_names_what_changed(mon
     module = _bench_script("protocol")
 
     base = _record("zoo-unet", {"model.arch": "unet", "model.base": 16},
-                   {"0": 0.60, "1": 0.70, "2": 0.50})
+                   {"0": 0.60, "1": 0.70, "2": 0.50}, commits={"0": "aaa", "1": "aaa"})
     # seed 3 has no baseline run: it must not enter the mean
     other = _record("piece-x", {"model.arch": "unet", "train.loss": "tversky",
-                                "evaluate.tta": True}, {"0": 0.62, "1": 0.69, "3": 0.99})
+                                "evaluate.tta": True}, {"0": 0.62, "1": 0.69, "3": 0.99},
+                    commits={"0": "aaa", "1": "bbb"})
     r = module.paired(base, other, {"model.base": 16, "train.loss": "bce_dice",
                                     "evaluate.tta": False})
     assert list(r["gain"]) == ["0", "1"]
@@ -144,9 +154,40 @@ def test_paired_gain_is_seed_by_seed_on_shared_splits_and_names_what_changed(mon
     assert r["mean"] == pytest.approx(0.005) and r["wins"] == 1
     # model.base is set by one preset only but equals the default: not a change
     assert r["changed"] == {"evaluate.tta": "true", "train.loss": "tversky"}
-    assert r["time_ratio"] == pytest.approx(400 / 300)
+    # a pair trained by two commits is named: float order alone moves a run
+    assert r["code"] == {"0": "same", "1": "aaa vs bbb"}
+    assert "time_ratio" not in r  # not timed side by side: no speed claim
+    assert module.paired(base, _record("p", {}, {"2": 0.5}), {})["code"] == {"2": "unknown"}
+    # two commits whose training code is the same are a fair pair; otherwise the files are named
+    diff = {("aaa", "bbb"): [], ("aaa", "ccc"): ["src/busiseg/losses.py"]}
+    for co, want in (("bbb", "same"), ("ccc", "aaa vs ccc (src/busiseg/losses.py differ)")):
+        o = _record("p", {}, {"0": 0.6}, commits={"0": co})
+        assert module.paired(base, o, {}, lambda a, b: diff[(a, b)])["code"] == {"0": want}
 
     with pytest.raises(ValueError, match="same data"):
         module.paired(base, _record("p", {}, {"0": 0.6}, raw_dir="elsewhere"))
     with pytest.raises(ValueError, match="share no split seed"):
         module.paired(base, _record("p", {}, {"7": 0.6}))
+
+
+def test_noise_summary_is_the_spread_over_training_seeds_on_one_split(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    module = _bench_script("protocol")
+    rec = {**_record("zoo-unet", {}, {"0": 0.60, "1": 0.64, "2": 0.62},
+                     commits={"0": "aaa", "1": "aaa", "2": "bbb"}), "split_seed": 0}
+    n = module.noise_summary(rec)
+    assert (n["n"], n["split_seed"], n["min"], n["max"]) == (3, 0, 0.60, 0.64)
+    assert n["mean"] == pytest.approx(0.62) and n["sd"] == pytest.approx(0.02)
+    assert n["commits"] == ["aaa", "bbb"]
+    # a gain is the difference of two runs: sd * sqrt(2), and a mean over 2 splits halves variance
+    assert module.noise_band(0.02, 1) == pytest.approx(2 * 0.02 * 2 ** 0.5)
+    assert module.noise_band(0.02, 2) == pytest.approx(0.04)
+    assert module.noise_summary({**rec, "runs": {"0": rec["runs"]["0"]}})["sd"] is None
+
+    # training seeds only compare on one split: a record for another split is refused
+    monkeypatch.setattr(module, "OUT", tmp_path)
+    (tmp_path / "noise").mkdir()
+    (tmp_path / "noise" / "zoo-unet.json").write_text('{"split_seed": 1, "runs": {}}')
+    assert module._noise_path("zoo-unet", 1) == tmp_path / "noise" / "zoo-unet.json"
+    with pytest.raises(SystemExit, match="split seed 1"):
+        module._noise_path("zoo-unet", 0)

@@ -58,11 +58,15 @@ def flag(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def exp_command(preset: Preset, seed: int, raw_dir: str) -> list[str]:
-    """The exact `dvc exp run` command for one seed of a preset."""
-    overrides = {"data.raw_dir": raw_dir, **preset.overrides,
-                 "split.seed": seed, "train.seed": seed}
-    cmd = ["dvc", "exp", "run", "-n", f"{preset.name}-s{seed}"]
+def exp_command(preset: Preset, seed: int, raw_dir: str,
+                train_seed: int | None = None) -> list[str]:
+    """The exact `dvc exp run` command for one seed of a preset. The split and the training share
+    the seed unless `train_seed` is given: then one split is trained from several initialisations,
+    which measures training noise apart from the split."""
+    t = seed if train_seed is None else train_seed
+    overrides = {"data.raw_dir": raw_dir, **preset.overrides, "split.seed": seed, "train.seed": t}
+    name = f"{preset.name}-s{seed}" + ("" if train_seed is None else f"-t{train_seed}")
+    cmd = ["dvc", "exp", "run", "-n", name]
     for key, value in overrides.items():
         cmd += ["-S", f"{key}={flag(value)}"]
     return cmd
