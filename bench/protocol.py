@@ -75,10 +75,10 @@ def _run_one(preset, seed: int, raw_dir: str, train_seed: int | None) -> None:
 def _noise_path(name: str, split_seed: int) -> Path:
     """One noise record per preset, all on one split: training seeds are only comparable there."""
     path = OUT / "noise" / f"{name}.json"
-    if path.is_file() and json.loads(path.read_text())["split_seed"] != split_seed:
-        sys.exit(f"error: {path} holds runs on split seed "
-                 f"{json.loads(path.read_text())['split_seed']}; use that --split-seed, or move "
-                 "the file away to start another split")
+    held = json.loads(path.read_text())["split_seed"] if path.is_file() else split_seed
+    if held != split_seed:
+        sys.exit(f"error: {path} holds runs on split seed {held}; use --split-seed {held}, or "
+                 "move the file away to start another split")
     return path
 
 
@@ -137,8 +137,10 @@ def _git(*args: str) -> subprocess.CompletedProcess:
 def _commit() -> str | None:
     """HEAD, with -dirty when the workspace's code differs from it (params.yaml is the run's)."""
     head = _git("rev-parse", "--short", "HEAD").stdout.strip()
+    if not head:
+        return None
     dirty = _git("status", "--porcelain", "--", *(p for p in TRAINING_CODE if p != "params.yaml"))
-    return (head + ("-dirty" if dirty.stdout.strip() else "")) or None
+    return head + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def code_diff(a: str, b: str) -> list[str] | None:
