@@ -1,8 +1,10 @@
 """Stage preprocess: resize images and union masks into one uint8 tensor cache."""
 
+import sys
 import time
 
 from busiseg.data import read_manifest_rows
+from busiseg.errors import BusisegError
 from busiseg.params import load_params
 from busiseg.preprocess import preprocess
 from busiseg.stage import remove_outputs, run
@@ -11,8 +13,12 @@ CACHE = "data/cache.npz"
 
 
 def main() -> None:
-    remove_outputs(CACHE)
     params = load_params()
+    # dvc.yaml passes --size only for DVC's run cache (see there); params.yaml is the source
+    if sys.argv[1:] not in ([], ["--size", str(params.preprocess.size)]):
+        raise BusisegError(f"stages/preprocess.py got {' '.join(sys.argv[1:])!r} but params.yaml "
+                           f"has preprocess.size {params.preprocess.size}; run `dvc repro`")
+    remove_outputs(CACHE)
     manifest = read_manifest_rows("data/manifest.csv")
     start = time.perf_counter()
     info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE,

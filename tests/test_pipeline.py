@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -101,6 +102,35 @@ def test_params_invalidate_only_the_stages_that_read_them(pipeline, python_env):
         assert stale_stages(repo, python_env) == {"split"}
     finally:
         (repo / "params.yaml").write_text(original)
+
+
+def _cache_size(repo: Path) -> int:
+    with np.load(repo / "data" / "cache.npz") as z:
+        return int(z["images"].shape[-1])
+
+
+def test_a_size_sweep_is_never_served_another_size_from_the_run_cache(pipeline, python_env):
+    """DVC leaves every key named `size` out of its run-cache key (treeverse/dvc#10296): with the
+    size only in params, going back and forth between two sizes restored the first size's cache
+    for the second, silently, and everything downstream trained on it."""
+    repo, _, _ = pipeline
+    size = TINY_PARAMS["preprocess"]["size"]
+    try:
+        for want in (size // 2, size, size // 2):  # each size is in the run cache the 2nd time
+            set_params(repo, preprocess={"size": want})
+            dvc(repo, python_env, "repro", "preprocess")
+            assert _cache_size(repo) == want
+    finally:  # back to the committed run for the tests after this one
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        dvc(repo, python_env, "checkout", "-f")
+    assert _cache_size(repo) == size
+    # the command-line size exists for DVC only: one that disagrees with params.yaml is refused
+    bad = run([sys.executable, "stages/preprocess.py", "--size", "48"], repo, python_env,
+              check=False)
+    assert bad.returncode == 1 and _cache_size(repo) == size
+    assert bad.stderr.strip().splitlines() == [
+        f"error: stages/preprocess.py got '--size 48' but params.yaml has preprocess.size {size}; "
+        "run `dvc repro`"]
 
 
 def test_exp_run_reruns_only_model_stages(pipeline, python_env):

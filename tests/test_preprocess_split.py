@@ -10,6 +10,7 @@ from conftest import make_case, write_png
 from PIL import Image
 
 from busiseg.data import load_cache, mask_to_bool
+from busiseg.errors import BusisegError
 from busiseg.ingest import ingest
 from busiseg.preprocess import preprocess, resize_pair
 from busiseg.split import make_split, split_metrics
@@ -43,6 +44,9 @@ def test_union_of_masks_and_binary_resize(small_busi: Path, tmp_path: Path):
     assert info["n_images"] == len(manifest) == len(cache.case_ids)
     assert cache.case_ids == manifest["case_id"].tolist()
     assert tuple(cache.images.shape) == (len(manifest), 1, 32, 32)
+    assert load_cache(out, 32).size == 32
+    with pytest.raises(BusisegError, match="holds 32x32 images but preprocess.size is 64"):
+        load_cache(out, 64)  # a stale cache of another size is refused, not trained on
     assert set(np.unique(cache.masks.numpy())) <= {0, 1}
     i = cache.case_ids.index("benign (1)")
     j = cache.case_ids.index("benign (2)")

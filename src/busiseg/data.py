@@ -198,8 +198,9 @@ def save_cache(path: str | Path, images: np.ndarray, masks: np.ndarray, case_ids
         tmp.unlink(missing_ok=True)
 
 
-def load_cache(path: str | Path) -> Cache:
-    """Tensors for training: uint8 N×1×S×S images and masks, in manifest order."""
+def load_cache(path: str | Path, size: int | None = None) -> Cache:
+    """Tensors for training: uint8 N×1×S×S images and masks, in manifest order. With `size`, a
+    cache of another size is refused: one restored stale would train silently on it."""
     import torch
 
     path = Path(path)
@@ -214,6 +215,9 @@ def load_cache(path: str | Path) -> Cache:
     except Exception as exc:  # noqa: BLE001 - any failure to read it means a bad file
         raise BusisegError(f"{path}: not a busiseg tensor cache ({_reason(exc)}); "
                            "delete it and re-run the preprocess stage") from None
+    if size is not None and images.shape[-1] != size:
+        raise BusisegError(f"{path}: holds {images.shape[-1]}x{images.shape[-1]} images but "
+                           f"preprocess.size is {size}; re-run it: dvc repro -f preprocess")
     return Cache(torch.from_numpy(images), torch.from_numpy(masks), case_ids, classes)
 
 

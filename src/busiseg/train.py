@@ -142,7 +142,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     seed_everything(cfg.seed)
 
     # data: the whole uint8 cache lives on the device; batches are index gathers
-    cache = load_cache(cache_path)
+    cache = load_cache(cache_path, p.preprocess.size)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     tr_idx = torch.tensor(cache.indices(split.loc[split["split"] == "train", "case_id"].tolist()))
     va_idx = torch.tensor(cache.indices(split.loc[split["split"] == "val", "case_id"].tolist()))
