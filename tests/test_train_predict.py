@@ -49,7 +49,7 @@ def tiny_data(tmp_path: Path, n: int = 24, size: int = 32) -> tuple[Path, Path]:
 
 
 def tiny_params(**train):
-    return parse_params({"model": {"base": 4, "depth": 2},
+    return parse_params({"preprocess": {"size": 32}, "model": {"base": 4, "depth": 2},
                          "train": {"epochs": 6, "batch_size": 6, "lr": 0.01, "threads": 1,
                                    "warmup_epochs": 0, **train}})
 
