@@ -119,7 +119,7 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
         "train": {k: tr[k] for k in ("best_epoch", "best_val_dice", "epochs_run", "seconds",
                                      "images_per_s", "device") if k in tr},
         "wall_seconds": None if wall is None else round(wall, 1),
-        # the code that trained it: float summation order alone moves a run (README, pieces)
+        # the code that trained it: a pair of runs from two codes is not the recipe change alone
         "commit": _commit(),
         **({} if table is None else {"ablation": table.round(6).to_dict(orient="records")}),
     }
@@ -255,8 +255,8 @@ def paired(base: dict, other: dict, defaults: dict | None = None, diff=None) -> 
     gain = {s: other["runs"][s]["eval"]["dice"] - base["runs"][s]["eval"]["dice"] for s in seeds}
     empty = {s: (base["runs"][s]["eval"]["normal_empty_rate"],
                  other["runs"][s]["eval"]["normal_empty_rate"]) for s in seeds}
-    # float summation order alone moves a run: a pair from two codes is not the change alone.
-    # `diff(a, b)` (code_diff) lists the files that differ between two commits.
+    # a pair from two codes is not the recipe change alone; `diff(a, b)` (code_diff) lists the
+    # files that can change a run and differ between the two commits.
     code = {}
     for s in seeds:
         cb, co = base["runs"][s].get("commit"), other["runs"][s].get("commit")
@@ -297,15 +297,22 @@ def paired_table(args) -> None:
         print(f"| {r['preset']} | {changed} | {by_seed} | **{r['mean']:+.3f}** | "
               f"{r['wins']} of {len(r['gain'])} | {empty} | {code} |")
     noise_path = OUT / "noise" / f"{base['preset']}.json"
-    n = noise_summary(json.loads(noise_path.read_text())) if noise_path.is_file() else None
+    rec = json.loads(noise_path.read_text()) if noise_path.is_file() else None
+    if rec is not None and (rec["overrides"], rec.get("raw_dir")) != (base["overrides"],
+                                                                       base.get("raw_dir")):
+        print(f"\n{noise_path} was measured with other params or data than this "
+              f"{base['preset']}: no noise band.")
+        return
+    n = noise_summary(rec) if rec is not None else None
     if n is None or n["sd"] is None:
         print(f"\nNo training-noise record for {base['preset']}: run `bench/protocol.py noise "
               f"{base['preset']}` to learn which of these gains a single run could make alone.")
         return
-    k = len(rows[0]["gain"])
+    bands = ", ".join(f"±{noise_band(n['sd'], k):.3f} over {k} split(s)"
+                      for k in sorted({len(r["gain"]) for r in rows}))
     print(f"\nTraining noise of {base['preset']} (split seed {n['split_seed']}, {n['n']} training "
-          f"seeds): test Dice sd {n['sd']:.3f}. A change that does nothing gives a mean gain over "
-          f"{k} split(s) within ±{noise_band(n['sd'], k):.3f} about 95 % of the time.")
+          f"seeds): test Dice sd {n['sd']:.3f}. A change that does nothing gives a mean gain "
+          f"within {bands} about 95 % of the time.")
 
 
 def main() -> None:
