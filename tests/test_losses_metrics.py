@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from busiseg.losses import SegLoss, soft_dice_loss, tversky_loss
+from busiseg.losses import SegLoss, detection_loss, image_logits, soft_dice_loss, tversky_loss
 from busiseg.metrics import confusion, dice_iou, rounded, summarize
 
 
@@ -140,3 +140,41 @@ def test_image_reduction_matches_the_mean_of_single_image_losses():
         torch.stack(each).mean().item())
     with pytest.raises(ValueError, match="reduction"):
         SegLoss(reduction="pixel")
+
+
+def test_image_logit_is_the_mean_of_the_top_share_of_pixel_logits():
+    logits = torch.full((2, 1, 10, 10), -5.0)
+    logits[0, 0, 0, :4] = torch.tensor([4.0, 2.0, 1.0, 9.0])
+    got = image_logits(logits, topk=0.03)  # 3 of 100 pixels
+    assert got.tolist() == pytest.approx([(9 + 4 + 2) / 3, -5.0])
+    assert image_logits(logits, topk=1e-6)[0].item() == 9.0  # never fewer than one pixel
+
+
+def test_detection_term_charges_a_small_false_positive_the_pixel_term_hardly_sees():
+    """A 3×3 confident blob on a normal 32×32 image: 0.9 % of its pixels wrong."""
+    target = torch.zeros(2, 1, 32, 32)
+    target[1, :, 8:24, 8:24] = 1
+    clean = torch.where(target > 0, 8.0, -8.0)
+    blob = clean.clone()
+    blob[0, :, 4:7, 4:7] = 8.0
+    pixel = SegLoss(dice_weight=0, reduction="image")
+    detect = SegLoss(dice_weight=0, reduction="image", detect_weight=1.0)
+    assert pixel(blob, target) - pixel(clean, target) < 0.04
+    assert detect(blob, target) - detect(clean, target) > 1.0
+    # a lesion image predicted empty is charged too
+    missed = clean.clone()
+    missed[1] = -8.0
+    assert detection_loss(missed, target, 0.01) > 3.0 > 0.01 > detection_loss(clean, target, 0.01)
+
+
+def test_detection_term_off_leaves_the_loss_bit_for_bit_unchanged():
+    torch.manual_seed(1)
+    target = (torch.rand(4, 1, 16, 16) > 0.8).float()
+    target[2] = 0
+    logits = torch.randn(4, 1, 16, 16)
+    for kind in ("bce_dice", "focal_dice", "tversky"):
+        assert torch.equal(SegLoss(kind, reduction="image")(logits, target),
+                           SegLoss(kind, reduction="image", detect_weight=0.0)(logits, target))
+        assert SegLoss(kind, detect_weight=0.5)(logits, target) > SegLoss(kind)(logits, target)
+    with pytest.raises(ValueError, match="detect_topk"):
+        SegLoss(detect_topk=0.0)

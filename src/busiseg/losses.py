@@ -7,6 +7,12 @@ normal. Batch pooling has its own bias, though: big lesions dominate the pooled 
 a small or faint lesion entirely costs little. ``reduction="image"`` averages the region term over
 the images that *have* a lesion (the pixel term alone keeps normal images empty), so every missed
 lesion costs a full point, as it does in the per-image Dice that evaluate reports.
+
+That leaves normal images to the pixel term, which is too weak to keep them empty: the optional
+detection term (``detect_weight``) scores each image as a whole. Its lesion logit is the mean of
+its top ``detect_topk`` share of pixel logits, trained with BCE against "has a lesion": a normal
+image is charged for its most confident pixels however few they are, and a lesion image whose
+prediction vanished is charged in full, neither of which the pixel term does.
 """
 
 from __future__ import annotations
@@ -54,16 +60,36 @@ def tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta:
     return _reduce(1 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth), tgt, reduction)
 
 
+def image_logits(logits: torch.Tensor, topk: float) -> torch.Tensor:
+    """One lesion logit per image: the mean of its top ``topk`` share of pixel logits (≥ 1 pixel).
+
+    The mean of a small top share rather than the max: the max sends the gradient to one pixel
+    per image, and a normal image's false positive is a blob, not a pixel.
+    """
+    flat = logits.float().reshape(len(logits), -1)
+    k = max(1, min(flat.shape[1], round(topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def detection_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch.Tensor:
+    """BCE of the per-image lesion logit against whether the mask has any lesion pixel."""
+    has_lesion = (target.reshape(len(target), -1).sum(dim=1) > 0).float()
+    return F.binary_cross_entropy_with_logits(image_logits(logits, topk), has_lesion)
+
+
 class SegLoss(torch.nn.Module):
     def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
                  focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
-                 reduction: str = "batch"):
+                 reduction: str = "batch", detect_weight: float = 0.0, detect_topk: float = 0.01):
         super().__init__()
         if reduction not in REDUCTIONS:  # fail at construction, not at the first batch
             raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
         self.kind, self.bce_weight, self.dice_weight = kind, bce_weight, dice_weight
         self.reduction = reduction
         self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
+        if detect_weight < 0 or not 0 < detect_topk <= 1:
+            raise ValueError("detect_weight must be ≥ 0 and detect_topk in (0, 1]")
+        self.detect_weight, self.detect_topk = detect_weight, detect_topk
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
@@ -79,7 +105,10 @@ class SegLoss(torch.nn.Module):
                                   reduction=self.reduction)
         else:
             region = soft_dice_loss(logits, target, reduction=self.reduction)
-        return self.bce_weight * pixel + self.dice_weight * region
+        loss = self.bce_weight * pixel + self.dice_weight * region
+        if self.detect_weight:  # off: not computed, so runs without it are unchanged bit for bit
+            loss = loss + self.detect_weight * detection_loss(logits, target, self.detect_topk)
+        return loss
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):
         """A list (deep supervision) averages the heads, the final head counting double."""
