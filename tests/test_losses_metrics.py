@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from busiseg.losses import SegLoss, detection_loss, image_logits, soft_dice_loss, tversky_loss
+from busiseg.losses import SegLoss, empty_loss, image_logits, soft_dice_loss, tversky_loss
 from busiseg.metrics import confusion, dice_iou, rounded, summarize
 
 
@@ -150,7 +150,7 @@ def test_image_logit_is_the_mean_of_the_top_share_of_pixel_logits():
     assert image_logits(logits, topk=1e-6)[0].item() == 9.0  # never fewer than one pixel
 
 
-def test_detection_term_charges_a_small_false_positive_the_pixel_term_hardly_sees():
+def test_empty_term_charges_a_small_false_positive_the_pixel_term_hardly_sees():
     """A 3×3 confident blob on a normal 32×32 image: 0.9 % of its pixels wrong."""
     target = torch.zeros(2, 1, 32, 32)
     target[1, :, 8:24, 8:24] = 1
@@ -158,23 +158,38 @@ def test_detection_term_charges_a_small_false_positive_the_pixel_term_hardly_see
     blob = clean.clone()
     blob[0, :, 4:7, 4:7] = 8.0
     pixel = SegLoss(dice_weight=0, reduction="image")
-    detect = SegLoss(dice_weight=0, reduction="image", detect_weight=1.0)
+    empty = SegLoss(dice_weight=0, reduction="image", empty_weight=1.0)
     assert pixel(blob, target) - pixel(clean, target) < 0.04
-    assert detect(blob, target) - detect(clean, target) > 1.0
-    # a lesion image predicted empty is charged too
-    missed = clean.clone()
-    missed[1] = -8.0
-    assert detection_loss(missed, target, 0.01) > 3.0 > 0.01 > detection_loss(clean, target, 0.01)
+    assert empty(blob, target) - empty(clean, target) > 1.0
+    assert empty_loss(clean, target, 0.01) < 0.01
 
 
-def test_detection_term_off_leaves_the_loss_bit_for_bit_unchanged():
+def test_empty_term_is_one_sided_and_averages_over_normal_images():
+    target = torch.zeros(3, 1, 16, 16)
+    target[0, :, 4:12, 4:12] = 1
+    logits = torch.full((3, 1, 16, 16), -8.0, requires_grad=True)
+    with torch.no_grad():
+        logits[1] = 2.0  # one normal image all confident, the other (2) clean
+    # lesion image 0 predicted empty: the Dice term's business, not this one's
+    got = empty_loss(logits, target, 0.01)
+    want = (torch.nn.functional.softplus(torch.tensor(2.0)) + torch.nn.functional.softplus(
+        torch.tensor(-8.0))) / 2
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    got.backward()
+    assert logits.grad[0].abs().sum() == 0  # no gradient into the lesion image
+    lesions_only = target[:1].expand(2, -1, -1, -1)
+    zero = empty_loss(logits[:2], lesions_only, 0.01)
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_empty_term_off_leaves_the_loss_bit_for_bit_unchanged():
     torch.manual_seed(1)
     target = (torch.rand(4, 1, 16, 16) > 0.8).float()
     target[2] = 0
     logits = torch.randn(4, 1, 16, 16)
     for kind in ("bce_dice", "focal_dice", "tversky"):
         assert torch.equal(SegLoss(kind, reduction="image")(logits, target),
-                           SegLoss(kind, reduction="image", detect_weight=0.0)(logits, target))
-        assert SegLoss(kind, detect_weight=0.5)(logits, target) > SegLoss(kind)(logits, target)
-    with pytest.raises(ValueError, match="detect_topk"):
-        SegLoss(detect_topk=0.0)
+                           SegLoss(kind, reduction="image", empty_weight=0.0)(logits, target))
+        assert SegLoss(kind, empty_weight=0.5)(logits, target) > SegLoss(kind)(logits, target)
+    with pytest.raises(ValueError, match="empty_topk"):
+        SegLoss(empty_topk=0.0)

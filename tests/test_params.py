@@ -32,6 +32,8 @@ def test_repo_params_are_valid_and_match_defaults():
     ({"data": {"on_problem": "ignore"}}, "data.on_problem is 'ignore'; choose one of: error, skip"),
     ({"augment": {"hflip": 2}}, "augment.hflip is a probability"),
     ({"evaluate": {"threshold": 1.5}}, "evaluate.threshold must be in (0, 1)"),
+    ({"train": {"empty_weight": -1}}, "train.empty_weight must be ≥ 0"),
+    ({"train": {"empty_topk": 0}}, "train.empty_topk must be in (0, 1]"),
     ({"model": []}, "'model' must be a mapping"),
 ])
 def test_bad_params_give_one_clear_line(raw, needle):

@@ -8,11 +8,12 @@ a small or faint lesion entirely costs little. ``reduction="image"`` averages th
 the images that *have* a lesion (the pixel term alone keeps normal images empty), so every missed
 lesion costs a full point, as it does in the per-image Dice that evaluate reports.
 
-That leaves normal images to the pixel term, which is too weak to keep them empty: the optional
-detection term (``detect_weight``) scores each image as a whole. Its lesion logit is the mean of
-its top ``detect_topk`` share of pixel logits, trained with BCE against "has a lesion": a normal
-image is charged for its most confident pixels however few they are, and a lesion image whose
-prediction vanished is charged in full, neither of which the pixel term does.
+That leaves normal images to the pixel term, which is too weak to keep them empty: a confident
+blob over 1 % of a normal image costs the pixel mean almost nothing. The optional empty term
+(``empty_weight``) charges each normal image for its most confident pixels: BCE against "no
+lesion" of the mean of its top ``empty_topk`` share of pixel logits, averaged over the normal
+images of the batch. One-sided on purpose: the same term on lesion images (multiple-instance
+style) rewards being confident *somewhere*, not on the lesion, and cost lesion Dice on BUSI.
 """
 
 from __future__ import annotations
@@ -71,25 +72,28 @@ def image_logits(logits: torch.Tensor, topk: float) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(dim=1)
 
 
-def detection_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch.Tensor:
-    """BCE of the per-image lesion logit against whether the mask has any lesion pixel."""
-    has_lesion = (target.reshape(len(target), -1).sum(dim=1) > 0).float()
-    return F.binary_cross_entropy_with_logits(image_logits(logits, topk), has_lesion)
+def empty_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch.Tensor:
+    """Mean over the batch's normal images of BCE("no lesion") on their image logit; 0 if none."""
+    normal = target.reshape(len(target), -1).sum(dim=1) == 0
+    z = image_logits(logits, topk)
+    if not normal.any():
+        return z.sum() * 0.0  # zero, still in the graph
+    return F.softplus(z[normal]).mean()  # = BCE with target 0
 
 
 class SegLoss(torch.nn.Module):
     def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
                  focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
-                 reduction: str = "batch", detect_weight: float = 0.0, detect_topk: float = 0.01):
+                 reduction: str = "batch", empty_weight: float = 0.0, empty_topk: float = 0.01):
         super().__init__()
         if reduction not in REDUCTIONS:  # fail at construction, not at the first batch
             raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
         self.kind, self.bce_weight, self.dice_weight = kind, bce_weight, dice_weight
         self.reduction = reduction
         self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
-        if detect_weight < 0 or not 0 < detect_topk <= 1:
-            raise ValueError("detect_weight must be ≥ 0 and detect_topk in (0, 1]")
-        self.detect_weight, self.detect_topk = detect_weight, detect_topk
+        if empty_weight < 0 or not 0 < empty_topk <= 1:
+            raise ValueError("empty_weight must be ≥ 0 and empty_topk in (0, 1]")
+        self.empty_weight, self.empty_topk = empty_weight, empty_topk
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
@@ -106,8 +110,8 @@ class SegLoss(torch.nn.Module):
         else:
             region = soft_dice_loss(logits, target, reduction=self.reduction)
         loss = self.bce_weight * pixel + self.dice_weight * region
-        if self.detect_weight:  # off: not computed, so runs without it are unchanged bit for bit
-            loss = loss + self.detect_weight * detection_loss(logits, target, self.detect_topk)
+        if self.empty_weight:  # off: not computed, so runs without it are unchanged bit for bit
+            loss = loss + self.empty_weight * empty_loss(logits, target, self.empty_topk)
         return loss
 
     def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):

@@ -123,9 +123,9 @@ class TrainParams:
     focal_gamma: float = 2.0
     tversky_alpha: float = 0.3  # false-positive weight
     tversky_beta: float = 0.7  # false-negative weight
-    # image-level lesion/no-lesion term (BCE on the mean of each image's top pixel logits)
-    detect_weight: float = 0.0  # 0 = off
-    detect_topk: float = 0.01  # share of the image's pixels pooled into its lesion logit
+    # charges normal images for their most confident pixels (the mean of their top logits)
+    empty_weight: float = 0.0  # 0 = off
+    empty_topk: float = 0.01  # share of an image's pixels pooled into its lesion logit
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -150,8 +150,8 @@ class TrainParams:
         _require(self.focal_gamma >= 0, "train.focal_gamma", "must be ≥ 0")
         _require(self.tversky_alpha >= 0 and self.tversky_beta >= 0, "train.tversky_alpha",
                  "Tversky weights must be ≥ 0")
-        _require(self.detect_weight >= 0, "train.detect_weight", "must be ≥ 0 (0 = off)")
-        _require(0 < self.detect_topk <= 1, "train.detect_topk",
+        _require(self.empty_weight >= 0, "train.empty_weight", "must be ≥ 0 (0 = off)")
+        _require(0 < self.empty_topk <= 1, "train.empty_topk",
                  "must be in (0, 1]: the share of pixels pooled into each image's lesion logit")
         _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
 

@@ -173,7 +173,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
             optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
     loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
                       cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
-                      cfg.detect_weight, cfg.detect_topk)
+                      cfg.empty_weight, cfg.empty_topk)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     fwd = torch.compile(model) if cfg.compile else model
 
