@@ -164,7 +164,7 @@ def test_empty_term_charges_a_small_false_positive_the_pixel_term_hardly_sees():
     assert empty_loss(clean, target, 0.01) < 0.01
 
 
-def test_empty_term_is_one_sided_and_averages_over_normal_images():
+def test_empty_term_is_one_sided_and_averages_over_the_batch():
     target = torch.zeros(3, 1, 16, 16)
     target[0, :, 4:12, 4:12] = 1
     logits = torch.full((3, 1, 16, 16), -8.0, requires_grad=True)
@@ -173,7 +173,7 @@ def test_empty_term_is_one_sided_and_averages_over_normal_images():
     # lesion image 0 predicted empty: the Dice term's business, not this one's
     got = empty_loss(logits, target, 0.01)
     want = (torch.nn.functional.softplus(torch.tensor(2.0)) + torch.nn.functional.softplus(
-        torch.tensor(-8.0))) / 2
+        torch.tensor(-8.0))) / 3
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     got.backward()
     assert logits.grad[0].abs().sum() == 0  # no gradient into the lesion image

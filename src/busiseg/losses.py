@@ -73,12 +73,14 @@ def image_logits(logits: torch.Tensor, topk: float) -> torch.Tensor:
 
 
 def empty_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch.Tensor:
-    """Mean over the batch's normal images of BCE("no lesion") on their image logit; 0 if none."""
-    normal = target.reshape(len(target), -1).sum(dim=1) == 0
-    z = image_logits(logits, topk)
-    if not normal.any():
-        return z.sum() * 0.0  # zero, still in the graph
-    return F.softplus(z[normal]).mean()  # = BCE with target 0
+    """BCE("no lesion") of each normal image's logit, averaged over *all* images of the batch.
+
+    Over all images, like the pixel term, so the term weighs as much as normal images are common;
+    averaged over the normal images only, one normal in a batch of lesions got the term's full
+    weight and training collapsed to empty predictions within two epochs on BUSI.
+    """
+    normal = (target.reshape(len(target), -1).sum(dim=1) == 0).float()
+    return (F.softplus(image_logits(logits, topk)) * normal).mean()  # softplus(z) = BCE(z, 0)
 
 
 class SegLoss(torch.nn.Module):
