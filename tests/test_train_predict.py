@@ -14,6 +14,7 @@ import torch
 from conftest import write_png
 from PIL import Image
 
+import busiseg.train as train_module
 from busiseg.augment import augment_batch
 from busiseg.data import save_cache
 from busiseg.errors import BusisegError
@@ -21,7 +22,7 @@ from busiseg.modelio import load_model, save_model
 from busiseg.models import build_model
 from busiseg.params import AugmentParams, parse_params
 from busiseg.predict import eval_settings, predict_paths
-from busiseg.train import lr_factor, train
+from busiseg.train import lr_factor, run_hash, train
 
 
 def tiny_data(tmp_path: Path, n: int = 24, size: int = 32) -> tuple[Path, Path]:
@@ -239,3 +240,21 @@ def test_predict_from_eval_applies_what_evaluate_applied(tmp_path: Path):
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert r.stderr.strip().startswith(f"error: {path}: {msg}")
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_belongs_to_its_training_code(tmp_path: Path, monkeypatch):
+    """Resuming after an edit to the loss must start over, not continue the old code's weights."""
+    import yaml
+
+    deps = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())
+    code = {d for d in deps["stages"]["train"]["deps"] if d.startswith("src/")}
+    assert {f"src/busiseg/{f.name}" for f in train_module.TRAINING_CODE} == code
+    data = tmp_path / "cache.npz"
+    data.write_bytes(b"cache")
+    loss = tmp_path / "losses.py"
+    loss.write_text("A = 1\n")
+    monkeypatch.setattr(train_module, "TRAINING_CODE", [loss])
+    before = run_hash(tiny_params(), [data])
+    assert run_hash(tiny_params(), [data]) == before
+    loss.write_text("A = 2\n")
+    assert run_hash(tiny_params(), [data]) != before

@@ -92,12 +92,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
+# the library code a training run depends on (the train stage's code deps in dvc.yaml)
+TRAINING_CODE = [Path(__file__).with_name(f"{m}.py")
+                 for m in ("train", "models", "losses", "augment", "modelio")]
+
+
 def run_hash(p: Params, files: list[Path]) -> str:
-    """What a checkpoint belongs to: every param that changes training, and the input files."""
+    """What a checkpoint belongs to: every param that changes training, the input files and the
+    training code: a run interrupted, then resumed after an edit to the loss, would otherwise
+    continue the old code's weights under the new code's name."""
     relevant = {k: asdict(getattr(p, k)) for k in ("model", "train", "augment")}
     relevant["train"].pop("progress")
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
-    for f in files:
+    for f in [*TRAINING_CODE, *files]:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
