@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -103,3 +104,45 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True,
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n"
                              f"{proc.stderr}")
     return proc
+
+
+TIMING_KEYS = {"seconds", "images_per_s"}
+STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "plot")
+
+
+def dvc(repo: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], repo, env, check=check)
+
+
+def load_metrics(repo: Path) -> dict:
+    return {f.name: json.loads(f.read_text()) for f in sorted((repo / "metrics").glob("*.json"))}
+
+
+def without_timing(metrics: dict) -> dict:
+    return {name: {k: v for k, v in m.items() if k not in TIMING_KEYS}
+            for name, m in metrics.items()}
+
+
+def set_params(repo: Path, **changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stale_stages(repo: Path, env: dict) -> set[str]:
+    """Stages that `dvc repro` would run now (a dry run executes nothing)."""
+    out = dvc(repo, env, "repro", "--dry").stdout
+    return {s for s in STAGES if f"Running stage '{s}'" in out}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, python_env):
+    """One tiny end-to-end run, committed, shared by one test module; the pipeline tests are split
+    over two modules so that `pytest -n` (one file per worker) runs them side by side."""
+    repo = copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)
+    first = dvc(repo, python_env, "repro")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    run(git + ["add", "-A"], repo, python_env)
+    run(git + ["commit", "-qm", "run"], repo, python_env)
+    return repo, first, load_metrics(repo)

@@ -2,59 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-import torch
-import yaml
-from conftest import TINY_PARAMS, copy_repo, run
-
-TIMING_KEYS = {"seconds", "images_per_s"}
-STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "plot")
-
-
-def dvc(repo: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], repo, env, check=check)
-
-
-def load_metrics(repo: Path) -> dict:
-    return {f.name: json.loads(f.read_text()) for f in sorted((repo / "metrics").glob("*.json"))}
-
-
-def without_timing(metrics: dict) -> dict:
-    return {name: {k: v for k, v in m.items() if k not in TIMING_KEYS}
-            for name, m in metrics.items()}
-
-
-def set_params(repo: Path, **changes: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def stale_stages(repo: Path, env: dict) -> set[str]:
-    """Stages that `dvc repro` would run now (a dry run executes nothing)."""
-    out = dvc(repo, env, "repro", "--dry").stdout
-    return {s for s in STAGES if f"Running stage '{s}'" in out}
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, python_env):
-    """One tiny end-to-end run, committed, shared by the tests below."""
-    repo = copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)
-    first = dvc(repo, python_env, "repro")
-    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
-    run(git + ["add", "-A"], repo, python_env)
-    run(git + ["commit", "-qm", "run"], repo, python_env)
-    return repo, first, load_metrics(repo)
+from conftest import (
+    STAGES,
+    TINY_PARAMS,
+    dvc,
+    load_metrics,
+    run,
+    set_params,
+    stale_stages,
+    without_timing,
+)
 
 
 def test_repro_writes_every_output(pipeline):
@@ -133,59 +95,8 @@ def test_a_size_sweep_is_never_served_another_size_from_the_run_cache(pipeline, 
         "run `dvc repro`"]
 
 
-def test_exp_run_reruns_only_model_stages(pipeline, python_env):
-    repo, _, _ = pipeline
-    out = dvc(repo, python_env, "exp", "run", "-S", "train.epochs=1").stdout
-    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"train", "evaluate", "plot"}
-    show = dvc(repo, python_env, "exp", "show", "--csv").stdout
-    assert "train.epochs" in show and "dice" in show
-    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
-    dvc(repo, python_env, "checkout", "-f")
-
-
 def test_two_clean_runs_give_identical_metrics(pipeline, python_env):
     repo, _, metrics = pipeline
     again = dvc(repo, python_env, "repro", "-f")
     assert "Running stage 'train'" in again.stdout  # really re-ran, not restored from a cache
     assert without_timing(load_metrics(repo)) == without_timing(metrics)
-
-
-def test_killed_training_resumes_to_the_same_result(pipeline, python_env):
-    repo, _, _ = pipeline
-    original = (repo / "params.yaml").read_text()
-    # enough epochs that Ctrl-C after epoch 1 surely lands inside the training loop (tiny epochs
-    # take milliseconds; with 3 the run could finish before the signal arrives)
-    epochs = 40
-    params = yaml.safe_load(original)
-    params["train"]["epochs"] = epochs
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        dvc(repo, python_env, "repro", "-s", "train")  # the uninterrupted reference
-        reference = without_timing(load_metrics(repo))["train.json"]
-        reference_digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
-        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "train"],
-                                cwd=repo, env=python_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                # a shell's background job inherits SIGINT as ignored: undo that
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if line.startswith(f"epoch   1/{epochs}"):
-                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-                break
-        proc.wait(timeout=120)
-        assert proc.returncode != 0, "".join(seen)
-        assert "resuming" not in "".join(seen)  # the finished run's checkpoint was not resumed
-        assert not (repo / "models" / "model.pt").exists()
-        # --no-run-cache: otherwise DVC restores the earlier identical run instead of training
-        resumed = dvc(repo, python_env, "repro", "--no-run-cache", "-s", "train").stdout
-        match = re.search(rf"resuming from epoch (\d+) of {epochs}", resumed)
-        assert match and 1 <= int(match.group(1)) < epochs, resumed
-        assert json.loads((repo / "metrics" / "train.json").read_text()) | {
-            k: None for k in TIMING_KEYS} == reference | {k: None for k in TIMING_KEYS}
-        assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] \
-            == reference_digest
-    finally:
-        (repo / "params.yaml").write_text(original)

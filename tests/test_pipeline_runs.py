@@ -1,0 +1,66 @@
+"""The pipeline under `dvc exp run` and an interrupted `dvc repro` (its own module, so that a
+second pytest worker runs it beside tests/test_pipeline.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import torch
+import yaml
+from conftest import STAGES, TIMING_KEYS, dvc, load_metrics, without_timing
+
+
+def test_exp_run_reruns_only_model_stages(pipeline, python_env):
+    repo, _, _ = pipeline
+    out = dvc(repo, python_env, "exp", "run", "-S", "train.epochs=1").stdout
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"train", "evaluate", "plot"}
+    show = dvc(repo, python_env, "exp", "show", "--csv").stdout
+    assert "train.epochs" in show and "dice" in show
+    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+    dvc(repo, python_env, "checkout", "-f")
+
+
+def test_killed_training_resumes_to_the_same_result(pipeline, python_env):
+    repo, _, _ = pipeline
+    original = (repo / "params.yaml").read_text()
+    # enough epochs that Ctrl-C after epoch 1 surely lands inside the training loop (tiny epochs
+    # take milliseconds; with 3 the run could finish before the signal arrives)
+    epochs = 40
+    params = yaml.safe_load(original)
+    params["train"]["epochs"] = epochs
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dvc(repo, python_env, "repro", "-s", "train")  # the uninterrupted reference
+        reference = without_timing(load_metrics(repo))["train.json"]
+        reference_digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
+        proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-f", "-s", "train"],
+                                cwd=repo, env=python_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                # a shell's background job inherits SIGINT as ignored: undo that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith(f"epoch   1/{epochs}"):
+                os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+                break
+        proc.wait(timeout=120)
+        assert proc.returncode != 0, "".join(seen)
+        assert "resuming" not in "".join(seen)  # the finished run's checkpoint was not resumed
+        assert not (repo / "models" / "model.pt").exists()
+        # --no-run-cache: otherwise DVC restores the earlier identical run instead of training
+        resumed = dvc(repo, python_env, "repro", "--no-run-cache", "-s", "train").stdout
+        match = re.search(rf"resuming from epoch (\d+) of {epochs}", resumed)
+        assert match and 1 <= int(match.group(1)) < epochs, resumed
+        assert json.loads((repo / "metrics" / "train.json").read_text()) | {
+            k: None for k in TIMING_KEYS} == reference | {k: None for k in TIMING_KEYS}
+        assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] \
+            == reference_digest
+    finally:
+        (repo / "params.yaml").write_text(original)
