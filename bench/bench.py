@@ -5,6 +5,7 @@
     uv run python bench/bench.py repro                           # no-op `dvc repro`
     uv run python bench/bench.py evaluate                        # evaluate stage, test split
     uv run python bench/bench.py memory --size 256               # peak RSS of the train stage
+    uv run python bench/bench.py loss --size 128                 # step time with the empty term
 
 Timings are medians of repeated runs after warm-up; the two training paths are interleaved round
 by round in one process so that both see the same machine state.
@@ -202,6 +203,72 @@ def bench_train(args) -> None:
     save(args.name or f"train_{args.arch}{args.base}_{args.size}_{device.type}", result)
 
 
+def bench_loss(args) -> None:
+    """What the empty term costs a training step: the busi-cpu-image-dice loss against the same
+    loss plus train.empty_weight, each on its own copy of one model, fed the same batches, in
+    rounds whose order alternates (so neither always runs second)."""
+    from busiseg.augment import augment_batch
+    from busiseg.data import load_cache
+    from busiseg.ingest import ingest
+    from busiseg.losses import SegLoss
+    from busiseg.models import build_model
+    from busiseg.params import AugmentParams
+    from busiseg.preprocess import preprocess
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    losses = {"image_dice": SegLoss(reduction="image"),
+              "image_dice_empty": SegLoss(reduction="image", empty_weight=args.empty_weight,
+                                          empty_topk=args.empty_topk)}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = dataset(args.raw_dir, Path(tmp))
+        manifest = ingest(raw).manifest
+        preprocess(manifest, raw, args.size, Path(tmp) / "cache.npz")
+        cache = load_cache(Path(tmp) / "cache.npz")
+    images, masks = cache.images, cache.masks
+    models, opts = {}, {}
+    for name in losses:
+        torch.manual_seed(0)
+        models[name] = build_model("unet", base=args.base).to(
+            memory_format=torch.channels_last).train()
+        opts[name] = torch.optim.AdamW(models[name].parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(0)
+    timings = {name: [] for name in losses}
+
+    def step(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        loss = losses[name](models[name](x), y)
+        opts[name].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[name].step()
+        return time.perf_counter() - t0
+
+    order = list(losses)
+    for r in range(args.warmup + args.rounds):
+        for name in order:
+            for _ in range(args.steps):
+                idx = torch.randint(0, len(images), (args.batch,), generator=gen)
+                x, y = augment_batch(images[idx].float() / 255, masks[idx].float(),
+                                     AugmentParams(), gen)
+                t = step(name, ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last),
+                         y)
+                if r >= args.warmup:
+                    timings[name].append(t)
+        order.reverse()
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    base, empty = med["image_dice"], med["image_dice_empty"]
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "step_s": {k: round(v, 4) for k, v in med.items()},
+        "empty_term_ms_per_step": round((empty - base) * 1000, 1),
+        "ratio": round(empty / base, 3),
+        "n_steps_each": len(timings["image_dice"]),
+    }
+    print(f"step, median of {result['n_steps_each']}: image Dice {base * 1000:.1f} ms, "
+          f"+ empty term {empty * 1000:.1f} ms ({result['ratio']}×)")
+    save(args.name or f"loss_empty_{args.size}", result)
+
+
 # ------------------------------------------------------------------------------------ stages
 
 
@@ -321,6 +388,17 @@ def main() -> None:
     m.add_argument("--base", type=int, default=16)
     m.add_argument("--batch", type=int, default=8)
     m.set_defaults(func=bench_memory)
+    lo = sub.add_parser("loss", parents=[common])
+    lo.add_argument("--size", type=int, default=128)
+    lo.add_argument("--base", type=int, default=16)
+    lo.add_argument("--batch", type=int, default=8)
+    lo.add_argument("--empty-weight", type=float, default=1.0)
+    lo.add_argument("--empty-topk", type=float, default=0.01)
+    lo.add_argument("--threads", type=int, default=0)
+    lo.add_argument("--steps", type=int, default=10, help="timed steps per loss per round")
+    lo.add_argument("--rounds", type=int, default=6)
+    lo.add_argument("--warmup", type=int, default=1)
+    lo.set_defaults(func=bench_loss)
     args = ap.parse_args()
     args.func(args)
 
