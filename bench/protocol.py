@@ -43,20 +43,27 @@ PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
 TRAINING_CODE = ("src", "stages", "dvc.yaml", "params.yaml", "uv.lock")
 
 
+def load_preset(name: str):
+    presets = load_presets(REPO / "presets.yaml", REPO / "params.yaml")
+    if name not in presets:
+        sys.exit(f"error: presets.yaml has no preset {name!r}; it has: {', '.join(presets)}")
+    return presets[name]
+
+
 def show(args) -> None:
-    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    preset = load_preset(args.preset)
     for seed in args.seeds:
         print("uv run " + shlex.join(exp_command(preset, seed, args.raw_dir)))
 
 
 def run(args) -> None:
-    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    preset = load_preset(args.preset)
     for seed in args.seeds:
         _run_one(preset, seed, args.raw_dir, None)
 
 
 def noise(args) -> None:
-    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    preset = load_preset(args.preset)
     _noise_path(preset.name, args.split_seed)  # a clash with an earlier split fails before training
     for t in args.train_seeds:
         _run_one(preset, args.split_seed, args.raw_dir, t)
@@ -84,7 +91,7 @@ def _noise_path(name: str, split_seed: int) -> Path:
 
 def record_existing(args) -> None:
     """Record the run now in the workspace (made with `show`'s command) without re-running it."""
-    preset = load_presets(REPO / "presets.yaml", REPO / "params.yaml")[args.preset]
+    preset = load_preset(args.preset)
     for seed in args.seeds:
         record(preset, seed, args.raw_dir, None)
 

@@ -191,3 +191,14 @@ def test_noise_summary_is_the_spread_over_training_seeds_on_one_split(monkeypatc
     assert module._noise_path("zoo-unet", 1) == tmp_path / "noise" / "zoo-unet.json"
     with pytest.raises(SystemExit, match="split seed 1"):
         module._noise_path("zoo-unet", 0)
+
+
+def test_protocol_names_the_presets_when_one_is_unknown(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    module = _bench_script("protocol")
+    assert module.load_preset("busi-cpu-empty").name == "busi-cpu-empty"
+    with pytest.raises(SystemExit) as exc:
+        module.load_preset("busi-cpu-emtpy")
+    message = str(exc.value)
+    assert "no preset 'busi-cpu-emtpy'" in message and "busi-cpu-empty" in message
+    assert "\n" not in message
