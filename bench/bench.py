@@ -232,7 +232,7 @@ def bench_loss(args) -> None:
         models[name] = build_model("unet", base=args.base).to(
             memory_format=torch.channels_last).train()
         opts[name] = torch.optim.AdamW(models[name].parameters(), 1e-3)
-    gen = torch.Generator().manual_seed(0)
+    gen, aug = torch.Generator().manual_seed(0), AugmentParams()
     timings = {name: [] for name in losses}
 
     def step(name: str, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -248,8 +248,7 @@ def bench_loss(args) -> None:
         for name in order:
             for _ in range(args.steps):
                 idx = torch.randint(0, len(images), (args.batch,), generator=gen)
-                x, y = augment_batch(images[idx].float() / 255, masks[idx].float(),
-                                     AugmentParams(), gen)
+                x, y = augment_batch(images[idx].float() / 255, masks[idx].float(), aug, gen)
                 t = step(name, ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last),
                          y)
                 if r >= args.warmup:

@@ -11,8 +11,8 @@ lesion costs a full point, as it does in the per-image Dice that evaluate report
 That leaves normal images to the pixel term, which is too weak to keep them empty: a confident
 blob over 1 % of a normal image costs the pixel mean almost nothing. The optional empty term
 (``empty_weight``) charges each normal image for its most confident pixels: BCE against "no
-lesion" of the mean of its top ``empty_topk`` share of pixel logits, averaged over the normal
-images of the batch. One-sided on purpose: the same term on lesion images (multiple-instance
+lesion" of the mean of its top ``empty_topk`` share of pixel logits, averaged over all images of
+the batch. One-sided on purpose: the same term on lesion images (multiple-instance
 style) rewards being confident *somewhere*, not on the lesion, and cost lesion Dice on BUSI.
 """
 
