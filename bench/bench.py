@@ -66,6 +66,18 @@ def dataset(raw_dir: str | None, tmp: Path) -> Path:
     return tmp / "Dataset_BUSI_with_GT"
 
 
+def prepare(raw_dir: str | None, size: int, tmp: Path):
+    """The raw folder, its manifest and its tensor cache at `size`, preprocessed into `tmp`."""
+    from busiseg.data import load_cache
+    from busiseg.ingest import ingest
+    from busiseg.preprocess import preprocess
+
+    raw = dataset(raw_dir, tmp)
+    manifest = ingest(raw).manifest
+    preprocess(manifest, raw, size, tmp / "cache.npz")
+    return raw, manifest, load_cache(tmp / "cache.npz")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -102,11 +114,9 @@ class ConventionalDataset(torch.utils.data.Dataset):
 
 def bench_train(args) -> None:
     from busiseg.augment import augment_batch, torchvision_transform
-    from busiseg.ingest import ingest
     from busiseg.losses import SegLoss
     from busiseg.models import build_model
     from busiseg.params import AugmentParams
-    from busiseg.preprocess import preprocess
     from busiseg.train import amp_dtype, pick_device
 
     if args.threads:
@@ -114,13 +124,7 @@ def bench_train(args) -> None:
     device = pick_device(args.device)
     aug = AugmentParams()
     with tempfile.TemporaryDirectory() as tmp:
-        raw = dataset(args.raw_dir, Path(tmp))
-        manifest = ingest(raw).manifest
-        cache_path = Path(tmp) / "cache.npz"
-        preprocess(manifest, raw, args.size, cache_path)
-        from busiseg.data import load_cache
-
-        cache = load_cache(cache_path)
+        raw, manifest, cache = prepare(args.raw_dir, args.size, Path(tmp))
         images, masks = cache.images.to(device), cache.masks.to(device)
         loss_fn = SegLoss()
 
@@ -208,12 +212,9 @@ def bench_loss(args) -> None:
     loss plus train.empty_weight, each on its own copy of one model, fed the same batches, in
     rounds whose order alternates (so neither always runs second)."""
     from busiseg.augment import augment_batch
-    from busiseg.data import load_cache
-    from busiseg.ingest import ingest
     from busiseg.losses import SegLoss
     from busiseg.models import build_model
     from busiseg.params import AugmentParams
-    from busiseg.preprocess import preprocess
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,10 +222,7 @@ def bench_loss(args) -> None:
               "image_dice_empty": SegLoss(reduction="image", empty_weight=args.empty_weight,
                                           empty_topk=args.empty_topk)}
     with tempfile.TemporaryDirectory() as tmp:
-        raw = dataset(args.raw_dir, Path(tmp))
-        manifest = ingest(raw).manifest
-        preprocess(manifest, raw, args.size, Path(tmp) / "cache.npz")
-        cache = load_cache(Path(tmp) / "cache.npz")
+        cache = prepare(args.raw_dir, args.size, Path(tmp))[2]
     images, masks = cache.images, cache.masks
     models, opts = {}, {}
     for name in losses:
