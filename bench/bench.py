@@ -6,6 +6,7 @@
     uv run python bench/bench.py evaluate                        # evaluate stage, test split
     uv run python bench/bench.py memory --size 256               # peak RSS of the train stage
     uv run python bench/bench.py loss --size 128                 # step time with the empty term
+    uv run python bench/bench.py predict --sizes 96 128          # PyTorch vs ONNX Runtime
 
 Timings are medians of repeated runs after warm-up; the two training paths are interleaved round
 by round in one process so that both see the same machine state.
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,25 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from busiseg.runtime import machine
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-
-
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-            "cores": os.cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def save(name: str, result: dict) -> None:
@@ -117,7 +101,7 @@ def bench_train(args) -> None:
     from busiseg.losses import SegLoss
     from busiseg.models import build_model
     from busiseg.params import AugmentParams
-    from busiseg.train import amp_dtype, pick_device
+    from busiseg.runtime import amp_dtype, pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -353,6 +337,50 @@ def bench_memory(args) -> None:
                                               "one_epoch_stage_s": round(seconds, 1)})
 
 
+def bench_predict(args) -> None:
+    """Images/s through inference.probabilities, the path predict takes, with the same weights
+    in PyTorch and in ONNX Runtime; the two alternate round by round in one process."""
+    from busiseg.inference import MaskSettings, probabilities
+    from busiseg.modelio import weights_digest
+    from busiseg.models import build_model
+    from busiseg.onnx_model import export_onnx, load_onnx
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            torch.manual_seed(0)
+            model = build_model(args.arch, base=args.base, depth=args.depth).eval()
+            blob = {"preprocess": {"size": size, "input_mean": 0.5, "input_std": 0.25},
+                    "model": model.config, "digest": weights_digest(model.state_dict())}
+            path = Path(tmp) / f"m{size}.onnx"
+            export_onnx(model, blob, MaskSettings(), path)
+            onnx_forward, _ = load_onnx(path, threads=args.threads)
+            images = torch.randint(0, 256, (args.images, 1, size, size), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(0))
+            paths = {"pytorch": model, "onnxruntime": onnx_forward}
+            times: dict[str, list[float]] = {k: [] for k in paths}
+            for r in range(args.rounds + 1):  # round 0 warms up
+                for name in (list(paths) if r % 2 else list(paths)[::-1]):
+                    t = time.perf_counter()
+                    probabilities(paths[name], images, 0.5, 0.25, cpu, args.batch)
+                    if r:
+                        times[name].append(time.perf_counter() - t)
+            row = {"size": size, "batch": args.batch, "images": args.images}
+            for name, ts in times.items():
+                row[f"{name}_images_per_s"] = round(args.images / statistics.median(ts), 1)
+                row[f"{name}_runs_s"] = [round(t, 3) for t in ts]
+            row["onnx_speedup"] = round(row["onnxruntime_images_per_s"]
+                                        / row["pytorch_images_per_s"], 2)
+            rows.append(row)
+            print(f"{size}px: PyTorch {row['pytorch_images_per_s']} images/s, ONNX Runtime "
+                  f"{row['onnxruntime_images_per_s']} images/s", flush=True)
+    save(args.name or "predict", {"arch": args.arch, "base": args.base, "depth": args.depth,
+                                  "rounds": args.rounds, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -396,6 +424,16 @@ def main() -> None:
     lo.add_argument("--rounds", type=int, default=6)
     lo.add_argument("--warmup", type=int, default=1)
     lo.set_defaults(func=bench_loss)
+    pr = sub.add_parser("predict", parents=[common])
+    pr.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
+    pr.add_argument("--arch", default="unet")
+    pr.add_argument("--base", type=int, default=16)
+    pr.add_argument("--depth", type=int, default=4)
+    pr.add_argument("--batch", type=int, default=1, help="1: predict's one image at a time")
+    pr.add_argument("--images", type=int, default=32)
+    pr.add_argument("--rounds", type=int, default=5)
+    pr.add_argument("--threads", type=int, default=0)
+    pr.set_defaults(func=bench_predict)
     args = ap.parse_args()
     args.func(args)
 

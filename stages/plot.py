@@ -7,7 +7,7 @@ import torch
 
 from busiseg.data import load_cache
 from busiseg.params import load_params
-from busiseg.plots import pick_montage, pick_worst, plot_cases, plot_curves
+from busiseg.plots import pick_montage, pick_worst, plot_cases, plot_curves, read_live_curves
 from busiseg.stage import run
 
 OUT = Path("plots/figures")
@@ -16,7 +16,7 @@ OUT = Path("plots/figures")
 def main() -> None:
     params = load_params().plot
     OUT.mkdir(parents=True, exist_ok=True)
-    plot_curves(pd.read_csv("plots/train/curves.csv"), OUT / "curves.png")
+    plot_curves(read_live_curves("dvclive/train"), OUT / "curves.png")
     per_image = pd.read_csv("plots/evaluate/per_image.csv", dtype={"case_id": str})
     cache = load_cache("data/cache.npz")
     saved = torch.load("data/predictions.pt", weights_only=True)

@@ -10,17 +10,17 @@ from busiseg.train import train
 
 MODEL = Path("models/model.pt")
 CHECKPOINT = Path("models/checkpoint.pt")  # persisted by DVC: a killed run resumes from it
-CURVES = Path("plots/train/curves.csv")
+LIVE = Path("dvclive/train")  # per-epoch metrics and plots (DVCLive)
 METRICS = Path("metrics/train.json")
 
 
 def main() -> None:
     params = load_params()
-    remove_outputs(MODEL, CURVES, METRICS)  # not the checkpoint: a killed run resumes from it
-    for p in (MODEL, CURVES, METRICS):
+    remove_outputs(MODEL, METRICS)  # not the checkpoint: a killed run resumes from it
+    for p in (MODEL, METRICS):
         p.parent.mkdir(parents=True, exist_ok=True)
     metrics = train(params, Path("data/cache.npz"), Path("data/split.csv"), MODEL, CHECKPOINT,
-                    CURVES)
+                    LIVE)
     write_json(METRICS, metrics)
     print(f"train: best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}, "
           f"{metrics['images_per_s']} images/s on {metrics['device']} "

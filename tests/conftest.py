@@ -81,7 +81,7 @@ def copy_repo(dest: Path, params: dict | None = None) -> Path:
                            capture_output=True, text=True, check=True).stdout.split("\n")
     for f in filter(None, files):
         src = REPO / f
-        if not src.is_file() or f.startswith(("metrics/", "plots/")) or f == "dvc.lock":
+        if not src.is_file() or f.startswith(("metrics/", "plots/", "dvclive/")) or f == "dvc.lock":
             continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / f)

@@ -93,18 +93,6 @@ def test_deep_supervision_list_weights_the_final_head():
     assert mixed == pytest.approx((2 * loss(good, target).item() + loss(bad, target).item()) / 3)
 
 
-def test_postprocess_largest_component_and_holes():
-    from busiseg.evaluate import postprocess
-
-    m = masks("###...#",
-              "#.#....",
-              "###....")
-    assert postprocess(m, largest_cc=True, fill_holes=False).sum() == 8  # the lone pixel goes
-    filled = postprocess(m, largest_cc=True, fill_holes=True)
-    assert filled.sum() == 9 and filled[1, 1]
-    assert not postprocess(np.zeros((3, 3), bool), True, True).any()
-
-
 @pytest.mark.parametrize("kind", ["bce_dice", "tversky"])
 def test_image_reduction_charges_a_missed_small_lesion_in_full(kind):
     """Batch pooling lets a big lesion hide a missed small one; per-image reduction does not."""

@@ -14,15 +14,18 @@ import torch
 from conftest import write_png
 from PIL import Image
 
-import busiseg.train as train_module
+import busiseg.checkpoint as checkpoint_module
 from busiseg.augment import augment_batch
+from busiseg.checkpoint import run_hash
 from busiseg.data import save_cache
 from busiseg.errors import BusisegError
+from busiseg.inference import MaskSettings
 from busiseg.modelio import load_model, save_model
 from busiseg.models import build_model
 from busiseg.params import AugmentParams, parse_params
-from busiseg.predict import eval_settings, predict_paths
-from busiseg.train import lr_factor, run_hash, train
+from busiseg.plots import read_live_curves
+from busiseg.predict import predict_paths
+from busiseg.train import lr_factor, train
 
 
 def tiny_data(tmp_path: Path, n: int = 24, size: int = 32) -> tuple[Path, Path]:
@@ -59,8 +62,8 @@ def run_train(tmp_path: Path, p, tag: str = "a") -> dict:
     cache, split = tiny_data(tmp_path)
     out = tmp_path / tag
     out.mkdir(exist_ok=True)
-    metrics = train(p, cache, split, out / "model.pt", out / "ckpt.pt", out / "curves.csv")
-    metrics["curves"] = pd.read_csv(out / "curves.csv")
+    metrics = train(p, cache, split, out / "model.pt", out / "ckpt.pt", out / "live")
+    metrics["curves"] = read_live_curves(out / "live")
     return metrics
 
 
@@ -199,7 +202,7 @@ def test_predict_cli_exit_codes(tmp_path: Path):
     model = saved_model(tmp_path)
     good = write_png(tmp_path / "a.png", np.full((40, 50), 90, np.uint8))
     out = tmp_path / "o"
-    cli = [sys.executable, "-m", "busiseg.cli", "predict", "--out", str(out)]
+    cli = [sys.executable, "-m", "busiseg.cli", "predict", "--threshold", "0.5", "--out", str(out)]
     bad = subprocess.run(cli + ["--model", str(model), str(good), str(tmp_path / "missing.png")],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
@@ -226,8 +229,7 @@ def test_predict_from_eval_applies_what_evaluate_applied(tmp_path: Path):
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     mask = np.asarray(Image.open(tmp_path / "a" / "a_mask.png"))
     assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "b" / "a_mask.png")))
-    assert eval_settings(ev) == {"threshold": 0.3, "tta": True, "largest_cc": True,
-                                 "fill_holes": False}
+    assert MaskSettings.from_eval(ev) == MaskSettings(0.3, tta=True, largest_cc=True)
 
     both = subprocess.run(cli + ["--out", str(tmp_path / "c"), "--from-eval", str(ev), "--tta"],
                           capture_output=True, text=True)
@@ -248,12 +250,12 @@ def test_a_checkpoint_belongs_to_its_training_code(tmp_path: Path, monkeypatch):
 
     deps = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())
     code = {d for d in deps["stages"]["train"]["deps"] if d.startswith("src/")}
-    assert {f"src/busiseg/{f.name}" for f in train_module.TRAINING_CODE} == code
+    assert {f"src/busiseg/{f.name}" for f in checkpoint_module.TRAINING_CODE} == code
     data = tmp_path / "cache.npz"
     data.write_bytes(b"cache")
     loss = tmp_path / "losses.py"
     loss.write_text("A = 1\n")
-    monkeypatch.setattr(train_module, "TRAINING_CODE", [loss])
+    monkeypatch.setattr(checkpoint_module, "TRAINING_CODE", [loss])
     before = run_hash(tiny_params(), [data])
     assert run_hash(tiny_params(), [data]) == before
     loss.write_text("A = 2\n")

@@ -1,4 +1,8 @@
-"""`busiseg` command line: `busiseg predict --model models/model.pt IMAGE_OR_DIR... --out DIR`."""
+"""`busiseg` command line.
+
+    busiseg predict --model models/model.pt IMAGE_OR_DIR... --out DIR
+    busiseg export --model models/model.pt --format onnx --out model.onnx
+"""
 
 from __future__ import annotations
 
@@ -8,44 +12,84 @@ from pathlib import Path
 
 from busiseg.errors import BusisegError
 
+EVAL_JSON = Path("metrics/eval.json")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="busiseg", description=__doc__)
+    parser = argparse.ArgumentParser(prog="busiseg", description="Breast-ultrasound lesion "
+                                     "segmentation: predict with or export a trained model.")
     sub = parser.add_subparsers(dest="command", required=True)
-    pr = sub.add_parser("predict", help="segment images with a trained model")
+    pr = sub.add_parser("predict", help="segment images with a trained model (.pt or .onnx)")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--model", default="models/model.pt", type=Path)
     pr.add_argument("--out", required=True, type=Path, help="folder for masks and overlays")
+    pr.add_argument("--from-eval", type=Path, metavar="EVAL_JSON",
+                    help="take the threshold and pieces the evaluate stage applied to test from "
+                         f"this file (default for a .pt model: {EVAL_JSON}; an .onnx model "
+                         "carries its own)")
     pr.add_argument("--threshold", type=float, default=None,
-                    help="probability threshold (default: the one stored in the model file)")
-    pr.add_argument("--device", default="cpu", help="cpu, cuda or mps")
+                    help="probability threshold (with the three options below: instead of an "
+                         "evaluate file; default 0.5)")
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
-    pr.add_argument("--from-eval", type=Path, metavar="EVAL_JSON",
-                    help="use the threshold and pieces the evaluate stage applied to test "
-                         "(metrics/eval.json of the same run); replaces the four options above")
-    args = parser.parse_args(argv)
-    if args.from_eval and (args.threshold is not None or args.tta or args.largest_cc
-                           or args.fill_holes):
-        parser.error("--from-eval sets the threshold, --tta, --largest-cc and --fill-holes; "
-                     "give either it or them")
-    try:
-        from busiseg.predict import eval_settings, predict_paths
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or mps (.pt models)")
 
-        settings = (eval_settings(args.from_eval) if args.from_eval else
-                    {"threshold": args.threshold, "tta": args.tta, "largest_cc": args.largest_cc,
-                     "fill_holes": args.fill_holes})
-        written, failures = predict_paths(args.model, args.inputs, args.out,
-                                          device=args.device, **settings)
+    ex = sub.add_parser("export", help="write a trained model as a self-contained ONNX file")
+    ex.add_argument("--model", default="models/model.pt", type=Path)
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    ex.add_argument("--from-eval", type=Path, default=EVAL_JSON, metavar="EVAL_JSON",
+                    help="the evaluate stage's choice of threshold and post-processing to embed "
+                         f"(default {EVAL_JSON})")
+    args = parser.parse_args(argv)
+    try:
+        return predict(args, parser) if args.command == "predict" else export(args)
     except BusisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def predict(args, parser) -> int:
+    from busiseg.inference import MaskSettings
+    from busiseg.predict import predict_paths
+
+    flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
+    if args.from_eval and flags:
+        parser.error("--from-eval sets the threshold, --tta, --largest-cc and --fill-holes; "
+                     "give either it or them")
+    if flags:
+        settings = MaskSettings(0.5 if args.threshold is None else args.threshold, args.tta,
+                                args.largest_cc, args.fill_holes).checked("--threshold")
+        source = "options"
+    elif args.from_eval or args.model.suffix.lower() != ".onnx":
+        path = args.from_eval or EVAL_JSON
+        settings, source = MaskSettings.from_eval(path), str(path)
+    else:
+        settings, source = None, f"{args.model} metadata"
+    written, failures = predict_paths(args.model, args.inputs, args.out, settings,
+                                      device=args.device)
     for f in failures:
         print(f"skipped: {f.path}: {f.reason}", file=sys.stderr)
-    print(f"predict: wrote {len(written)} mask(s) and overlay(s) to {args.out}"
-          + (f"; {len(failures)} input(s) failed" if failures else ""))
+    print(f"predict: wrote {len(written)} mask(s) and overlay(s) to {args.out} (settings from "
+          f"{source})" + (f"; {len(failures)} input(s) failed" if failures else ""))
     return 1 if failures else 0
+
+
+def export(args) -> int:
+    from busiseg.inference import MaskSettings
+    from busiseg.modelio import load_model
+    from busiseg.onnx_model import export_onnx
+
+    if args.out.suffix.lower() != ".onnx":
+        raise BusisegError(f"--out {args.out}: name the file *.onnx")
+    settings = MaskSettings.from_eval(args.from_eval)
+    model, blob = load_model(args.model)
+    meta = export_onnx(model, blob, settings, args.out)
+    print(f"export: wrote {args.out} (opset {meta['opset']}, input {meta['size']}x{meta['size']}"
+          f", threshold {meta['threshold']}, tta {meta['tta']}, largest_cc {meta['largest_cc']}"
+          f", fill_holes {meta['fill_holes']})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -154,6 +154,13 @@ def read_manifest(path: str | Path):
     return pd.read_csv(path, dtype={"case_id": str, "class": str}, keep_default_na=False)
 
 
+def resize_image(gray: np.ndarray, size: int) -> np.ndarray:
+    """The one resize rule for images fed to a model (training cache and new images alike):
+    antialiased bilinear to size×size, uint8."""
+    img = Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.array(img, dtype=np.uint8)
+
+
 def mask_list(row) -> list[str]:
     return [m for m in str(row["masks"]).split(MASK_SEP) if m]
 
@@ -165,7 +172,6 @@ class Cache:
     images: object  # torch.uint8 N×1×S×S
     masks: object  # torch.uint8 N×1×S×S, values 0/1
     case_ids: list[str]
-    classes: list[str]
 
     @property
     def size(self) -> int:
@@ -211,14 +217,14 @@ def load_cache(path: str | Path, size: int | None = None) -> Cache:
             if str(data["format"]) != CACHE_FORMAT:
                 raise ValueError("unknown format")
             images, masks = data["images"], data["masks"]
-            case_ids, classes = data["case_ids"].tolist(), data["classes"].tolist()
+            case_ids = data["case_ids"].tolist()
     except Exception as exc:  # noqa: BLE001 - any failure to read it means a bad file
         raise BusisegError(f"{path}: not a busiseg tensor cache ({_reason(exc)}); "
                            "delete it and re-run the preprocess stage") from None
     if size is not None and images.shape[-1] != size:
         raise BusisegError(f"{path}: holds {images.shape[-1]}x{images.shape[-1]} images but "
                            f"preprocess.size is {size}; re-run it: dvc repro -f preprocess")
-    return Cache(torch.from_numpy(images), torch.from_numpy(masks), case_ids, classes)
+    return Cache(torch.from_numpy(images), torch.from_numpy(masks), case_ids)
 
 
 def process_map(fn: Callable, items: Iterable, workers: int = 0, min_items: int = 64,

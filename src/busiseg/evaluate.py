@@ -16,37 +16,20 @@ from itertools import product
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
 
 from busiseg.data import Cache, load_cache
+from busiseg.inference import binarize, probabilities
 from busiseg.metrics import confusion, dice_iou, lesion_dice_iou, rounded, summarize
 from busiseg.modelio import load_model
 from busiseg.params import Params
-from busiseg.train import pick_device, predict_probs
+from busiseg.runtime import amp_dtype, pick_device
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
 
 
-def postprocess(mask: np.ndarray, largest_cc: bool, fill_holes: bool) -> np.ndarray:
-    """Per image (H×W bool): optional largest connected component, then hole filling."""
-    if largest_cc and mask.any():
-        labels, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(labels.ravel())[1:]
-            mask = labels == (1 + int(np.argmax(sizes)))
-    if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
-    return mask
-
-
-def binarize(probs: np.ndarray, threshold: float, p: Params) -> np.ndarray:
-    """N×H×W probabilities → N×H×W bool masks, post-processed."""
-    pred = probs >= threshold
-    if p.evaluate.largest_cc or p.evaluate.fill_holes:
-        pred = np.stack([postprocess(m, p.evaluate.largest_cc, p.evaluate.fill_holes)
-                         for m in pred]) if len(pred) else pred
-    return pred
+def binarize_as(probs: np.ndarray, threshold: float, p: Params) -> np.ndarray:
+    return binarize(probs, threshold, p.evaluate.largest_cc, p.evaluate.fill_holes)
 
 
 def lesion_dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -56,7 +39,7 @@ def lesion_dice(pred: np.ndarray, target: np.ndarray) -> float:
 def threshold_sweep(va_prob: np.ndarray, va_true: np.ndarray, p: Params) -> pd.DataFrame:
     """Val lesion Dice at every candidate threshold, post-processing as configured in p."""
     return pd.DataFrame({"threshold": THRESHOLDS,
-                         "val_dice": [round(lesion_dice(binarize(va_prob, t, p), va_true), 6)
+                         "val_dice": [round(lesion_dice(binarize_as(va_prob, t, p), va_true), 6)
                                       for t in THRESHOLDS]})
 
 
@@ -74,7 +57,8 @@ def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd
 
 @dataclass
 class Splits:
-    """The trained model and the val/test subsets, loaded once for evaluate and ablate."""
+    """The trained model and the val/test subsets, loaded once for evaluate and the research
+    tools that probe the same model."""
 
     probs: Callable[[list[int], bool], np.ndarray]
     va_idx: list[int]
@@ -85,7 +69,8 @@ class Splits:
 
 
 def load_splits(p: Params, model_path, cache_path, split_path) -> Splits:
-    device = pick_device(p.train.device)
+    device = pick_device(p.evaluate.device, "evaluate.device")
+    dtype = amp_dtype(p.evaluate.amp, device)
     model, blob = load_model(model_path, device)
     cache = load_cache(cache_path)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
@@ -94,8 +79,9 @@ def load_splits(p: Params, model_path, cache_path, split_path) -> Splits:
     pre = blob["preprocess"]
 
     def probs(idx: list[int], tta: bool) -> np.ndarray:
-        return predict_probs(model, cache.images[torch.tensor(idx)], pre["input_mean"],
-                             pre["input_std"], device, p.evaluate.batch_size, tta=tta)[:, 0].numpy()
+        return probabilities(model, cache.images[torch.tensor(idx)], pre["input_mean"],
+                             pre["input_std"], device, p.evaluate.batch_size, dtype,
+                             tta=tta)[:, 0].numpy()
 
     def truth(idx: list[int]) -> np.ndarray:
         return cache.masks[torch.tensor(idx)][:, 0].numpy() > 0
@@ -123,7 +109,7 @@ def _on_val(d: Splits, q: Params, va_prob: np.ndarray,
         sweeps[key] = threshold_sweep(va_prob, d.va_true, q)
     sweep = sweeps[key]
     threshold = pick_threshold(sweep, q)
-    return sweep, threshold, round(lesion_dice(binarize(va_prob, threshold, q), d.va_true), 6)
+    return sweep, threshold, round(lesion_dice(binarize_as(va_prob, threshold, q), d.va_true), 6)
 
 
 def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
@@ -136,7 +122,7 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     q, sweep, threshold, val_dice = max(scored, key=lambda s: s[3])
 
     te_prob = d.probs(d.te_idx, q.evaluate.tta)
-    te_pred = binarize(te_prob, threshold, q)
+    te_pred = binarize_as(te_prob, threshold, q)
     te_true, te_rows = d.te_true, d.te_rows
     classes = te_rows["class"].tolist()
     metrics, counts = summarize(te_pred, te_true, classes)
@@ -159,24 +145,3 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     }
     return {"metrics": metrics, "per_image": per_image, "threshold_sweep": sweep,
             "test_pred": te_pred, "test_idx": d.te_idx}
-
-
-def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
-    """Every combination of the evaluate-time pieces (TTA, largest component, hole filling, tuned
-    threshold) on one trained model: what each is worth, with the model held fixed."""
-    d = load_splits(p, model_path, cache_path, split_path)
-    classes = d.te_rows["class"].tolist()
-    rows, sweeps = [], {}
-    for tta in (False, True):
-        va_prob, te_prob = d.probs(d.va_idx, tta), d.probs(d.te_idx, tta)
-        for lcc, fill, tune in product((False, True), repeat=3):
-            q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
-                                            tune_threshold=tune))
-            _, threshold, val_dice = _on_val(d, q, va_prob, sweeps)
-            metrics, _ = summarize(binarize(te_prob, threshold, q), d.te_true, classes)
-            rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
-                         "tune_threshold": tune, "threshold": float(threshold),
-                         "val_dice": val_dice,
-                         **{k: metrics[k] for k in ("dice", "iou", "dice_pooled",
-                                                     "normal_empty_rate")}})
-    return pd.DataFrame(rows)

@@ -8,7 +8,6 @@ model, or whose weights were edited, is refused with a clear message.
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 
 from busiseg.data import atomic_torch_save
 from busiseg.errors import BusisegError
-from busiseg.models import ARCHS, build_model
+from busiseg.models import arch_settings, build_model
 from busiseg.params import ModelParams, Params
 
 FORMAT = "busiseg-model"
@@ -25,9 +24,7 @@ VERSION = 1
 
 def model_kwargs(m: ModelParams) -> dict:
     """The model section minus what this arch does not take (e.g. `compact` has no depth)."""
-    if m.arch not in ARCHS:
-        build_model(m.arch)  # raises the one-line "unknown arch" error
-    accepted = inspect.signature(ARCHS[m.arch]).parameters
+    accepted = arch_settings(m.arch)  # an unknown arch fails here with a one-line error
     fields = {k: v for k, v in asdict(m).items() if k in accepted}
     return {"arch": m.arch, **fields}
 
@@ -42,8 +39,9 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
-               threshold: float | None = None) -> None:
+def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int) -> None:
+    """Weights plus what inference needs to feed them (size, normalisation). The threshold and
+    post-processing are evaluate's choice and live in its metrics/eval.json, not here."""
     atomic_torch_save({
         "format": FORMAT,
         "version": VERSION,
@@ -52,13 +50,8 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
         "digest": weights_digest(state),
         "preprocess": {"size": size, "input_mean": p.model.input_mean,
                        "input_std": p.model.input_std},
-        "threshold": p.evaluate.threshold if threshold is None else threshold,
-        "params": {k: asdict(v) for k, v in asdict_shallow(p).items()},
+        "params": {k: asdict(getattr(p, k)) for k in ("preprocess", "model", "train", "augment")},
     }, Path(path))
-
-
-def asdict_shallow(p: Params) -> dict:
-    return {k: getattr(p, k) for k in ("preprocess", "model", "train", "augment", "evaluate")}
 
 
 def load_model(path: str | Path,

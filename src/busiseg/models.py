@@ -1,7 +1,7 @@
 """Segmentation networks, built from small blocks and chosen by name from ``params.yaml``.
 
-Every arch is registered under the name that ``model.arch`` uses, so the pipeline never imports a
-class directly and a new arch needs no change outside this file. All models map
+Every arch is a row of the ``ARCHS`` table under the name that ``model.arch`` uses, so the pipeline
+never imports a class directly and a new arch needs no change outside this file. All models map
 ``(B, in_channels, H, W)`` to logits ``(B, out_channels, H, W)``; the loss applies the sigmoid.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from busiseg.errors import BusisegError
 
 __all__ = [
     "ARCHS",
+    "Arch",
     "AttentionGate",
     "CompactNet",
     "ConvNormAct",
@@ -28,18 +30,16 @@ __all__ = [
     "UNet",
     "UNetPlusPlus",
     "Up",
+    "arch_settings",
     "build_model",
     "check_input_size",
     "list_archs",
-    "register",
 ]
 
-ARCHS: dict[str, Callable[..., nn.Module]] = {}
 NORMS = ("batch", "instance", "group", "none")
 UPS = ("transpose", "bilinear")
 MAX_DEPTH = 6
 
-_Factory = TypeVar("_Factory", bound=Callable[..., nn.Module])
 BlockFn = Callable[[int, int, float], nn.Module]  # (in_ch, out_ch, dropout) -> block
 
 
@@ -417,110 +417,46 @@ class CompactNet(SegModel):
 # --------------------------------------------------------------------------------------------
 
 
-def register(name: str) -> Callable[[_Factory], _Factory]:
-    """Adds a model factory under ``name`` (the ``model.arch`` value); its keyword parameters
-    are the only kwargs ``build_model`` will accept for it."""
+@dataclass(frozen=True)
+class Arch:
+    """One row of the table: the assembly, the settings that make this arch what it is (not
+    settable from params.yaml), and a line for the README."""
 
-    def add(factory: _Factory) -> _Factory:
-        if name in ARCHS:
-            raise ValueError(f"arch {name!r} is already registered")
-        ARCHS[name] = factory
-        return factory
-
-    return add
+    model: type[SegModel]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    about: str = ""
 
 
-@register("unet")
-def unet(
-    in_channels: int = 1,
-    out_channels: int = 1,
-    *,
-    base: int = 16,
-    depth: int = 4,
-    norm: str = "batch",
-    dropout: float = 0.0,
-    up: str = "transpose",
-) -> UNet:
-    """Classic U-Net, the reference every other arch is compared with."""
-    return UNet(
-        in_channels, out_channels, base=base, depth=depth, norm=norm, dropout=dropout, up=up
-    )
-
-
-@register("attention_unet")
-def attention_unet(
-    in_channels: int = 1,
-    out_channels: int = 1,
-    *,
-    base: int = 16,
-    depth: int = 4,
-    norm: str = "batch",
-    dropout: float = 0.0,
-    up: str = "transpose",
-) -> UNet:
-    """U-Net with attention-gated skips (Oktay et al. 2018)."""
-    return UNet(
-        in_channels, out_channels, base=base, depth=depth, norm=norm, dropout=dropout, up=up,
-        attention=True,
-    )  # fmt: skip
-
-
-@register("res_unet")
-def res_unet(
-    in_channels: int = 1,
-    out_channels: int = 1,
-    *,
-    base: int = 16,
-    depth: int = 4,
-    norm: str = "batch",
-    dropout: float = 0.0,
-    up: str = "transpose",
-) -> UNet:
-    """U-Net with residual blocks at every level."""
-    return UNet(
-        in_channels, out_channels, base=base, depth=depth, norm=norm, dropout=dropout, up=up,
-        block="residual",
-    )  # fmt: skip
-
-
-@register("unet_plus_plus")
-def unet_plus_plus(
-    in_channels: int = 1,
-    out_channels: int = 1,
-    *,
-    base: int = 16,
-    depth: int = 4,
-    norm: str = "batch",
-    dropout: float = 0.0,
-    up: str = "transpose",
-    deep_supervision: bool = False,
-) -> UNetPlusPlus:
-    """UNet++ with optional deep supervision (a list of logits in training mode)."""
-    return UNetPlusPlus(
-        in_channels, out_channels, base=base, depth=depth, norm=norm, dropout=dropout, up=up,
-        deep_supervision=deep_supervision,
-    )  # fmt: skip
-
-
-@register("compact")
-def compact(
-    in_channels: int = 1, out_channels: int = 1, *, base: int = 64, dropout: float = 0.2
-) -> CompactNet:
-    """Skip-less baseline."""
-    return CompactNet(in_channels, out_channels, base=base, dropout=dropout)
+ARCHS: dict[str, Arch] = {
+    "unet": Arch(UNet, {"block": "double", "attention": False},
+                 "classic U-Net, the reference every other arch is compared with"),
+    "attention_unet": Arch(UNet, {"block": "double", "attention": True},
+                           "U-Net with attention-gated skips (Oktay et al. 2018)"),
+    "res_unet": Arch(UNet, {"block": "residual", "attention": False},
+                     "U-Net with residual blocks at every level"),
+    "unet_plus_plus": Arch(UNetPlusPlus, {},
+                           "UNet++ with optional deep supervision (Zhou et al. 2018)"),
+    "compact": Arch(CompactNet, {}, "skip-less encoder-decoder baseline"),
+}
 
 
 def list_archs() -> list[str]:
     return sorted(ARCHS)
 
 
+def arch_settings(arch: str) -> dict[str, inspect.Parameter]:
+    """The keyword settings params.yaml may give this arch (`model.*`), with their defaults."""
+    if not isinstance(arch, str) or arch not in ARCHS:
+        _check_choice("arch", arch, list_archs())
+    row = ARCHS[arch]
+    params = inspect.signature(row.model).parameters
+    return {k: v for k, v in params.items() if k not in row.fixed}
+
+
 def build_model(arch: str, in_channels: int = 1, out_channels: int = 1, **kw: Any) -> nn.Module:
     """The one way the pipeline makes a model, so params.yaml mistakes fail early with a message
     naming the key, and ``model.config`` always round-trips through ``build_model(**config)``."""
-    if not isinstance(arch, str) or arch not in ARCHS:
-        _check_choice("arch", arch, list_archs())
-    factory = ARCHS[arch]
-    params = inspect.signature(factory).parameters
+    params = arch_settings(arch)
     allowed = [p for p in params if p not in ("in_channels", "out_channels")]
     unknown = sorted(k for k in kw if k not in allowed)
     if unknown:
@@ -529,7 +465,8 @@ def build_model(arch: str, in_channels: int = 1, out_channels: int = 1, **kw: An
         raise BusisegError(
             f"{names} {verb} of model.arch {arch!r}; choose from: {', '.join(allowed)}"
         )
-    model = factory(in_channels=in_channels, out_channels=out_channels, **kw)
+    row = ARCHS[arch]
+    model = row.model(in_channels=in_channels, out_channels=out_channels, **row.fixed, **kw)
     given = {"in_channels": in_channels, "out_channels": out_channels, **kw}
     config: dict[str, Any] = {"arch": arch}
     for name, p in params.items():
@@ -538,8 +475,6 @@ def build_model(arch: str, in_channels: int = 1, out_channels: int = 1, **kw: An
             value = float(value)  # YAML's "dropout: 0" should still read back as a float
         config[name] = value
     model.config = config
-    if not hasattr(model, "deep_supervision"):
-        model.deep_supervision = False
     return model
 
 

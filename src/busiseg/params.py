@@ -134,10 +134,12 @@ class TrainParams:
     threads: int = 0  # torch intra-op threads; 0 = all cores
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU is always repeatable
     progress: Literal["auto", "on", "off"] = "auto"
+    val_batch_size: int = 16  # images per forward pass when validating each epoch
 
     def check(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be ≥ 1")
         _require(self.batch_size >= 1, "train.batch_size", "must be ≥ 1")
+        _require(self.val_batch_size >= 1, "train.val_batch_size", "must be ≥ 1")
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
         _require(self.warmup_epochs >= 0, "train.warmup_epochs",
@@ -191,6 +193,8 @@ class EvaluateParams:
     fill_holes: bool = False
     select_on_val: bool = False  # keep only the enabled pieces that help val Dice
     batch_size: int = 16
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on a GPU, off on CPU
 
     def check(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
@@ -304,6 +308,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return parse_params(raw)
 
-
-def as_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)

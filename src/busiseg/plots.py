@@ -14,6 +14,16 @@ import pandas as pd  # noqa: E402
 GT_COLOUR, PRED_COLOUR = "#2ecc71", "#e74c3c"
 
 
+CURVES = ("train_loss", "val_loss", "val_dice", "val_iou", "lr")
+
+
+def read_live_curves(live_dir: str | Path) -> pd.DataFrame:
+    """One row per epoch from DVCLive's per-metric files (plots/metrics/NAME.tsv)."""
+    frames = [pd.read_csv(Path(live_dir) / "plots" / "metrics" / f"{name}.tsv", sep="\t")
+              .set_index("step")[[name]] for name in CURVES]
+    return pd.concat(frames, axis=1).rename_axis("epoch").reset_index()
+
+
 def plot_curves(curves: pd.DataFrame, out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
     axes[0].plot(curves["epoch"], curves["train_loss"], label="train")

@@ -1,8 +1,8 @@
-"""Segment new images with a trained model file: a mask PNG at the original size, and an overlay."""
+"""Segment new images with a trained model (PyTorch or ONNX): a mask PNG at the original size,
+and an overlay. The prediction itself is `inference.segment`, the path evaluate scores."""
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,26 +13,39 @@ from PIL import Image
 
 from busiseg.data import image_to_gray, open_png
 from busiseg.errors import BusisegError
-from busiseg.evaluate import postprocess
+from busiseg.inference import Forward, MaskSettings, segment
 from busiseg.modelio import load_model
+from busiseg.onnx_model import load_onnx, settings_of
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def eval_settings(path: Path) -> dict:
-    """Threshold and evaluate-time pieces that the evaluate stage applied to test (its
-    metrics/eval.json), so new images are segmented exactly as the reported figures were."""
-    try:
-        m = json.loads(Path(path).read_text())
-        settings = {"threshold": float(m["threshold"]), "tta": bool(m["used_tta"]),
-                    "largest_cc": bool(m["used_largest_cc"]),
-                    "fill_holes": bool(m["used_fill_holes"])}
-    except FileNotFoundError:
-        raise BusisegError(f"{path}: not found; run `dvc repro evaluate` first") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise BusisegError(f"{path}: not an evaluate metrics file with threshold and used_* keys "
-                           f"({type(exc).__name__}: {exc}); re-run `dvc repro evaluate`") from None
-    return settings
+@dataclass
+class Predictor:
+    """A loaded model of either kind, with what feeding it needs."""
+
+    forward: Forward
+    size: int
+    input_mean: float
+    input_std: float
+    device: torch.device
+    own_settings: MaskSettings | None  # what an ONNX export carries; a .pt file carries none
+
+
+def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
+    """A .onnx file runs on ONNX Runtime; anything else must be a busiseg PyTorch model file."""
+    model_path = Path(model_path)
+    if model_path.suffix.lower() == ".onnx":
+        if device != "cpu":
+            raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "
+                               "provider; use --device cpu, or the .pt model on the GPU")
+        forward, meta = load_onnx(model_path)
+        return Predictor(forward, int(meta["size"]), float(meta["input_mean"]),
+                         float(meta["input_std"]), torch.device("cpu"), settings_of(meta))
+    model, blob = load_model(model_path, device)
+    pre = blob["preprocess"]
+    return Predictor(model, int(pre["size"]), float(pre["input_mean"]), float(pre["input_std"]),
+                     torch.device(device), None)
 
 
 @dataclass
@@ -72,24 +85,6 @@ def _open_other(path: Path) -> Image.Image:
     return img
 
 
-def predict_one(model: torch.nn.Module, blob: dict, gray: np.ndarray, device: torch.device,
-                threshold: float, tta: bool = False, largest_cc: bool = False,
-                fill_holes: bool = False) -> np.ndarray:
-    """Resize to the training size, predict, bring the probability map back to full size."""
-    pre = blob["preprocess"]
-    size = int(pre["size"])
-    small = Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    x = torch.from_numpy(np.asarray(small, dtype=np.float32) / 255)[None, None]
-    x = ((x - pre["input_mean"]) / pre["input_std"]).to(device)
-    with torch.inference_mode():
-        prob = torch.sigmoid(model(x).float())
-        if tta:
-            prob = 0.5 * (prob + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
-        prob = torch.nn.functional.interpolate(prob, size=gray.shape, mode="bilinear",
-                                               align_corners=False)
-    return postprocess(prob[0, 0].cpu().numpy() >= threshold, largest_cc, fill_holes)
-
-
 def overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
     """Grey image with the lesion tinted red and its outline drawn."""
     rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
@@ -106,13 +101,12 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
-                  threshold: float | None = None, device: str = "cpu",
-                  progress: bool | None = None, tta: bool = False, largest_cc: bool = False,
-                  fill_holes: bool = False) -> tuple[list[Path], list[Failure]]:
-    model, blob = load_model(model_path, device)
-    thr = float(blob["threshold"] if threshold is None else threshold)
-    if not 0 < thr < 1:
-        raise BusisegError(f"--threshold must be in (0, 1), got {thr}")
+                  settings: MaskSettings | None = None, device: str = "cpu",
+                  progress: bool | None = None) -> tuple[list[Path], list[Failure]]:
+    """Masks and overlays for every readable input. Without `settings`, an ONNX export's own
+    (evaluate's choice at export time), else the params defaults."""
+    predictor = load_predictor(model_path, device)
+    settings = settings or predictor.own_settings or MaskSettings()
     files, failures = collect_inputs(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -125,8 +119,8 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
         except BusisegError as exc:
             failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
             continue
-        mask = predict_one(model, blob, gray, torch.device(device), thr, tta, largest_cc,
-                           fill_holes)
+        mask = segment(predictor.forward, gray, predictor.size, predictor.input_mean,
+                       predictor.input_std, settings, predictor.device)
         stem = path.stem
         Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
         overlay(gray, mask).save(out_dir / f"{stem}_overlay.png")

@@ -9,17 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from busiseg.data import load_image, load_mask_union, mask_list, process_map, save_cache
+from busiseg.data import (
+    load_image,
+    load_mask_union,
+    mask_list,
+    process_map,
+    resize_image,
+    save_cache,
+)
 
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Image: antialiased bilinear. Mask: area-weighted, then thresholded, so it stays binary."""
-    img = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    m = Image.fromarray(mask.astype(np.uint8) * 255).resize(
-        (size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.asarray(img, dtype=np.uint8), (np.asarray(m) >= 128).astype(np.uint8)
+    m = resize_image(mask.astype(np.uint8) * 255, size)
+    return resize_image(image, size), (m >= 128).astype(np.uint8)
 
 
 def _one(args: tuple[str, str, list[str], int]) -> tuple[np.ndarray, np.ndarray]:

@@ -3,181 +3,60 @@
 Batches come straight from the in-memory uint8 cache and are augmented on the device. Every epoch
 reseeds its own generators from (train.seed, epoch), and a checkpoint is written after every
 completed epoch, so a run killed mid-way and resumed ends bit-identical (on CPU) to an
-uninterrupted one. The best epoch is chosen on the validation split only.
+uninterrupted one. The best epoch is chosen on the validation split only. The policy around the
+loop lives elsewhere: device and precision in `runtime`, resuming in `checkpoint`, prediction in
+`inference`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import math
-import os
-import random
-import sys
+import shutil
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from busiseg import checkpoint
 from busiseg.augment import augment_batch
-from busiseg.data import atomic_torch_save, load_cache
+from busiseg.data import load_cache
 from busiseg.errors import BusisegError
+from busiseg.inference import input_batches
 from busiseg.losses import SegLoss
 from busiseg.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.modelio import model_kwargs, save_model
 from busiseg.models import build_model, check_input_size
-from busiseg.params import Params
-
-CKPT_FORMAT = "busiseg-checkpoint-v1"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BusisegError("train.device is 'cuda' but no CUDA GPU is visible; use auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None)
-                              and torch.backends.mps.is_available()):
-        raise BusisegError("train.device is 'mps' but MPS is not available; use auto or cpu")
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on GPUs that support it, fp16 on other GPUs, none on CPU (measured slower)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def configure_runtime(p: Params, device: torch.device) -> None:
-    if p.train.threads:
-        torch.set_num_threads(p.train.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not p.train.deterministic
-        torch.backends.cudnn.deterministic = p.train.deterministic
-        if p.train.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up, then cosine or poly decay to zero (per optimisation step)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "poly":
-        return max(0.0, 1 - progress) ** 0.9
-    return 1.0
-
-
-# the library code a training run depends on (the train stage's code deps in dvc.yaml)
-TRAINING_CODE = [Path(__file__).with_name(f"{m}.py")
-                 for m in ("train", "models", "losses", "augment", "modelio")]
-
-
-def run_hash(p: Params, files: list[Path]) -> str:
-    """What a checkpoint belongs to: every param that changes training, the input files and the
-    training code: a run interrupted, then resumed after an edit to the loss, would otherwise
-    continue the old code's weights under the new code's name."""
-    relevant = {k: asdict(getattr(p, k)) for k in ("model", "train", "augment")}
-    relevant["train"].pop("progress")
-    h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
-    for f in [*TRAINING_CODE, *files]:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def show_progress(setting: str) -> bool:
-    if setting != "auto":
-        return setting == "on"
-    return sys.stderr.isatty() and not os.environ.get("CI")
-
-
-@torch.inference_mode()
-def predict_probs(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float,
-                  device: torch.device, batch_size: int, dtype: torch.dtype | None = None,
-                  tta: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Sigmoid probabilities (float32, CPU) for uint8 N×1×H×W images."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size].to(device), mean, std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, dtype):
-            prob = torch.sigmoid(model(x).float())
-            if tta:
-                prob = 0.5 * (prob + torch.sigmoid(model(x.flip(-1)).float()).flip(-1))
-        out.append(prob.cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def normalize(x_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    return (x_uint8.float() / 255 - mean) / std
+from busiseg.params import Params, TrainParams
+from busiseg.runtime import (
+    amp_dtype,
+    autocast,
+    configure_threads_and_kernels,
+    pick_device,
+    seed_everything,
+    show_progress,
+)
 
 
 def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_path: Path,
-          curves_path: Path) -> dict:
+          live_dir: Path) -> dict:
     cfg = p.train
-    device = pick_device(cfg.device)
-    configure_runtime(p, device)
+    device = pick_device(cfg.device, "train.device")
+    configure_threads_and_kernels(cfg.threads, cfg.deterministic, device)
     dtype = amp_dtype(cfg.amp, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     seed_everything(cfg.seed)
 
-    # data: the whole uint8 cache lives on the device; batches are index gathers
-    cache = load_cache(cache_path, p.preprocess.size)
-    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    tr_idx = torch.tensor(cache.indices(split.loc[split["split"] == "train", "case_id"].tolist()))
-    va_idx = torch.tensor(cache.indices(split.loc[split["split"] == "val", "case_id"].tolist()))
-    if len(tr_idx) == 0 or len(va_idx) == 0:
-        raise BusisegError(f"{split_path}: the train and val splits must both be non-empty")
-    images = cache.images.to(device)
-    masks = cache.masks.to(device)
-    va_images, va_masks = images[va_idx.to(device)], masks[va_idx.to(device)]
-    size = cache.size
-
-    # model, optimiser, schedule, loss
+    data = load_data(cache_path, split_path, p.preprocess.size, device)
     kwargs = model_kwargs(p.model)
     model = build_model(**kwargs)
-    check_input_size(model, size, size)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    check_input_size(model, data.size, data.size)
     model = model.to(device, memory_format=memory_format)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bs = min(cfg.batch_size, len(tr_idx))
-    steps_per_epoch = max(1, len(tr_idx) // bs)  # drop the ragged batch: BatchNorm needs ≥ 2
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps_per_epoch  # -S train.epochs=1 works
-    if cfg.schedule == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5,
-                                                               patience=3)
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+    bs = min(cfg.batch_size, len(data.train_idx))
+    steps_per_epoch = max(1, len(data.train_idx) // bs)  # no ragged batch: BatchNorm needs ≥ 2
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
     loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
                       cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
                       cfg.empty_weight, cfg.empty_topk)
@@ -185,34 +64,27 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     fwd = torch.compile(model) if cfg.compile else model
 
     # resume only a checkpoint of this exact run that did not finish
-    key = run_hash(p, [cache_path, split_path])
-    start_epoch, best, best_state, history, bad_epochs, seconds = 0, -1.0, None, [], 0, 0.0
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt and ckpt["run_hash"] == key and not ckpt["complete"]:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, best_state = ckpt["epoch"], ckpt["best_dice"], ckpt["best_state"]
-        history, bad_epochs, seconds = ckpt["history"], ckpt["bad_epochs"], ckpt["seconds"]
-        print(f"train: resuming from epoch {start_epoch} of {cfg.epochs} ({ckpt_path})")
+    key = checkpoint.run_hash(p, [cache_path, split_path])
+    run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
+    if run.epoch:
+        print(f"train: resuming from epoch {run.epoch} of {cfg.epochs} ({ckpt_path})")
+    live = open_live(live_dir, run.history)
 
     progress = show_progress(cfg.progress)
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.patience and bad_epochs >= cfg.patience:
+    for epoch in range(run.epoch, cfg.epochs):
+        if cfg.patience and run.bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout RNG, per epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
-        perm = tr_idx[torch.randperm(len(tr_idx), generator=gen)]
+        perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
         model.train()
         losses = []
         bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         for step in range(steps_per_epoch):
             idx = perm[step * bs:(step + 1) * bs].to(device)
-            x = images[idx].float() / 255
-            y = masks[idx].float()
+            x = data.images[idx].float() / 255
+            y = data.masks[idx].float()
             x, y = augment_batch(x, y, p.augment, gen)
             x = ((x - p.model.input_mean) / p.model.input_std).contiguous(
                 memory_format=memory_format)
@@ -232,63 +104,92 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         if bar:
             bar.close()
         lr = optimizer.param_groups[0]["lr"]
-        val = evaluate_split(model, va_images, va_masks, p, device, dtype, loss_fn, memory_format)
+        val = validate(model, data, p, device, dtype, loss_fn, memory_format)
         if cfg.schedule == "plateau":
             scheduler.step(val["dice"])
-        seconds += time.perf_counter() - t0
+        run.seconds += time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val["loss"],
                "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
-        history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
-        improved = val["dice"] > best
-        if improved:
-            best, bad_epochs = val["dice"], 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
+        improved = record_epoch(run, row, model)
         # persist first: once the line below is printed, this epoch survives a kill
-        atomic_torch_save({
-            "format": CKPT_FORMAT, "run_hash": key, "complete": False, "epoch": epoch + 1,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "best_dice": best, "best_state": best_state, "history": history,
-            "bad_epochs": bad_epochs, "seconds": seconds,
-        }, ckpt_path)
+        checkpoint.save(ckpt_path, key, run, model, optimizer, scheduler, scaler)
+        log_epoch(live, run.history[-1])
         print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
               f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_iou {val['iou']:.4f}"
               f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
-    best_row = max(history, key=lambda r: r["val_dice"])
-    save_model(model_path, best_state, kwargs, p, size)
-    pd.DataFrame(history).to_csv(curves_path, index=False)
-    # the finished run leaves only a small marker: nothing a later run could resume by mistake
-    atomic_torch_save({"format": CKPT_FORMAT, "run_hash": key, "complete": True}, ckpt_path)
-    images_seen = steps_per_epoch * bs * len(history)
-    return {
-        "best_epoch": best_row["epoch"],
-        "best_val_dice": best_row["val_dice"],
-        "best_val_iou": best_row["val_iou"],
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs,
-        "seconds": round(seconds, 2),
-        "images_per_s": round(images_seen / seconds, 2) if seconds else None,
-        "device": device.type,
-        "n_params": sum(t.numel() for t in model.parameters()),
-    }
+    return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
+                  images_seen=steps_per_epoch * bs * len(run.history), device=device)
 
 
-def evaluate_split(model, images, masks, p: Params, device, dtype, loss_fn,
-                   memory_format=torch.contiguous_format) -> dict:
-    """Val loss over all images; Dice/IoU as per-image means over images with a lesion."""
-    bs = p.evaluate.batch_size
+# ---- the parts around the loop --------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The whole uint8 cache on the device; batches are index gathers."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    train_idx: torch.Tensor
+    val_images: torch.Tensor
+    val_masks: torch.Tensor
+    size: int
+
+
+def load_data(cache_path: Path, split_path: Path, size: int, device: torch.device) -> TrainingData:
+    cache = load_cache(cache_path, size)
+    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
+
+    def indices(name: str) -> torch.Tensor:
+        return torch.tensor(cache.indices(split.loc[split["split"] == name, "case_id"].tolist()))
+
+    tr_idx, va_idx = indices("train"), indices("val")
+    if len(tr_idx) == 0 or len(va_idx) == 0:
+        raise BusisegError(f"{split_path}: the train and val splits must both be non-empty")
+    images, masks = cache.images.to(device), cache.masks.to(device)
+    va = va_idx.to(device)
+    return TrainingData(images, masks, tr_idx, images[va], masks[va], cache.size)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up, then cosine or poly decay to zero (per optimisation step)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "poly":
+        return max(0.0, 1 - progress) ** 0.9
+    return 1.0
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainParams, steps_per_epoch: int):
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "plateau":
+        return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.5, patience=3)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps_per_epoch  # -S train.epochs=1 works
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+
+
+def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
+             memory_format=torch.contiguous_format) -> dict:
+    """Val loss over all images; Dice/IoU as per-image means over images with a lesion, at the
+    fixed 0.5 threshold: choosing the epoch must not depend on evaluate's settings."""
+    bs = p.train.val_batch_size
     model.eval()
     total, counts = 0.0, []
+    batches = input_batches(data.val_images, p.model.input_mean, p.model.input_std, device, bs,
+                            memory_format == torch.channels_last)
     with torch.inference_mode():
-        for i in range(0, len(images), bs):
-            x = normalize(images[i:i + bs], p.model.input_mean, p.model.input_std)
-            x = x.contiguous(memory_format=memory_format)
-            y = masks[i:i + bs].float()
+        for x, y in zip(batches, data.val_masks.split(bs)):
             with autocast(device, dtype):
                 logits = model(x)
+            y = y.float()
             total += loss_fn(logits, y).item() * len(x)
             pred = (logits.float() > 0).cpu().numpy()  # sigmoid > 0.5
             counts.append(confusion(pred, y.cpu().numpy() > 0))
@@ -296,20 +197,60 @@ def evaluate_split(model, images, masks, p: Params, device, dtype, loss_fn,
     dice, iou = lesion_dice_iou(c)
     if np.isnan(dice):  # a val split without lesions: fall back to all images
         dice, iou = (float(v.mean()) for v in dice_iou(c))
-    return {"loss": total / len(images), "dice": dice, "iou": iou}
+    return {"loss": total / len(data.val_images), "dice": dice, "iou": iou}
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a broken checkpoint is simply not resumed
-        print(f"train: ignoring unreadable checkpoint {path}; starting from scratch")
-        return None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        return None
-    return ckpt
+def record_epoch(run: checkpoint.Progress, row: dict, model: torch.nn.Module) -> bool:
+    """Adds the epoch's row; keeps a copy of the weights when val Dice improved."""
+    run.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+    run.epoch = row["epoch"]
+    if row["val_dice"] > run.best_dice:
+        run.best_dice, run.bad_epochs = row["val_dice"], 0
+        run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return True
+    run.bad_epochs += 1
+    return False
+
+
+def open_live(live_dir: Path, history: list[dict]):
+    """DVCLive logger whose files are rebuilt from the checkpoint's history: the checkpoint is
+    the one record of which epochs survived a kill (DVCLive's own files may hold an epoch the
+    checkpoint does not), so a resumed run's curves equal an uninterrupted run's."""
+    from dvclive import Live
+
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    for row in history:
+        log_epoch(live, row)
+    return live
+
+
+def log_epoch(live, row: dict) -> None:
+    live.step = row["epoch"]
+    for name, value in row.items():
+        if name != "epoch":
+            live.log_metric(name, value)
+    live.next_step()
+
+
+def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
+           ckpt_path: Path, key: str, images_seen: int, device: torch.device) -> dict:
+    """Save the best epoch's weights, retire the checkpoint, and summarise the run."""
+    best_row = max(run.history, key=lambda r: r["val_dice"])
+    save_model(model_path, run.best_state, kwargs, p, size)
+    # the finished run leaves only a small marker: nothing a later run could resume by mistake
+    checkpoint.mark_complete(ckpt_path, key)
+    return {
+        "best_epoch": best_row["epoch"],
+        "best_val_dice": best_row["val_dice"],
+        "best_val_iou": best_row["val_iou"],
+        "epochs_run": len(run.history),
+        "stopped_early": len(run.history) < p.train.epochs,
+        "seconds": round(run.seconds, 2),
+        "images_per_s": round(images_seen / run.seconds, 2) if run.seconds else None,
+        "device": device.type,
+        "n_params": sum(t.numel() for t in model.parameters()),
+    }
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -1,18 +1,18 @@
 """The results protocol: run a preset over three split seeds and report mean ± sd.
 
-    uv run python bench/protocol.py show busi-cpu                 # print the dvc exp run commands
-    uv run python bench/protocol.py run busi-cpu [--seeds 0 1 2] [--raw-dir PATH]
-    uv run python bench/protocol.py record busi-cpu --seeds 0     # file a run already made
-    uv run python bench/protocol.py table                         # markdown for the README
-    uv run python bench/protocol.py paired zoo-unet piece-tversky # gain over a baseline, by seed
-    uv run python bench/protocol.py noise zoo-unet --split-seed 0 --train-seeds 0 1 2 3 4
+    uv run python -m busiseg.research.protocol show busi-cpu     # the dvc exp run commands
+    uv run python -m busiseg.research.protocol run busi-cpu [--seeds 0 1 2] [--raw-dir PATH]
+    uv run python -m busiseg.research.protocol record busi-cpu --seeds 0   # file a run made
+    uv run python -m busiseg.research.protocol table                       # markdown tables
+    uv run python -m busiseg.research.protocol paired zoo-unet piece-tversky  # gain, by seed
+    uv run python -m busiseg.research.protocol noise zoo-unet --split-seed 0 --train-seeds 0 1 2
 
 Each seed is one `dvc exp run` (split.seed = train.seed = seed), so every run is also an
 experiment in `dvc exp show`. After each run the evaluate-time pieces (flip TTA, largest component,
 hole filling, val-tuned threshold) are switched on and off on the same trained model, which says
 what each is worth without retraining. `noise` trains one split from several training seeds:
 the spread is what a single run moves on its own, the yardstick for `paired` gains. Only aggregate
-figures are written (bench/results/protocol/PRESET.json, noise/PRESET.json); nothing per-image from
+figures are written (docs/results/protocol/PRESET.json, noise/PRESET.json); nothing per-image from
 the real data.
 """
 
@@ -29,13 +29,13 @@ from pathlib import Path
 
 import yaml
 
-from bench import machine
-from busiseg.evaluate import ablate
 from busiseg.params import load_params
-from busiseg.presets import exp_command, flag, load_presets
+from busiseg.research.ablate import ablate
+from busiseg.research.presets import PRESETS, exp_command, flag, load_presets
+from busiseg.runtime import machine
 
-REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "bench" / "results" / "protocol"
+REPO = Path(__file__).resolve().parents[3]
+OUT = REPO / "docs" / "results" / "protocol"
 BUSI = "../shared/data/Dataset_BUSI_with_GT"
 KEYS = ("dice", "iou", "dice_pooled", "dice_benign", "dice_malignant", "normal_empty_rate")
 PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
@@ -44,7 +44,7 @@ TRAINING_CODE = ("src", "stages", "dvc.yaml", "params.yaml", "uv.lock")
 
 
 def load_preset(name: str):
-    presets = load_presets(REPO / "presets.yaml", REPO / "params.yaml")
+    presets = load_presets(PRESETS, REPO / "params.yaml")
     if name not in presets:
         sys.exit(f"error: presets.yaml has no preset {name!r}; it has: {', '.join(presets)}")
     return presets[name]
@@ -280,7 +280,8 @@ def paired_table(args) -> None:
     def load(name: str) -> dict:  # a preset's record, or a record file given by path
         path = Path(name) if name.endswith(".json") else OUT / f"{name}.json"
         if not path.is_file():
-            sys.exit(f"error: {path} not found; run `bench/protocol.py run {name}` first")
+            sys.exit(f"error: {path} not found; run "
+                     f"`python -m busiseg.research.protocol run {name}` first")
         return json.loads(path.read_text())
 
     base = load(args.base)
@@ -312,8 +313,9 @@ def paired_table(args) -> None:
         return
     n = noise_summary(rec) if rec is not None else None
     if n is None or n["sd"] is None:
-        print(f"\nNo training-noise record for {base['preset']}: run `bench/protocol.py noise "
-              f"{base['preset']}` to learn which of these gains a single run could make alone.")
+        print(f"\nNo training-noise record for {base['preset']}: run "
+              f"`python -m busiseg.research.protocol noise {base['preset']}` to learn which of "
+              "these gains a single run could make alone.")
         return
     bands = ", ".join(f"±{noise_band(n['sd'], k):.3f} over {k} split(s)"
                       for k in sorted({len(r["gain"]) for r in rows}))

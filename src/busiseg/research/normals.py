@@ -1,7 +1,7 @@
 """Could an evaluate-time gate keep normal images empty? How confident the model is on them.
 
     uv run dvc exp apply busi-cpu-long-s0       # or any trained workspace
-    uv run python bench/normals.py [--split test] [--threshold 0.5] [--tta]
+    uv run python -m busiseg.research.normals [--split test] [--threshold 0.5] [--tta]
 
 For the normal (lesion-free) images of one split, prints the peak probability and the predicted
 area; for the lesion images, their true area. An area or confidence cut-off can only empty the
@@ -19,7 +19,7 @@ import numpy as np
 from busiseg.evaluate import load_splits
 from busiseg.params import load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def stats(prob: np.ndarray, true: np.ndarray, threshold: float) -> dict:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,15 @@ from conftest import REPO
 from test_train_predict import run_train, tiny_params
 
 from busiseg.errors import BusisegError
-from busiseg.evaluate import PIECES, ablate, candidates, evaluate
+from busiseg.evaluate import PIECES, candidates, evaluate
 from busiseg.params import parse_params
-from busiseg.presets import apply_overrides, exp_command, load_presets
+from busiseg.research import normals, protocol
+from busiseg.research.ablate import ablate
+from busiseg.research.presets import PRESETS, apply_overrides, exp_command, load_presets
 
 
 def test_every_committed_preset_is_valid_and_reproducible_as_one_command():
-    presets = load_presets(REPO / "presets.yaml", REPO / "params.yaml")
+    presets = load_presets(PRESETS, REPO / "params.yaml")
     assert {"busi-cpu", "busi-gpu", "zoo-unet", "zoo-attention_unet", "zoo-res_unet",
             "zoo-unet_plus_plus", "zoo-compact"} <= set(presets)
     cmd = exp_command(presets["busi-cpu"], 2, "/data/BUSI")
@@ -103,16 +104,8 @@ def test_select_on_val_candidates_are_subsets_of_the_enabled_pieces_simplest_fir
     assert sorted(got) == sorted({(t, False, f, False) for t in (0, 1) for f in (0, 1)})
 
 
-def _bench_script(name: str):
-    """A bench/ script loaded as a module: bench/ is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_normals_diagnostic_counts_confident_false_positives_and_smaller_lesions():
-    stats = _bench_script("normals").stats
+    stats = normals.stats
 
     prob = np.zeros((4, 10, 10), np.float32)
     true = np.zeros((4, 10, 10), bool)
@@ -138,8 +131,7 @@ def _record(preset: str, overrides: dict, dice: dict, raw_dir: str = "/data/BUSI
 
 
 def test_paired_gain_is_seed_by_seed_on_shared_splits_and_names_what_changed(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as when run: `bench` is bench/bench.py
-    module = _bench_script("protocol")
+    module = protocol
 
     base = _record("zoo-unet", {"model.arch": "unet", "model.base": 16},
                    {"0": 0.60, "1": 0.70, "2": 0.50}, commits={"0": "aaa", "1": "aaa"})
@@ -171,8 +163,7 @@ def test_paired_gain_is_seed_by_seed_on_shared_splits_and_names_what_changed(mon
 
 
 def test_noise_summary_is_the_spread_over_training_seeds_on_one_split(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    module = _bench_script("protocol")
+    module = protocol
     rec = {**_record("zoo-unet", {}, {"0": 0.60, "1": 0.64, "2": 0.62},
                      commits={"0": "aaa", "1": "aaa", "2": "bbb"}), "split_seed": 0}
     n = module.noise_summary(rec)
@@ -194,8 +185,7 @@ def test_noise_summary_is_the_spread_over_training_seeds_on_one_split(monkeypatc
 
 
 def test_protocol_names_the_presets_when_one_is_unknown(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "bench"))
-    module = _bench_script("protocol")
+    module = protocol
     assert module.load_preset("busi-cpu-empty").name == "busi-cpu-empty"
     with pytest.raises(SystemExit) as exc:
         module.load_preset("busi-cpu-emtpy")

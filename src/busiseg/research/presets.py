@@ -14,6 +14,8 @@ import yaml
 from busiseg.errors import BusisegError
 from busiseg.params import parse_params
 
+PRESETS = Path(__file__).with_name("presets.yaml")
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -33,11 +35,11 @@ def apply_overrides(raw: dict, overrides: dict[str, object]) -> dict:
     return out
 
 
-def load_presets(path: str | Path = "presets.yaml",
+def load_presets(path: str | Path | None = None,
                  params_path: str | Path = "params.yaml") -> dict[str, Preset]:
-    path = Path(path)
+    path = Path(path or PRESETS)
     if not path.is_file():
-        raise BusisegError(f"{path}: presets file not found; run from the project root")
+        raise BusisegError(f"{path}: presets file not found")
     raw = yaml.safe_load(path.read_text()) or {}
     base = yaml.safe_load(Path(params_path).read_text()) or {}
     presets = {}
