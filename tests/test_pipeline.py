@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import torch
 from conftest import (
     STAGES,
     TINY_PARAMS,
@@ -17,6 +19,12 @@ from conftest import (
     stale_stages,
     without_timing,
 )
+from PIL import Image
+
+from busiseg.data import load_cache
+from busiseg.inference import MaskSettings, binarize, probabilities
+from busiseg.modelio import load_model
+from busiseg.onnx_model import load_onnx
 
 
 def test_repro_writes_every_output(pipeline):
@@ -93,6 +101,63 @@ def test_a_size_sweep_is_never_served_another_size_from_the_run_cache(pipeline, 
     assert bad.stderr.strip().splitlines() == [
         f"error: stages/preprocess.py got '--size 48' but params.yaml has preprocess.size {size}; "
         "run `dvc repro`"]
+
+
+def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipeline, python_env,
+                                                                         tmp_path):
+    repo, _, metrics = pipeline
+    onnx_path = tmp_path / "model.onnx"
+    cli = [sys.executable, "-m", "busiseg.cli"]
+    run(cli + ["export", "--model", "models/model.pt", "--format", "onnx", "--out",
+               str(onnx_path)], repo, python_env)
+    forward, meta = load_onnx(onnx_path)
+    settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
+    assert MaskSettings(meta["threshold"], meta["tta"], meta["largest_cc"],
+                        meta["fill_holes"]) == settings
+    model, blob = load_model(repo / "models" / "model.pt")
+    assert (meta["size"], meta["input_mean"], meta["input_std"]) == (
+        blob["preprocess"]["size"], blob["preprocess"]["input_mean"],
+        blob["preprocess"]["input_std"])
+
+    split = pd.read_csv(repo / "data" / "split.csv", dtype={"case_id": str})
+    test_ids = split.loc[split["split"] == "test", "case_id"].tolist()
+    cache = load_cache(repo / "data" / "cache.npz")
+    images = cache.images[torch.tensor(cache.indices(test_ids))]
+    args = (images, meta["input_mean"], meta["input_std"], torch.device("cpu"), 4)
+    for tta in (False, True):
+        want = probabilities(model, *args, tta=tta)[:, 0].numpy()
+        got = probabilities(forward, *args, tta=tta)[:, 0].numpy()
+        assert np.abs(got - want).max() <= 1e-4
+        assert np.array_equal(binarize(got, settings.threshold), binarize(want, settings.threshold))
+
+    # the whole predict path on the raw test images: the .pt with evaluate's file, the .onnx alone
+    manifest = pd.read_csv(repo / "data" / "manifest.csv", dtype={"case_id": str})
+    raw = repo / "data" / "demo" / "Dataset_BUSI_with_GT"
+    files = [str(raw / f) for f in manifest.set_index("case_id").loc[test_ids, "image"]]
+    run(cli + ["predict", "--model", "models/model.pt", "--out", str(tmp_path / "pt"), *files],
+        repo, python_env)
+    out = run(cli + ["predict", "--model", str(onnx_path), "--out", str(tmp_path / "onnx"),
+                     *files], tmp_path, python_env).stdout
+    assert "settings from" in out and "metadata" in out
+    for f in files:
+        name = f"{Path(f).stem}_mask.png"
+        a = np.asarray(Image.open(tmp_path / "pt" / name))
+        b = np.asarray(Image.open(tmp_path / "onnx" / name))
+        assert np.array_equal(a, b), name
+    assert metrics["eval.json"]["threshold"] == settings.threshold
+
+
+def test_the_trained_model_is_a_dvc_artifact(pipeline, python_env, tmp_path):
+    """`dvc artifacts get` resolves a registered version (a GTO tag) to models/model.pt."""
+    repo, _, _ = pipeline
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    run(git + ["tag", "-a", "busiseg-model@v0.1.0", "-m", "first model"], repo, python_env)
+    try:
+        dvc(tmp_path, python_env, "artifacts", "get", str(repo), "busiseg-model", "-o",
+            str(tmp_path / "model.pt"))
+        assert (tmp_path / "model.pt").read_bytes() == (repo / "models" / "model.pt").read_bytes()
+    finally:
+        run(["git", "tag", "-d", "busiseg-model@v0.1.0"], repo, python_env)
 
 
 def test_two_clean_runs_give_identical_metrics(pipeline, python_env):

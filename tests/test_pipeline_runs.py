@@ -9,63 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 import yaml
-from conftest import STAGES, TIMING_KEYS, dvc, load_metrics, run, set_params, without_timing
-from PIL import Image
-
-from busiseg.data import load_cache
-from busiseg.inference import MaskSettings, binarize, probabilities
-from busiseg.modelio import load_model
-from busiseg.onnx_model import load_onnx
-
-
-def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipeline, python_env,
-                                                                         tmp_path):
-    repo, _, metrics = pipeline
-    onnx_path = tmp_path / "model.onnx"
-    cli = [sys.executable, "-m", "busiseg.cli"]
-    run(cli + ["export", "--model", "models/model.pt", "--format", "onnx", "--out",
-               str(onnx_path)], repo, python_env)
-    forward, meta = load_onnx(onnx_path)
-    settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
-    assert MaskSettings(meta["threshold"], meta["tta"], meta["largest_cc"],
-                        meta["fill_holes"]) == settings
-    model, blob = load_model(repo / "models" / "model.pt")
-    assert (meta["size"], meta["input_mean"], meta["input_std"]) == (
-        blob["preprocess"]["size"], blob["preprocess"]["input_mean"],
-        blob["preprocess"]["input_std"])
-
-    split = pd.read_csv(repo / "data" / "split.csv", dtype={"case_id": str})
-    test_ids = split.loc[split["split"] == "test", "case_id"].tolist()
-    cache = load_cache(repo / "data" / "cache.npz")
-    images = cache.images[torch.tensor(cache.indices(test_ids))]
-    args = (images, meta["input_mean"], meta["input_std"], torch.device("cpu"), 4)
-    for tta in (False, True):
-        want = probabilities(model, *args, tta=tta)[:, 0].numpy()
-        got = probabilities(forward, *args, tta=tta)[:, 0].numpy()
-        assert np.abs(got - want).max() <= 1e-4
-        assert np.array_equal(binarize(got, settings.threshold), binarize(want, settings.threshold))
-
-    # the whole predict path on the raw test images: the .pt with evaluate's file, the .onnx alone
-    manifest = pd.read_csv(repo / "data" / "manifest.csv", dtype={"case_id": str})
-    raw = repo / "data" / "demo" / "Dataset_BUSI_with_GT"
-    files = [str(raw / f) for f in manifest.set_index("case_id").loc[test_ids, "image"]]
-    run(cli + ["predict", "--model", "models/model.pt", "--out", str(tmp_path / "pt"), *files],
-        repo, python_env)
-    out = run(cli + ["predict", "--model", str(onnx_path), "--out", str(tmp_path / "onnx"),
-                     *files], tmp_path, python_env).stdout
-    assert "settings from" in out and "metadata" in out
-    for f in files:
-        name = f"{Path(f).stem}_mask.png"
-        a = np.asarray(Image.open(tmp_path / "pt" / name))
-        b = np.asarray(Image.open(tmp_path / "onnx" / name))
-        assert np.array_equal(a, b), name
-    assert metrics["eval.json"]["threshold"] == settings.threshold
+from conftest import STAGES, TIMING_KEYS, dvc, load_metrics, set_params, without_timing
 
 
 def test_an_evaluate_param_reruns_evaluate_and_plot_only(pipeline, python_env):

@@ -75,40 +75,15 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         if cfg.patience and run.bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout RNG, per epoch
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
-        perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
-        model.train()
-        losses = []
         bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-        for step in range(steps_per_epoch):
-            idx = perm[step * bs:(step + 1) * bs].to(device)
-            x = data.images[idx].float() / 255
-            y = data.masks[idx].float()
-            x, y = augment_batch(x, y, p.augment, gen)
-            x = ((x - p.model.input_mean) / p.model.input_std).contiguous(
-                memory_format=memory_format)
-            with autocast(device, dtype):
-                out = fwd(x)
-            loss = loss_fn(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if cfg.schedule != "plateau":
-                scheduler.step()
-            losses.append(loss.item())
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if bar:
-            bar.close()
+        train_loss = train_one_epoch(fwd, model, data, p, epoch, bs, steps_per_epoch, optimizer,
+                                     scheduler, scaler, loss_fn, device, dtype, memory_format, bar)
         lr = optimizer.param_groups[0]["lr"]
         val = validate(model, data, p, device, dtype, loss_fn, memory_format)
         if cfg.schedule == "plateau":
             scheduler.step(val["dice"])
         run.seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val["loss"],
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
         improved = record_epoch(run, row, model)
         # persist first: once the line below is printed, this epoch survives a kill
@@ -174,6 +149,41 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams, steps_per_epoch: in
     warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps_per_epoch  # -S train.epochs=1 works
     return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+
+
+def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: int,
+                    steps_per_epoch: int, optimizer, scheduler, scaler, loss_fn, device, dtype,
+                    memory_format, bar) -> float:
+    """One pass over the train split; returns the mean loss. Every epoch reseeds its own
+    generators from (train.seed, epoch): that is what makes a resumed run bit-identical."""
+    cfg = p.train
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout RNG, per epoch
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
+    perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
+    model.train()
+    losses = []
+    for step in range(steps_per_epoch):
+        idx = perm[step * bs:(step + 1) * bs].to(device)
+        x = data.images[idx].float() / 255
+        y = data.masks[idx].float()
+        x, y = augment_batch(x, y, p.augment, gen)
+        x = ((x - p.model.input_mean) / p.model.input_std).contiguous(memory_format=memory_format)
+        with autocast(device, dtype):
+            out = fwd(x)
+        loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if cfg.schedule != "plateau":
+            scheduler.step()
+        losses.append(loss.item())
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if bar:
+        bar.close()
+    return float(np.mean(losses))
 
 
 def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
