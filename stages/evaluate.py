@@ -1,7 +1,9 @@
-"""Stage evaluate: score the trained model on the held-out test split."""
+"""Stage evaluate: score the trained model (or fold ensemble) on the held-out test split, and
+with K folds the out-of-fold cross-validation score."""
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from busiseg.evaluate import evaluate
@@ -10,22 +12,35 @@ from busiseg.stage import remove_outputs, run, write_json
 
 METRICS = Path("metrics/eval.json")
 PER_IMAGE = Path("plots/evaluate/per_image.csv")
+CV_PER_IMAGE = Path("plots/evaluate/cv_per_image.csv")  # header only without folds
 SWEEP = Path("plots/evaluate/threshold.csv")
 PREDICTIONS = Path("data/predictions.pt")
 
 
 def main() -> None:
-    remove_outputs(METRICS, PER_IMAGE, SWEEP, PREDICTIONS)
+    remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, PREDICTIONS)
     result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv")
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(PER_IMAGE, index=False)
+    cv = result.get("cv_per_image", pd.DataFrame(columns=[*result["per_image"].columns, "fold"]))
+    cv.to_csv(CV_PER_IMAGE, index=False)
     result["threshold_sweep"].to_csv(SWEEP, index=False)
-    torch.save({"test_idx": result["test_idx"],
-                "pred": torch.from_numpy(result["test_pred"]).to(torch.uint8)}, PREDICTIONS)
+    saved = {"test_idx": result["test_idx"],
+             "pred": torch.from_numpy(result["test_pred"]).to(torch.uint8),
+             "cv_idx": result.get("cv_idx", []),
+             "cv_pred": torch.from_numpy(result["cv_pred"]).to(torch.uint8)
+             if "cv_pred" in result else torch.zeros(0, dtype=torch.uint8)}
+    torch.save(saved, PREDICTIONS)
     m = result["metrics"]
     write_json(METRICS, m)
-    print(f"evaluate: test Dice {m['dice']} IoU {m['iou']} (lesion images, per-image mean), "
-          f"pooled Dice {m['dice_pooled']}, normal empty rate {m['normal_empty_rate']}")
+    print(f"evaluate: test Dice {m['dice']} [{m['dice_ci_low']}, {m['dice_ci_high']}] (lesion "
+          f"images, per-image mean), pooled Dice {m['dice_pooled']}, normal empty rate "
+          f"{m['normal_empty_rate']}")
+    if "cv_dice" in m:
+        print(f"evaluate: cross-validation Dice {m['cv_dice']} [{m['cv_dice_ci_low']}, "
+              f"{m['cv_dice_ci_high']}]; single fold models {m['dice_single_mean']}, ensemble "
+              f"gain {m['dice_ensemble_gain']} [{m['dice_ensemble_gain_ci_low']}, "
+              f"{m['dice_ensemble_gain_ci_high']}]")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Stage plot: training curves, a test montage and the worst test cases as PNGs."""
+"""Stage plot: training curves, the per-image Dice distribution, a test montage and the worst
+test cases (and, with folds, the worst out-of-fold cases) as PNGs."""
 
 from pathlib import Path
 
@@ -7,28 +8,46 @@ import torch
 
 from busiseg.data import load_cache
 from busiseg.params import load_params
-from busiseg.plots import pick_montage, pick_worst, plot_cases, plot_curves, read_live_curves
+from busiseg.plots import (
+    pick_montage,
+    pick_worst,
+    plot_cases,
+    plot_curves,
+    plot_dice_distribution,
+    read_live_runs,
+)
 from busiseg.stage import run
 
 OUT = Path("plots/figures")
 
 
+def draw_cases(cache, table: pd.DataFrame, idx, preds, rows: list[int], out: Path,
+               heading: str) -> None:
+    idx = torch.tensor(list(idx), dtype=torch.long)
+    images, truths = cache.images[idx][:, 0].numpy(), cache.masks[idx][:, 0].numpy()
+    titles = [f"{table.case_id[i]}\nDice {table.dice[i]:.2f}" for i in rows]
+    plot_cases(images[rows], truths[rows], preds.numpy()[rows], titles, out, heading)
+
+
 def main() -> None:
     params = load_params().plot
     OUT.mkdir(parents=True, exist_ok=True)
-    plot_curves(read_live_curves("dvclive/train"), OUT / "curves.png")
-    per_image = pd.read_csv("plots/evaluate/per_image.csv", dtype={"case_id": str})
+    plot_curves(read_live_runs("dvclive/train"), OUT / "curves.png")
+    test = pd.read_csv("plots/evaluate/per_image.csv", dtype={"case_id": str})
+    cv = pd.read_csv("plots/evaluate/cv_per_image.csv", dtype={"case_id": str})
+    plot_dice_distribution({"test": test, "out-of-fold": cv}, OUT / "dice_distribution.png")
     cache = load_cache("data/cache.npz")
     saved = torch.load("data/predictions.pt", weights_only=True)
-    idx = torch.tensor(saved["test_idx"])
-    images, truths = cache.images[idx][:, 0].numpy(), cache.masks[idx][:, 0].numpy()
-    preds = saved["pred"].numpy()
-    for name, rows, heading in (
-        ("montage.png", pick_montage(per_image, params.n_montage), "test cases"),
-        ("worst.png", pick_worst(per_image, params.n_worst), "worst test cases by Dice"),
-    ):
-        titles = [f"{per_image.case_id[i]}\nDice {per_image.dice[i]:.2f}" for i in rows]
-        plot_cases(images[rows], truths[rows], preds[rows], titles, OUT / name, heading)
+    test_cases = saved["test_idx"], saved["pred"]
+    draw_cases(cache, test, *test_cases, pick_montage(test, params.n_montage),
+               OUT / "montage.png", "test cases")
+    draw_cases(cache, test, *test_cases, pick_worst(test, params.n_worst), OUT / "worst.png",
+               "worst test cases by Dice")
+    if len(cv):
+        cv_titles = cv.assign(case_id=cv.case_id + " (fold " + cv.fold.astype(str) + ")")
+        draw_cases(cache, cv_titles, saved["cv_idx"], saved["cv_pred"],
+                   pick_worst(cv, params.n_worst), OUT / "worst_cv.png",
+                   "worst out-of-fold cases by Dice, across all folds")
     print(f"plot: wrote {', '.join(sorted(p.name for p in OUT.glob('*.png')))} to {OUT}")
 
 

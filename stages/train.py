@@ -6,24 +6,29 @@ import torch
 
 from busiseg.params import load_params
 from busiseg.stage import remove_outputs, run, write_json
-from busiseg.train import train
+from busiseg.train import train, train_cross_validation
 
-MODEL = Path("models/model.pt")
-CHECKPOINT = Path("models/checkpoint.pt")  # persisted by DVC: a killed run resumes from it
-LIVE = Path("dvclive/train")  # per-epoch metrics and plots (DVCLive)
+MODEL = Path("models/model.pt")  # with split.folds = K: one file holding the K fold models
+CHECKPOINTS = Path("models/checkpoints")  # persisted by DVC: a killed run resumes from it
+LIVE = Path("dvclive/train")  # per-epoch metrics and plots (DVCLive), per fold with K folds
 METRICS = Path("metrics/train.json")
 
 
 def main() -> None:
     params = load_params()
-    remove_outputs(MODEL, METRICS)  # not the checkpoint: a killed run resumes from it
+    remove_outputs(MODEL, METRICS)  # not the checkpoints: a killed run resumes from them
     for p in (MODEL, METRICS):
         p.parent.mkdir(parents=True, exist_ok=True)
-    metrics = train(params, Path("data/cache.npz"), Path("data/split.csv"), MODEL, CHECKPOINT,
-                    LIVE)
+    data = Path("data/cache.npz"), Path("data/split.csv")
+    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+    if params.split.folds:
+        metrics = train_cross_validation(params, *data, MODEL, CHECKPOINTS, LIVE)
+        done = f"{metrics['folds']} fold models"
+    else:
+        metrics = train(params, *data, MODEL, CHECKPOINTS / "run.pt", LIVE)
+        done = f"best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}"
     write_json(METRICS, metrics)
-    print(f"train: best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}, "
-          f"{metrics['images_per_s']} images/s on {metrics['device']} "
+    print(f"train: {done}, {metrics['images_per_s']} images/s on {metrics['device']} "
           f"(torch {torch.__version__}) -> {MODEL}")
 
 

@@ -112,10 +112,31 @@ def test_split_keeps_duplicate_groups_together():
         assert split_metrics(s)["n_groups_across_splits"] == 0
 
 
-def test_folds_cover_non_test_cases():
-    s = make_split(_manifest(), 0.8, 0.1, 0.1, seed=0, folds=5)
+def test_folds_are_stratified_grouped_deterministic_and_cover_every_non_test_case_once():
+    m = _manifest()
+    m.loc[m.index[:6], "dup_group"] = 0  # six copies of one benign frame
+    m.loc[m.index[45:48], "dup_group"] = 45  # three of one malignant frame
+    s = make_split(m, 0.8, 0.1, 0.1, seed=0, folds=5)
+    pd.testing.assert_frame_equal(s, make_split(m, 0.8, 0.1, 0.1, seed=0, folds=5))
+    assert not s["fold"].equals(make_split(m, 0.8, 0.1, 0.1, seed=1, folds=5)["fold"])
     assert set(s.loc[s["split"] == "test", "fold"]) == {-1}
-    assert set(s.loc[s["split"] != "test", "fold"]) == {0, 1, 2, 3, 4}
+    assert set(s["split"]) == {"cv", "test"}
+    cv = s[s["split"] == "cv"]
+    assert set(cv["fold"]) == {0, 1, 2, 3, 4} and len(cv) + (s["split"] == "test").sum() == len(m)
+    assert cv.groupby("dup_group")["fold"].nunique().max() == 1  # a group stays in one fold
+    # class-stratified over groups: each fold holds about a fifth of each class's groups
+    groups = cv.drop_duplicates("dup_group")
+    for cls in groups["class"].unique():
+        per_fold = groups[groups["class"] == cls]["fold"].value_counts().reindex(range(5),
+                                                                               fill_value=0)
+        assert per_fold.max() - per_fold.min() <= 1, cls
+    # the test split is the one K = 0 holds out, so single-split and CV runs share test images
+    single = make_split(m, 0.8, 0.1, 0.1, seed=0)
+    assert set(s.loc[s["split"] == "test", "case_id"]) == set(
+        single.loc[single["split"] == "test", "case_id"])
+    metrics = split_metrics(s)
+    assert metrics["n_cv"] == len(cv) and metrics["n_groups_across_folds"] == 0
+    assert sum(metrics[f"n_fold_{k}"] for k in range(5)) == len(cv)
 
 
 def test_split_too_small_is_a_clear_error():

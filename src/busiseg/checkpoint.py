@@ -25,12 +25,13 @@ TRAINING_CODE = [Path(__file__).with_name(f"{m}.py")
                            "checkpoint", "inference")]
 
 
-def run_hash(p: Params, files: list[Path]) -> str:
+def run_hash(p: Params, files: list[Path], fold: int | None = None) -> str:
     """What a checkpoint belongs to: every param that changes training, the input files and the
     training code: a run interrupted, then resumed after an edit to the loss, would otherwise
-    continue the old code's weights under the new code's name."""
+    continue the old code's weights under the new code's name. Each fold is a run of its own."""
     relevant = {k: asdict(getattr(p, k)) for k in ("model", "train", "augment")}
     relevant["train"].pop("progress")
+    relevant["fold"] = fold
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for f in [*TRAINING_CODE, *files]:
         with open(f, "rb") as fh:
@@ -75,8 +76,20 @@ def resume(path: Path, key: str, model, optimizer, scheduler, scaler) -> Progres
                     ckpt["bad_epochs"], ckpt["seconds"])
 
 
-def mark_complete(path: Path, key: str) -> None:
-    atomic_torch_save({"format": FORMAT, "run_hash": key, "complete": True}, path)
+def mark_complete(path: Path, key: str, summary: dict | None = None,
+                  history: list[dict] | None = None) -> None:
+    """A finished run leaves only this marker, which is never resumed. A finished fold also
+    keeps its summary and curves, so a cross-validation run killed in a later fold skips it."""
+    atomic_torch_save({"format": FORMAT, "run_hash": key, "complete": True, "summary": summary,
+                       "history": history}, path)
+
+
+def finished_fold(path: Path, key: str) -> dict | None:
+    """The marker of a fold of this exact run that finished, or None."""
+    ckpt = load(path)
+    if ckpt and ckpt["run_hash"] == key and ckpt["complete"] and ckpt.get("summary"):
+        return ckpt
+    return None
 
 
 def load(path: Path) -> dict | None:

@@ -79,7 +79,27 @@ def rounded(metrics: dict, digits: int = 6) -> dict:
     out = {}
     for k, v in metrics.items():
         if isinstance(v, float):
-            out[k] = None if np.isnan(v) else round(v, digits)
+            out[k] = None if np.isnan(v) else round(v, digits) + 0.0  # no "-0.0"
         else:
             out[k] = v
     return out
+
+
+def lesion_dice_per_image(counts: np.ndarray) -> np.ndarray:
+    """Per-image Dice of the images whose ground truth has a lesion: the values `dice` averages."""
+    dice, _ = dice_iou(counts)
+    return dice[(counts[:, 0] + counts[:, 2]) > 0]
+
+
+def bootstrap_ci(rows: np.ndarray, stat, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of `stat` over images resampled with replacement (rows of `rows`, one
+    per image, so paired columns stay paired). Seeded: the same call gives the same interval."""
+    rows = np.asarray(rows, dtype=float)
+    if len(rows) == 0 or n_boot <= 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(rows), size=(n_boot, len(rows)))
+    stats = np.array([stat(rows[d]) for d in draws])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)

@@ -15,7 +15,7 @@ import torch
 
 from busiseg.data import atomic_torch_save
 from busiseg.errors import BusisegError
-from busiseg.models import arch_settings, build_model
+from busiseg.models import FoldEnsemble, arch_settings, build_model
 from busiseg.params import ModelParams, Params
 
 FORMAT = "busiseg-model"
@@ -39,13 +39,16 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int) -> None:
+def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
+               members: int = 0) -> None:
     """Weights plus what inference needs to feed them (size, normalisation). The threshold and
-    post-processing are evaluate's choice and live in its metrics/eval.json, not here."""
+    post-processing are evaluate's choice and live in its metrics/eval.json, not here. With
+    `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
     atomic_torch_save({
         "format": FORMAT,
         "version": VERSION,
         "model": dict(kwargs),
+        "members": members,
         "state_dict": state,
         "digest": weights_digest(state),
         "preprocess": {"size": size, "input_mean": p.model.input_mean,
@@ -56,7 +59,8 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int) -> N
 
 def load_model(path: str | Path,
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model from a busiseg model file; refuse anything else."""
+    """Rebuild the model (a FoldEnsemble for a cross-validation run) from a busiseg model file;
+    refuse anything else."""
     path = Path(path)
     if not path.is_file():
         raise BusisegError(f"{path}: model file not found; train one with dvc repro")
@@ -75,7 +79,11 @@ def load_model(path: str | Path,
     if not isinstance(state, dict) or weights_digest(state) != blob.get("digest"):
         raise BusisegError(f"{path}: refused: the weights do not match the file's digest "
                            "(corrupted or tampered with); retrain or restore the file")
-    model = build_model(**blob["model"])
+    members = blob.get("members", 0)
+    if members:
+        model = FoldEnsemble([build_model(**blob["model"]) for _ in range(members)])
+    else:
+        model = build_model(**blob["model"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -25,6 +25,7 @@ __all__ = [
     "CompactNet",
     "ConvNormAct",
     "DoubleConv",
+    "FoldEnsemble",
     "ResidualBlock",
     "SegModel",
     "UNet",
@@ -410,6 +411,23 @@ class CompactNet(SegModel):
         y = self.decoder(self.bottleneck(self.encoder(x)))
         y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
         return self.head(y)
+
+
+class FoldEnsemble(nn.Module):
+    """The fold models of a cross-validation run as one model: the mean of the members'
+    probabilities, returned as logits, so TTA, evaluate, predict and ONNX export treat it like
+    any single model."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.size_divisor = max(int(getattr(m, "size_divisor", 1)) for m in members)
+        self.config = {**members[0].config, "members": len(members)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        prob = prob.clamp(1e-7, 1 - 1e-7)  # finite logits; 1e-7 is far from any threshold
+        return torch.log(prob) - torch.log1p(-prob)
 
 
 # --------------------------------------------------------------------------------------------

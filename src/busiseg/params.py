@@ -195,10 +195,13 @@ class EvaluateParams:
     batch_size: int = 16
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on a GPU, off on CPU
+    bootstrap: int = 1000  # resamples of the test images for the 95 % intervals; 0 = none
+    bootstrap_seed: int = 0
 
     def check(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be ≥ 1")
+        _require(self.bootstrap >= 0, "evaluate.bootstrap", "must be ≥ 0 (0 = no intervals)")
 
 
 @dataclass(frozen=True)

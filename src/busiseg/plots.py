@@ -24,19 +24,35 @@ def read_live_curves(live_dir: str | Path) -> pd.DataFrame:
     return pd.concat(frames, axis=1).rename_axis("epoch").reset_index()
 
 
-def plot_curves(curves: pd.DataFrame, out: Path) -> None:
+def read_live_runs(live_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The curves of one run, or of every fold (live_dir/fold_K/) of a cross-validation run."""
+    live_dir = Path(live_dir)
+    folds = sorted(live_dir.glob("fold_*"), key=lambda d: int(d.name.split("_")[1]))
+    if folds:
+        return {d.name.replace("_", " "): read_live_curves(d) for d in folds}
+    return {"": read_live_curves(live_dir)}
+
+
+def plot_curves(runs: dict[str, pd.DataFrame] | pd.DataFrame, out: Path) -> None:
+    """Loss, validation Dice/IoU and learning rate; with folds, one line per fold (each fold's
+    validation is its own held-out fold, and its model is the last epoch)."""
+    if isinstance(runs, pd.DataFrame):
+        runs = {"": runs}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
-    axes[0].plot(curves["epoch"], curves["train_loss"], label="train")
-    axes[0].plot(curves["epoch"], curves["val_loss"], label="val")
+    for name, curves in runs.items():
+        tag = f"{name} " if name else ""
+        axes[0].plot(curves["epoch"], curves["train_loss"], label=f"{tag}train")
+        axes[0].plot(curves["epoch"], curves["val_loss"], label=f"{tag}val", ls="--")
+        axes[1].plot(curves["epoch"], curves["val_dice"], label=f"{tag}val Dice")
+        if not name:
+            axes[1].plot(curves["epoch"], curves["val_iou"], label="val IoU")
+            best = curves.loc[curves["val_dice"].idxmax()]
+            axes[1].axvline(best["epoch"], color="grey", ls="--", lw=1,
+                            label=f"best epoch {int(best['epoch'])}")
+        axes[2].plot(curves["epoch"], curves["lr"])
     axes[0].set_title("loss")
-    axes[1].plot(curves["epoch"], curves["val_dice"], label="val Dice")
-    axes[1].plot(curves["epoch"], curves["val_iou"], label="val IoU")
-    best = curves.loc[curves["val_dice"].idxmax()]
-    axes[1].axvline(best["epoch"], color="grey", ls="--", lw=1,
-                    label=f"best epoch {int(best['epoch'])}")
     axes[1].set_ylim(0, 1)
     axes[1].set_title("validation (lesion images, per-image mean)")
-    axes[2].plot(curves["epoch"], curves["lr"])
     axes[2].set_title("learning rate")
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -92,6 +108,29 @@ def pick_montage(per_image: pd.DataFrame, n: int) -> list[int]:
         take = np.linspace(0, len(rows) - 1, num=min(per_class, len(rows))).round().astype(int)
         picks.extend(rows[take].tolist())
     return sorted(picks)[:n]
+
+
+def plot_dice_distribution(tables: dict[str, pd.DataFrame], out: Path) -> None:
+    """Per-image Dice of the lesion images, one box and its points per set (test, out-of-fold):
+    the spread the mean hides, and the failures behind it."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), constrained_layout=True)
+    names, values = [], []
+    for name, table in tables.items():
+        dice = table.loc[table["lesion_area"] > 0, "dice"].to_numpy()
+        if len(dice):
+            names.append(f"{name}\n(n={len(dice)}, mean {dice.mean():.3f})")
+            values.append(dice)
+    if values:
+        ax.boxplot(values, vert=False, widths=0.5, showfliers=False)
+        rng = np.random.default_rng(0)
+        for i, v in enumerate(values, start=1):
+            ax.scatter(v, i + rng.uniform(-0.15, 0.15, len(v)), s=6, alpha=0.5)
+        ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("per-image Dice (lesion images)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def pick_worst(per_image: pd.DataFrame, n: int) -> list[int]:

@@ -41,7 +41,9 @@ from busiseg.runtime import (
 
 
 def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_path: Path,
-          live_dir: Path) -> dict:
+          live_dir: Path, fold: int | None = None) -> dict:
+    """One model: on the train split, keeping the best epoch on val; or, with `fold`, fold model
+    k of a cross-validation run, trained on the other folds and kept at its last epoch."""
     cfg = p.train
     device = pick_device(cfg.device, "train.device")
     configure_threads_and_kernels(cfg.threads, cfg.deterministic, device)
@@ -49,7 +51,14 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     seed_everything(cfg.seed)
 
-    data = load_data(cache_path, split_path, p.preprocess.size, device)
+    key = checkpoint.run_hash(p, [cache_path, split_path], fold)
+    done = checkpoint.finished_fold(ckpt_path, key) if fold is not None else None
+    if done and model_path.is_file():  # a cross-validation run killed in a later fold
+        print(f"train: fold {fold} already trained ({model_path}); not training it again")
+        open_live(live_dir, done["history"])
+        return done["summary"]
+
+    data = load_data(cache_path, split_path, p.preprocess.size, device, fold)
     kwargs = model_kwargs(p.model)
     model = build_model(**kwargs)
     check_input_size(model, data.size, data.size)
@@ -64,10 +73,10 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     fwd = torch.compile(model) if cfg.compile else model
 
     # resume only a checkpoint of this exact run that did not finish
-    key = checkpoint.run_hash(p, [cache_path, split_path])
     run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
     if run.epoch:
-        print(f"train: resuming from epoch {run.epoch} of {cfg.epochs} ({ckpt_path})")
+        print(f"train: resuming{'' if fold is None else f' fold {fold}'} from epoch {run.epoch} "
+              f"of {cfg.epochs} ({ckpt_path})")
     live = open_live(live_dir, run.history)
 
     progress = show_progress(cfg.progress)
@@ -89,12 +98,13 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         # persist first: once the line below is printed, this epoch survives a kill
         checkpoint.save(ckpt_path, key, run, model, optimizer, scheduler, scaler)
         log_epoch(live, run.history[-1])
-        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+        tag = "" if fold is None else f"fold {fold} "
+        print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
               f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_iou {val['iou']:.4f}"
               f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
     return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
-                  images_seen=steps_per_epoch * bs * len(run.history), device=device)
+                  images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold)
 
 
 # ---- the parts around the loop --------------------------------------------------------------
@@ -112,16 +122,24 @@ class TrainingData:
     size: int
 
 
-def load_data(cache_path: Path, split_path: Path, size: int, device: torch.device) -> TrainingData:
+def load_data(cache_path: Path, split_path: Path, size: int, device: torch.device,
+              fold: int | None = None) -> TrainingData:
+    """Train and val cases: the split's, or for fold k the other folds and fold k."""
     cache = load_cache(cache_path, size)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
 
-    def indices(name: str) -> torch.Tensor:
-        return torch.tensor(cache.indices(split.loc[split["split"] == name, "case_id"].tolist()))
+    def indices(rows: pd.Series) -> torch.Tensor:
+        return torch.tensor(cache.indices(split.loc[rows, "case_id"].tolist()))
 
-    tr_idx, va_idx = indices("train"), indices("val")
+    if fold is None:
+        tr_idx, va_idx = indices(split["split"] == "train"), indices(split["split"] == "val")
+    else:
+        cv = split["split"] == "cv"
+        tr_idx, va_idx = indices(cv & (split["fold"] != fold)), indices(split["fold"] == fold)
     if len(tr_idx) == 0 or len(va_idx) == 0:
-        raise BusisegError(f"{split_path}: the train and val splits must both be non-empty")
+        what = "the train and val splits" if fold is None else f"fold {fold} and the other folds"
+        raise BusisegError(f"{split_path}: {what} must both be non-empty; re-run the split stage "
+                           "(dvc repro split) with split.folds as params.yaml says")
     images, masks = cache.images.to(device), cache.masks.to(device)
     va = va_idx.to(device)
     return TrainingData(images, masks, tr_idx, images[va], masks[va], cache.size)
@@ -244,13 +262,18 @@ def log_epoch(live, row: dict) -> None:
 
 
 def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
-           ckpt_path: Path, key: str, images_seen: int, device: torch.device) -> dict:
-    """Save the best epoch's weights, retire the checkpoint, and summarise the run."""
+           ckpt_path: Path, key: str, images_seen: int, device: torch.device,
+           fold: int | None = None) -> dict:
+    """Save the kept weights, retire the checkpoint, and summarise the run. A fold model keeps
+    its last epoch: choosing the epoch on the fold it is then scored on would inflate the
+    cross-validation score (nnU-Net's fixed schedule, scored at its end)."""
     best_row = max(run.history, key=lambda r: r["val_dice"])
-    save_model(model_path, run.best_state, kwargs, p, size)
-    # the finished run leaves only a small marker: nothing a later run could resume by mistake
-    checkpoint.mark_complete(ckpt_path, key)
-    return {
+    if fold is None:
+        save_model(model_path, run.best_state, kwargs, p, size)
+    else:
+        save_model(model_path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   kwargs, p, size)
+    summary = {
         "best_epoch": best_row["epoch"],
         "best_val_dice": best_row["val_dice"],
         "best_val_iou": best_row["val_iou"],
@@ -260,6 +283,44 @@ def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, 
         "images_per_s": round(images_seen / run.seconds, 2) if run.seconds else None,
         "device": device.type,
         "n_params": sum(t.numel() for t in model.parameters()),
+    }
+    if fold is not None:
+        summary["kept_epoch"] = run.history[-1]["epoch"]
+        summary["kept_val_dice"] = run.history[-1]["val_dice"]
+    # the finished run leaves only a small marker: nothing a later run could resume by mistake
+    checkpoint.mark_complete(ckpt_path, key, *((summary, run.history) if fold is not None else ()))
+    return summary
+
+
+def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_path: Path,
+                           folds_dir: Path, live_dir: Path) -> dict:
+    """K fold models, each trained, checkpointed and resumed on its own in `folds_dir` (kept by
+    DVC across a kill), so a run killed during fold 3 re-trains none of folds 0-2. The finished
+    members become one model file; their own files go, so a later run starts afresh."""
+    k_folds = p.split.folds
+    folds_dir.mkdir(parents=True, exist_ok=True)
+    summaries = [train(p, cache_path, split_path, folds_dir / f"fold_{k}.pt",
+                       folds_dir / f"fold_{k}.ckpt", live_dir / f"fold_{k}", fold=k)
+                 for k in range(k_folds)]
+    state, size = {}, None
+    for k in range(k_folds):
+        blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
+        state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
+        size = blob["preprocess"]["size"]
+    save_model(model_path, state, model_kwargs(p.model), p, size, members=k_folds)
+    for k in range(k_folds):
+        (folds_dir / f"fold_{k}.pt").unlink()
+    seconds = sum(s["seconds"] for s in summaries)
+    images = sum(s["seconds"] * (s["images_per_s"] or 0) for s in summaries)
+    return {
+        "folds": k_folds,
+        "epochs_run": sum(s["epochs_run"] for s in summaries),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 2) if seconds else None,
+        "device": summaries[0]["device"],
+        "n_params": summaries[0]["n_params"],
+        **{f"fold_{k}_{key}": s[key] for k, s in enumerate(summaries)
+           for key in ("kept_val_dice", "epochs_run", "seconds")},
     }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from busiseg.evaluate import _on_val, binarize_as, load_splits
+from busiseg.evaluate import binarize_as, load_splits, score_setting
 from busiseg.metrics import summarize
 from busiseg.params import Params, load_params
 
@@ -27,7 +27,7 @@ def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
         for lcc, fill, tune in product((False, True), repeat=3):
             q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
                                             tune_threshold=tune))
-            _, threshold, val_dice = _on_val(d, q, va_prob, sweeps)
+            _, threshold, val_dice = score_setting(q, va_prob, d.va_true, sweeps)
             metrics, _ = summarize(binarize_as(te_prob, threshold, q), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
                          "tune_threshold": tune, "threshold": float(threshold),
