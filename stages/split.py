@@ -16,7 +16,11 @@ def main() -> None:
     split.to_csv(SPLIT, index=False)
     m = split_metrics(split)
     write_json(METRICS, m)
-    print(f"split: {m['n_train']} train, {m['n_val']} val, {m['n_test']} test")
+    if p.folds:
+        sizes = ", ".join(str(m[f"n_fold_{k}"]) for k in range(p.folds))
+        print(f"split: {m['n_cv']} cases in {p.folds} folds ({sizes}), {m['n_test']} test")
+    else:
+        print(f"split: {m['n_train']} train, {m['n_val']} val, {m['n_test']} test")
 
 
 if __name__ == "__main__":

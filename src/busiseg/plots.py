@@ -39,11 +39,12 @@ def plot_curves(runs: dict[str, pd.DataFrame] | pd.DataFrame, out: Path) -> None
     if isinstance(runs, pd.DataFrame):
         runs = {"": runs}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
-    for name, curves in runs.items():
+    for i, (name, curves) in enumerate(runs.items()):
         tag = f"{name} " if name else ""
-        axes[0].plot(curves["epoch"], curves["train_loss"], label=f"{tag}train")
-        axes[0].plot(curves["epoch"], curves["val_loss"], label=f"{tag}val", ls="--")
-        axes[1].plot(curves["epoch"], curves["val_dice"], label=f"{tag}val Dice")
+        colour = {"color": f"C{i}"} if name else {}  # a fold's train and val in one colour
+        axes[0].plot(curves["epoch"], curves["train_loss"], label=f"{tag}train", **colour)
+        axes[0].plot(curves["epoch"], curves["val_loss"], label=f"{tag}val", ls="--", **colour)
+        axes[1].plot(curves["epoch"], curves["val_dice"], label=f"{tag}val Dice", **colour)
         if not name:
             axes[1].plot(curves["epoch"], curves["val_iou"], label="val IoU")
             best = curves.loc[curves["val_dice"].idxmax()]
