@@ -200,16 +200,16 @@ def score_test(p: Params, m: Loaded, q: Params, threshold: float, val_dice: floa
     te_pred = binarize_as(m.probs(m.model, te_idx, q.evaluate.tta), threshold, q)
     metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist())
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
-    metrics = {
-        **rounded(metrics),
-        "dice_ci_low": rounded({"v": low})["v"],
-        "dice_ci_high": rounded({"v": high})["v"],
+    metrics = rounded({
+        **metrics,
+        "dice_ci_low": low,
+        "dice_ci_high": high,
         "threshold": threshold,
         "val_dice": val_dice,
         "n_test": len(te_idx),
         # what was applied to test (0/1), which select_on_val may have narrowed from the params
         **{f"used_{k}": int(getattr(q.evaluate, k)) for k in PIECES},
-    }
+    })
     return {"metrics": metrics, "per_image": per_image_table(te_rows, te_pred, te_true, counts),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
             "test_rows": te_rows}
