@@ -118,13 +118,13 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
         rec["split_seed"] = seed
     ev = json.loads((REPO / "metrics" / "eval.json").read_text())
     tr = json.loads((REPO / "metrics" / "train.json").read_text())
-    table = None if noisy else ablate(
+    table = None if noisy or p.split.folds else ablate(  # the ablation reads a val split
         p, REPO / "models" / "model.pt", REPO / "data" / "cache.npz", REPO / "data" / "split.csv")
     rec.setdefault("runs", {})[str(t if noisy else seed)] = {
         "command": "uv run " + shlex.join(exp_command(preset, seed, raw_dir, train_seed)),
         "eval": ev,
-        "train": {k: tr[k] for k in ("best_epoch", "best_val_dice", "epochs_run", "seconds",
-                                     "images_per_s", "device") if k in tr},
+        "train": {k: v for k, v in tr.items() if k.startswith("fold") or k in (
+            "best_epoch", "best_val_dice", "epochs_run", "seconds", "images_per_s", "device")},
         "wall_seconds": None if wall is None else round(wall, 1),
         # the code that trained it: a pair of runs from two codes is not the recipe change alone
         "commit": _commit(),
