@@ -7,6 +7,7 @@
     uv run python bench/bench.py memory --size 256               # peak RSS of the train stage
     uv run python bench/bench.py loss --size 128                 # step time with the empty term
     uv run python bench/bench.py predict --sizes 96 128          # PyTorch vs ONNX Runtime
+    uv run python bench/bench.py models --sizes 128 256          # step time + memory per model
 
 Timings are medians of repeated runs after warm-up; the two training paths are interleaved round
 by round in one process so that both see the same machine state.
@@ -381,6 +382,75 @@ def bench_predict(args) -> None:
                                   "rounds": args.rounds, "rows": rows})
 
 
+MODELS = ["arch=unet,base=16", "arch=smp_unet,encoder=tu-tf_efficientnet_lite0"]
+
+
+def _model_spec(spec: str) -> dict:
+    """`arch=smp_unet,encoder=resnet18` -> build_model kwargs (ints where they look like ints)."""
+    kw = dict(part.split("=", 1) for part in spec.split(","))
+    return {k: int(v) if v.isdigit() else v for k, v in kw.items()}
+
+
+def _train_step(model, opt, x, y, loss_fn) -> float:
+    t = time.perf_counter()
+    loss = loss_fn(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t
+
+
+def bench_models(args) -> None:
+    """Training step (forward, backward, AdamW) of each model on the same batches, the models
+    alternating round by round in one process; then each model's peak RSS over a few steps in a
+    process of its own, since RSS never shrinks within one."""
+    from busiseg.losses import SegLoss
+    from busiseg.models import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_rss_of:  # the child: a few steps, then report this process's peak
+        size = args.sizes[0]
+        model = build_model(**_model_spec(args.peak_rss_of)).train()
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        x, y = torch.randn(args.batch, 1, size, size), torch.rand(args.batch, 1, size, size)
+        for _ in range(3):
+            _train_step(model, opt, x, y.round(), SegLoss())
+        print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return
+    rows = []
+    for size in args.sizes:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch, 1, size, size, generator=gen)
+        y = (torch.rand(args.batch, 1, size, size, generator=gen) > 0.8).float()
+        built = {}
+        for spec in args.models:
+            torch.manual_seed(0)
+            model = build_model(**_model_spec(spec)).train()
+            built[spec] = (model, torch.optim.AdamW(model.parameters(), 1e-3))
+        times: dict[str, list[float]] = {spec: [] for spec in built}
+        loss_fn = SegLoss()
+        for r in range(args.rounds + 1):  # round 0 warms up
+            for spec in (list(built) if r % 2 else list(built)[::-1]):
+                ts = [_train_step(*built[spec], x, y, loss_fn) for _ in range(args.steps)]
+                if r:
+                    times[spec].extend(ts)
+        for spec, (model, _) in built.items():
+            code = [sys.executable, str(Path(__file__).resolve()), "models", "--sizes", str(size),
+                    "--batch", str(args.batch), "--threads", str(args.threads),
+                    "--peak-rss-of", spec]
+            out = subprocess.run(code, check=True, capture_output=True, text=True).stdout
+            row = {"model": spec, "size": size, "batch": args.batch,
+                   "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                   "step_s": round(statistics.median(times[spec]), 4),
+                   "steps_s": [round(t, 4) for t in times[spec]],
+                   "peak_rss_mb": round(int(out.split("RSS")[-1]) / 1024, 1)}
+            rows.append(row)
+            print(f"{size}px {spec}: {row['params_m']} M params, step {row['step_s']} s "
+                  f"(median of {len(times[spec])}), peak RSS {row['peak_rss_mb']} MB", flush=True)
+    save(args.name or "models", {"batch": args.batch, "rounds": args.rounds, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -434,6 +504,15 @@ def main() -> None:
     pr.add_argument("--rounds", type=int, default=5)
     pr.add_argument("--threads", type=int, default=0)
     pr.set_defaults(func=bench_predict)
+    mo = sub.add_parser("models", parents=[common])
+    mo.add_argument("--models", nargs="+", default=MODELS, help="build_model kwargs, k=v,k=v")
+    mo.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    mo.add_argument("--batch", type=int, default=8)
+    mo.add_argument("--threads", type=int, default=0)
+    mo.add_argument("--steps", type=int, default=3, help="timed steps per model per round")
+    mo.add_argument("--rounds", type=int, default=4)
+    mo.add_argument("--peak-rss-of", default=None, help=argparse.SUPPRESS)
+    mo.set_defaults(func=bench_models)
     args = ap.parse_args()
     args.func(args)
 

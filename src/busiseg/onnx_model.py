@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from busiseg.errors import BusisegError
+from busiseg.errors import BusisegError, first_line
 from busiseg.inference import MaskSettings
+from busiseg.models import is_smp
 
 OPSET = 18  # the opset the parity tests verify
 FORMAT = "busiseg-onnx"
@@ -31,6 +32,9 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     size = int(pre["size"])
     model = model.cpu().eval()
     batch, height, width = (torch.export.Dim(n) for n in ("batch", "height", "width"))
+    # timm's TensorFlow-style "same" padding makes a symbolic height/width export run for many
+    # minutes; predict always feeds the training size, so smp models export at that size only
+    spatial = {} if is_smp(blob["model"]["arch"]) else {2: height, 3: width}
     probe = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -38,27 +42,36 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
             torch.onnx.export(model, (probe,), str(out), input_names=["image"],
                               output_names=["logits"], opset_version=OPSET, dynamo=True,
                               external_data=False,
-                              dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
+                              dynamic_shapes={"x": {0: batch, **spatial}})
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; report one line
         raise BusisegError(f"{out}: ONNX export failed ({type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[0][:200]})") from None
+                           f"{first_line(exc, 200)})") from None
     meta = {"format": FORMAT, "version": VERSION, "opset": OPSET, "size": size,
             "input_mean": float(pre["input_mean"]), "input_std": float(pre["input_std"]),
-            **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"]}
+            **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"],
+            "any_size": bool(spatial)}
     import onnx
 
     proto = onnx.load(str(out))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
     onnx.save(proto, str(out))
-    _check_parity(model, out, probe)
+    _check_parity(model, out, probe, any_size=bool(spatial))
     return meta
 
 
-def _check_parity(model: torch.nn.Module, path: Path, probe: torch.Tensor) -> None:
+def _check_parity(model: torch.nn.Module, path: Path, probe: torch.Tensor,
+                  any_size: bool = True) -> None:
     """ONNX Runtime's probabilities against PyTorch's, at the training size and at another."""
     forward, _ = load_onnx(path)
-    for x in (probe, torch.nn.functional.interpolate(probe, scale_factor=0.5)[:1]):
+    step = int(getattr(model, "size_divisor", 1))
+    size = probe.shape[-1]
+    other = max(step, size // 2 // step * step)
+    other = other if other != size else size + step
+    probes = [probe]
+    if any_size:
+        probes.append(torch.nn.functional.interpolate(probe, size=(other, other))[:1])
+    for x in probes:
         with torch.inference_mode():
             want = torch.sigmoid(model(x))
         diff = float((torch.sigmoid(forward(x)) - want).abs().max())
@@ -94,7 +107,7 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a usable ONNX file
         raise BusisegError(f"{path}: not a readable ONNX model "
-                           f"({str(exc).strip().splitlines()[0][:160]})") from None
+                           f"({first_line(exc)})") from None
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     try:
         meta = json.loads(raw)

@@ -94,6 +94,10 @@ class ModelParams:
     norm: Literal["batch", "instance", "group", "none"] = "batch"
     dropout: float = 0.0
     deep_supervision: bool = False  # unet_plus_plus only
+    # smp_* archs only: encoder name, and ImageNet weights ("none" = random init)
+    encoder: str = "tu-tf_efficientnet_lite0"
+    encoder_weights: Literal["imagenet", "none"] = "imagenet"
+    encoder_weights_path: str = ""  # a local weights file; empty = bundled, else smp's download
     # input normalisation applied to uint8/255 images; stored in the model file for predict
     input_mean: float = 0.5
     input_std: float = 0.25
@@ -103,6 +107,10 @@ class ModelParams:
         _require(1 <= self.depth <= 6, "model.depth", "must be in 1..6")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
         _require(self.input_std > 0, "model.input_std", "must be > 0")
+        _require(not self.encoder_weights_path or (self.arch.startswith("smp_")
+                 and self.encoder_weights == "imagenet"), "model.encoder_weights_path",
+                 "is read only by smp_* archs with model.encoder_weights: imagenet; "
+                 "clear it or set those")
 
 
 @dataclass(frozen=True)

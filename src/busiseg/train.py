@@ -30,6 +30,7 @@ from busiseg.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.modelio import model_kwargs, save_model
 from busiseg.models import build_model, check_input_size
 from busiseg.params import Params, TrainParams
+from busiseg.pretrained import init_encoder, input_normalisation, weights_files
 from busiseg.runtime import (
     amp_dtype,
     autocast,
@@ -51,7 +52,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     seed_everything(cfg.seed)
 
-    key = checkpoint.run_hash(p, [cache_path, split_path], fold)
+    key = checkpoint.run_hash(p, [cache_path, split_path, *weights_files(p.model)], fold)
     done = checkpoint.finished_fold(ckpt_path, key) if fold is not None else None
     if done and model_path.is_file():  # a cross-validation run killed in a later fold
         print(f"train: fold {fold} already trained ({model_path}); not training it again")
@@ -62,6 +63,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     kwargs = model_kwargs(p.model)
     model = build_model(**kwargs)
     check_input_size(model, data.size, data.size)
+    encoder_source = init_encoder(model, p.model)
     model = model.to(device, memory_format=memory_format)
     bs = min(cfg.batch_size, len(data.train_idx))
     steps_per_epoch = max(1, len(data.train_idx) // bs)  # no ragged batch: BatchNorm needs ≥ 2
@@ -104,7 +106,8 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
               f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
     return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
-                  images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold)
+                  images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold,
+                  encoder_source=encoder_source)
 
 
 # ---- the parts around the loop --------------------------------------------------------------
@@ -178,6 +181,7 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout RNG, per epoch
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
     perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
+    mean, std = input_normalisation(p.model)
     model.train()
     losses = []
     for step in range(steps_per_epoch):
@@ -185,7 +189,7 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
         x = data.images[idx].float() / 255
         y = data.masks[idx].float()
         x, y = augment_batch(x, y, p.augment, gen)
-        x = ((x - p.model.input_mean) / p.model.input_std).contiguous(memory_format=memory_format)
+        x = ((x - mean) / std).contiguous(memory_format=memory_format)
         with autocast(device, dtype):
             out = fwd(x)
         loss = loss_fn(out, y)
@@ -211,7 +215,7 @@ def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
     bs = p.train.val_batch_size
     model.eval()
     total, counts = 0.0, []
-    batches = input_batches(data.val_images, p.model.input_mean, p.model.input_std, device, bs,
+    batches = input_batches(data.val_images, *input_normalisation(p.model), device, bs,
                             memory_format == torch.channels_last)
     with torch.inference_mode():
         for x, y in zip(batches, data.val_masks.split(bs)):
@@ -263,16 +267,14 @@ def log_epoch(live, row: dict) -> None:
 
 def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
            ckpt_path: Path, key: str, images_seen: int, device: torch.device,
-           fold: int | None = None) -> dict:
+           fold: int | None = None, encoder_source: dict | None = None) -> dict:
     """Save the kept weights, retire the checkpoint, and summarise the run. A fold model keeps
     its last epoch: choosing the epoch on the fold it is then scored on would inflate the
     cross-validation score (nnU-Net's fixed schedule, scored at its end)."""
     best_row = max(run.history, key=lambda r: r["val_dice"])
-    if fold is None:
-        save_model(model_path, run.best_state, kwargs, p, size)
-    else:
-        save_model(model_path, {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   kwargs, p, size)
+    state = run.best_state if fold is None else \
+        {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_model(model_path, state, kwargs, p, size, encoder_weights=encoder_source)
     summary = {
         "best_epoch": best_row["epoch"],
         "best_val_dice": best_row["val_dice"],
@@ -302,12 +304,13 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
     summaries = [train(p, cache_path, split_path, folds_dir / f"fold_{k}.pt",
                        folds_dir / f"fold_{k}.ckpt", live_dir / f"fold_{k}", fold=k)
                  for k in range(k_folds)]
-    state, size = {}, None
+    state, size, source = {}, None, None
     for k in range(k_folds):
         blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
         state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
-        size = blob["preprocess"]["size"]
-    save_model(model_path, state, model_kwargs(p.model), p, size, members=k_folds)
+        size, source = blob["preprocess"]["size"], blob.get("encoder_weights")
+    save_model(model_path, state, model_kwargs(p.model), p, size, members=k_folds,
+               encoder_weights=source)
     for k in range(k_folds):
         (folds_dir / f"fold_{k}.pt").unlink()
     seconds = sum(s["seconds"] for s in summaries)
