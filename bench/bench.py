@@ -63,6 +63,17 @@ def prepare(raw_dir: str | None, size: int, tmp: Path):
     return raw, manifest, load_cache(tmp / "cache.npz")
 
 
+def peak_rss_kb() -> int:
+    """This process's peak RSS. Linux's ru_maxrss starts a child at its parent's RSS (the
+    high-water mark survives fork and exec), so a child measured that way reports its parent;
+    VmHWM belongs to the process's own memory map."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return int(next(line.split()[1] for line in status.read_text().splitlines()
+                        if line.startswith("VmHWM")))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # macOS: bytes
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -325,11 +336,12 @@ def bench_memory(args) -> None:
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         for stage in ("ingest", "preprocess", "split"):
             _run_stage(work, str(REPO / "stages" / f"{stage}.py"))
-        code = ("import resource, runpy, sys; sys.argv=['train.py']; "
-                f"runpy.run_path({str(REPO / 'stages' / 'train.py')!r}, run_name='__main__')")
+        code = (f"import runpy, sys; sys.path.insert(0, {str(REPO / 'bench')!r}); "
+                "sys.argv=['train.py']; "
+                f"runpy.run_path({str(REPO / 'stages' / 'train.py')!r}, run_name='__main__'); "
+                "from bench import peak_rss_kb; print('RSS', peak_rss_kb())")
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", code + "; print('RSS', resource.getrusage("
-                               "resource.RUSAGE_SELF).ru_maxrss)"], cwd=work, check=True,
+        proc = subprocess.run([sys.executable, "-c", code], cwd=work, check=True,
                               capture_output=True, text=True)
         seconds = time.perf_counter() - t
     rss = int(proc.stdout.strip().split("RSS")[-1]) / 1024
@@ -416,7 +428,7 @@ def bench_models(args) -> None:
         x, y = torch.randn(args.batch, 1, size, size), torch.rand(args.batch, 1, size, size)
         for _ in range(3):
             _train_step(model, opt, x, y.round(), SegLoss())
-        print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        print("RSS", peak_rss_kb())
         return
     rows = []
     for size in args.sizes:
