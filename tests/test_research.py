@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,36 @@ def test_protocol_names_the_presets_when_one_is_unknown(monkeypatch):
     message = str(exc.value)
     assert "no preset 'busi-cpu-emtpy'" in message and "busi-cpu-empty" in message
     assert "\n" not in message
+
+
+def _workspace(root: Path, histories: list[list[float]], seconds: list[float]) -> Path:
+    for k, hist in enumerate(histories):
+        d = root / "dvclive" / "train" / f"fold_{k}" / "plots" / "metrics"
+        d.mkdir(parents=True)
+        (d / "val_dice.tsv").write_text("step\tval_dice\n" + "".join(
+            f"{e + 1}\t{v}\n" for e, v in enumerate(hist)))
+    train = {"folds": len(histories),
+             **{f"fold_{k}_seconds": s for k, s in enumerate(seconds)},
+             **{f"fold_{k}_epochs_run": len(h) for k, h in enumerate(histories)}}
+    (root / "metrics").mkdir()
+    (root / "metrics" / "train.json").write_text(json.dumps(train))
+    return root
+
+
+def test_time_to_quality_counts_epochs_to_the_reference_level_per_fold(tmp_path: Path):
+    from busiseg.research.time_to_quality import read_run, time_to_quality
+
+    # reference: 4 epochs of 60 s (the slower fold, 90 s/epoch, shared the machine)
+    ref = _workspace(tmp_path / "ref", [[0.5, 0.7, 0.8, 0.75], [0.4, 0.6, 0.7, 0.7]], [240, 360])
+    run = _workspace(tmp_path / "run", [[0.76, 0.9], [0.5, 0.71]], [30, 30])  # 15 s/epoch
+    result = time_to_quality(*read_run(ref), *read_run(run))
+    assert [f["level"] for f in result["folds"]] == [0.75, 0.7]
+    assert [f["reference_epoch"] for f in result["folds"]] == [3, 3]
+    assert [f["run_epoch"] for f in result["folds"]] == [1, 2]
+    assert result["reference_min"] == 6.0 and result["run_min"] == 0.8  # (3+3)·60 s, (1+2)·15 s
+    assert result["ratio"] == 0.125
+    slow = _workspace(tmp_path / "slow", [[0.1, 0.2], [0.9, 0.9]], [30, 30])
+    never = time_to_quality(*read_run(ref), *read_run(slow))
+    assert never["folds"][0]["run_epoch"] is None and never["run_min"] is None
+    with pytest.raises(SystemExit, match="same folds"):
+        time_to_quality(*read_run(ref), [[0.9]], 1.0)
