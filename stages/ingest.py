@@ -1,7 +1,7 @@
 """Stage ingest: pair every image with all its masks into data/manifest.csv, report problems."""
 
 from busiseg.data import write_manifest_rows
-from busiseg.ingest import ingest, report_dict
+from busiseg.ingest import AuditPolicy, ingest, report_dict
 from busiseg.params import load_params
 from busiseg.stage import remove_outputs, run, write_json
 
@@ -13,7 +13,8 @@ METRICS = "metrics/ingest.json"
 def main() -> None:
     remove_outputs(MANIFEST, REPORT, METRICS)
     p = load_params().data
-    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers)
+    audit = AuditPolicy(p.label_mismatch, p.cross_class_duplicates, p.burned_marks)
+    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit)
     write_manifest_rows(MANIFEST, result.rows)
     write_json(REPORT, report_dict(result, p.raw_dir))
     write_json(METRICS, result.metrics)
@@ -21,6 +22,11 @@ def main() -> None:
     print(f"ingest: {m['n_images']} images ({m['n_images_benign']} benign, "
           f"{m['n_images_malignant']} malignant, {m['n_images_normal']} normal), "
           f"{m['n_masks']} masks, {m['n_duplicate_groups']} duplicate groups")
+    print(f"audit: {m['audit_label_mismatch']} label mismatches, "
+          f"{m['audit_cross_class_duplicates']} images duplicated across classes, "
+          f"{m['audit_burned_marks']} with burned-in colour marks, "
+          f"{m['audit_converted_images']} images converted, {m['audit_binarised_masks']} masks "
+          f"binarised; {m['audit_skipped']} skipped (each named in {REPORT})")
     for problem in result.problems:
         print(f"skipped: {problem.message}")
 

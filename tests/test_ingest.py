@@ -60,10 +60,6 @@ def test_os_clutter_is_listed_as_ignored(small_busi: Path):
     ("zero_byte", "bad_image"),
     ("text_as_png", "bad_image"),
     ("jpeg_as_png", "bad_image"),
-    ("sixteen_bit", "bad_image"),
-    ("palette", "bad_image"),
-    ("grey_mask", "bad_mask"),
-    ("palette_mask", "bad_mask"),
     ("non_image_file", "not_png"),
     ("nested", "nested_folder"),
     ("unknown_class", "unknown_class_folder"),
@@ -82,13 +78,6 @@ def test_each_problem_is_named_and_skippable(small_busi: Path, breakage: str, ki
         "zero_byte": lambda: (b / "benign (2).png").write_bytes(b""),
         "text_as_png": lambda: (b / "benign (2).png").write_text("hello"),
         "jpeg_as_png": lambda: Image.open(b / "benign (2).png").save(b / "benign (2).png", "JPEG"),
-        "sixteen_bit": lambda: Image.fromarray(np.full((32, 40), 4000, np.uint16)).save(
-            b / "benign (2).png"),
-        "palette": lambda: Image.open(b / "benign (2).png").convert("P").save(b / "benign (2).png"),
-        "grey_mask": lambda: write_png(b / "benign (2)_mask.png",
-                                       np.arange(32 * 40, dtype=np.uint8).reshape(32, 40) % 7),
-        "palette_mask": lambda: Image.open(b / "benign (2)_mask.png").convert("P").save(
-            b / "benign (2)_mask.png"),
         "non_image_file": lambda: (b / "notes.txt").write_text("x"),
         "nested": lambda: shutil.copy(b / "benign (2).png", (b / "sub").mkdir() or b / "sub"),
         "unknown_class": lambda: make_case(small_busi, "Other", 1),
@@ -177,3 +166,130 @@ def test_real_busi_counts():
         == (780, 437, 210, 133)
     assert (m["n_masks"], m["n_multi_mask"], m["n_problems"]) == (798, 17, 0)
     assert m["n_duplicate_groups"] > 0
+    audit = ("audit_label_mismatch", "audit_cross_class_duplicates", "audit_burned_marks",
+             "audit_converted_images", "audit_binarised_masks", "audit_skipped")
+    assert tuple(m[k] for k in audit) == (0, 18, 12, 0, 0, 0)
+
+
+# ------------------------------------------------------------------------------- the data audit
+
+
+def audit_of(root: Path, near_dup_hamming: int = 6, **policy):
+    from busiseg.ingest import AuditPolicy
+
+    return ingest(root, near_dup_hamming=near_dup_hamming, audit=AuditPolicy(**policy))
+
+
+def break_labels(root: Path) -> None:
+    """A benign image whose mask is empty and a normal image whose mask marks a lesion."""
+    write_png(root / "benign" / "benign (2)_mask.png", np.zeros((32, 40), np.uint8))
+    mask = np.zeros((32, 40), np.uint8)
+    mask[10:20, 10:20] = 255
+    write_png(root / "normal" / "normal (3)_mask.png", mask)
+
+
+def test_label_mismatch_both_ways_is_found_and_kept_by_default(small_busi: Path):
+    break_labels(small_busi)
+    result = audit_of(small_busi)
+    found = {f.case_id: f for f in result.findings if f.kind == "label_mismatch"}
+    assert set(found) == {"benign (2)", "normal (3)"}
+    assert "no lesion" in found["benign (2)"].detail
+    assert "100 lesion pixels" in found["normal (3)"].detail
+    assert result.metrics["audit_label_mismatch"] == 2 and result.metrics["n_images"] == 12
+    assert result.metrics["audit_skipped"] == 0
+    assert {f.action for f in found.values()} == {"kept"}
+
+
+def test_label_mismatch_skip_drops_and_error_names_the_file_and_param(small_busi: Path):
+    break_labels(small_busi)
+    skipped = audit_of(small_busi, label_mismatch="skip")
+    assert skipped.metrics["n_images"] == 10 and skipped.metrics["audit_skipped"] == 2
+    assert {"benign (2)", "normal (3)"}.isdisjoint(skipped.manifest["case_id"])
+    assert {f.action for f in skipped.findings if f.kind == "label_mismatch"} == {"skipped"}
+    with pytest.raises(IngestError) as info:
+        audit_of(small_busi, label_mismatch="error")
+    lines = str(info.value).splitlines()
+    assert any("benign (2).png" in line and "data.label_mismatch" in line for line in lines)
+
+
+def test_duplicates_across_classes_are_named_and_skippable(small_busi: Path):
+    b, m = small_busi / "benign", small_busi / "malignant"
+    shutil.copy(b / "benign (3).png", m / "malignant (9).png")
+    shutil.copy(m / "malignant (1)_mask.png", m / "malignant (9)_mask.png")
+    shutil.copy(b / "benign (4).png", b / "benign (9).png")  # within one class: no label doubt
+    shutil.copy(b / "benign (4)_mask.png", b / "benign (9)_mask.png")
+    # exact copies only: the fixture's same-numbered cases share their speckle (near duplicates)
+    result = audit_of(small_busi, near_dup_hamming=-1)
+    found = {f.case_id: f.detail for f in result.findings if f.kind == "cross_class_duplicate"}
+    assert set(found) == {"benign (3)", "malignant (9)"}
+    assert "spanning benign and malignant: also malignant (9) (malignant)" in found["benign (3)"]
+    assert result.metrics["audit_cross_class_duplicates"] == 2
+    skipped = audit_of(small_busi, near_dup_hamming=-1, cross_class_duplicates="skip")
+    assert {"benign (3)", "malignant (9)"}.isdisjoint(skipped.manifest["case_id"])
+    assert skipped.metrics["n_images"] == 12 and skipped.metrics["n_duplicate_groups"] == 1
+    with pytest.raises(IngestError, match="data.cross_class_duplicates"):
+        audit_of(small_busi, near_dup_hamming=-1, cross_class_duplicates="error")
+
+
+def test_coloured_marks_burned_into_a_grey_image_are_found(small_busi: Path):
+    from busiseg.ingest import MARK_PIXELS
+
+    path = small_busi / "malignant" / "malignant (2).png"
+    rgb = np.asarray(Image.open(path).convert("RGB")).copy()
+    rgb[2:4, 2:2 + MARK_PIXELS // 2] = (255, 255, 0)  # a yellow caliper tick
+    Image.fromarray(rgb).save(path)
+    result = audit_of(small_busi)
+    marks = [f for f in result.findings if f.kind == "burned_marks"]
+    assert [f.case_id for f in marks] == ["malignant (2)"]
+    assert f"{MARK_PIXELS} coloured pixels" in marks[0].detail
+    assert audit_of(small_busi, burned_marks="skip").metrics["n_images_malignant"] == 3
+    with pytest.raises(IngestError, match="data.burned_marks"):
+        audit_of(small_busi, burned_marks="error")
+    # one pixel short of the rule, or the same frame in grey: no finding
+    rgb[2, 2] = rgb[2, 3] = (120, 120, 120)
+    Image.fromarray(rgb).save(path)
+    assert audit_of(small_busi).metrics["audit_burned_marks"] == 0
+
+
+def test_mask_with_many_values_is_binarised_with_a_warning(small_busi: Path):
+    from busiseg.data import load_mask_union
+
+    path = small_busi / "benign" / "benign (2)_mask.png"
+    soft = np.zeros((32, 40), np.uint8)
+    soft[8:24, 10:30] = 255
+    soft[8:24, 10] = 127  # anti-aliased edge: below half scale, background
+    soft[8:24, 29] = 128  # at half scale: lesion
+    write_png(path, soft)
+    result = audit_of(small_busi)
+    notes = [f for f in result.findings if f.kind == "binarised"]
+    assert [f.file for f in notes] == ["benign/benign (2)_mask.png"]
+    assert "4 values" in notes[0].detail and "128" in notes[0].detail
+    assert result.metrics["audit_binarised_masks"] == 1 and result.metrics["n_problems"] == 0
+    assert (load_mask_union([path]) == (soft >= 128)).all()
+
+
+def test_sixteen_bit_and_palette_images_are_converted_and_stated(small_busi: Path):
+    from busiseg.data import load_image
+
+    b = small_busi / "benign"
+    wide = (np.arange(32 * 40, dtype=np.uint32).reshape(32, 40) * 51).astype(np.uint16)
+    Image.fromarray(wide).save(b / "benign (2).png")
+    grey = load_image(b / "benign (3).png")
+    Image.fromarray(grey).convert("P").save(b / "benign (3).png")
+    result = audit_of(small_busi)
+    notes = {f.case_id: f.detail for f in result.findings if f.kind == "converted"}
+    assert set(notes) == {"benign (2)", "benign (3)"}
+    assert "v / 257" in notes["benign (2)"] and "palette" in notes["benign (3)"]
+    assert result.metrics["audit_converted_images"] == 2 and result.metrics["n_problems"] == 0
+    assert (load_image(b / "benign (2).png") == np.rint(wide / 257).astype(np.uint8)).all()
+    assert (load_image(b / "benign (3).png") == grey).all()  # a grey palette keeps its values
+
+
+def test_audit_report_lists_every_finding(small_busi: Path):
+    from busiseg.ingest import report_dict
+
+    break_labels(small_busi)
+    result = audit_of(small_busi, near_dup_hamming=-1, label_mismatch="skip")
+    report = json.loads(json.dumps(report_dict(result, str(small_busi))))
+    assert {(f["case_id"], f["kind"], f["action"]) for f in report["audit"]} == {
+        ("benign (2)", "label_mismatch", "skipped"), ("normal (3)", "label_mismatch", "skipped")}

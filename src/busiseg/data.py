@@ -24,6 +24,7 @@ LESION_CLASSES = ("benign", "malignant")
 IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
 MASK_MODES = ("1", "L", "RGB", "RGBA", "LA")
 MASK_SEP = "|"
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a 8k×8k ultrasound frame is already absurd; refuse bombs
 
@@ -54,7 +55,14 @@ def _reason(exc: Exception) -> str:
 
 
 def image_to_gray(img: Image.Image, path: Path) -> np.ndarray:
-    """Ultrasound is single-channel; RGB copies (some with coloured marks) are converted to luma."""
+    """Ultrasound is single-channel. RGB copies (some with coloured marks) become luma; palette
+    images go through their RGB colours; 16-bit grey keeps its top 8 bits' worth (v / 257,
+    rounded, so 0 and 65535 stay black and white)."""
+    if img.mode in SIXTEEN_BIT:
+        wide = np.asarray(img, dtype=np.int64)
+        return np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode not in IMAGE_MODES:
         raise BusisegError(f"{path}: image mode {_mode_name(img.mode)} is not supported; "
                            "save it as 8-bit grayscale or RGB PNG")
@@ -63,17 +71,46 @@ def image_to_gray(img: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def mask_to_bool(img: Image.Image, path: Path) -> np.ndarray:
-    """Lesion = any non-zero colour channel (alpha only masks out), whatever the storage mode."""
+def conversion_note(img: Image.Image) -> str | None:
+    """What image_to_gray did to a file that was not 8-bit grey or colour, for the audit."""
+    if img.mode in SIXTEEN_BIT:
+        return f"{_mode_name(img.mode)} image converted to 8-bit grey as round(v / 257)"
+    if img.mode == "P":
+        return "palette (P) image converted to 8-bit grey through its RGB colours (luma)"
+    return None
+
+
+def mask_to_bool(img: Image.Image, path: Path, notes: list[str] | None = None) -> np.ndarray:
+    """Lesion = any non-zero colour channel (alpha only masks out), whatever the storage mode.
+    A mask with more than two values (anti-aliased edges, JPEG noise, colour-coded labels) is
+    binarised instead: lesion where its brightest channel reaches half the full scale (≥ 128 of
+    255, ≥ 32768 of 65535) and alpha is not zero; `notes` is told."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in SIXTEEN_BIT:
+        wide = np.asarray(img, dtype=np.int64)
+        values = np.unique(wide)
+        if len(values) > 2:
+            if notes is not None:
+                notes.append(f"mask with {len(values)} values binarised: lesion where ≥ 32768")
+            return wide >= 32768
+        return wide != 0
     if img.mode not in MASK_MODES:
         raise BusisegError(f"{path}: mask mode {_mode_name(img.mode)} is not supported; "
                            "save masks as 1-bit, 8-bit grayscale or RGB PNG")
     colours = img.getcolors(maxcolors=2)  # C-speed; None when there are more than two
-    if colours is None:
-        n = len(img.getcolors(maxcolors=1 << 24) or [])
-        raise BusisegError(f"{path}: mask has {n} distinct values, expected two "
-                           "(background and lesion); re-export it as a binary mask")
     arr = np.asarray(img)
+    if colours is None:
+        if notes is not None:
+            n = len(img.getcolors(maxcolors=1 << 24) or [])
+            notes.append(f"mask with {n} values binarised: lesion where its brightest channel "
+                         "≥ 128")
+        if arr.ndim == 2:
+            return arr >= 128
+        has_alpha = img.mode in ("RGBA", "LA")
+        colour = arr[..., :-1] if has_alpha else arr
+        lesion = colour.max(axis=-1) >= 128
+        return lesion & (arr[..., -1] > 0) if has_alpha else lesion
     values = [np.atleast_1d(np.asarray(c, dtype=np.int64)) for _, c in colours]
     lesion_values = [v for v in values if _is_lesion(v, img.mode)]
     if not lesion_values:

@@ -16,12 +16,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from busiseg.data import CLASSES, MASK_SEP, image_to_gray, mask_to_bool, open_png, process_map
+from busiseg.data import (
+    CLASSES,
+    LESION_CLASSES,
+    MASK_SEP,
+    conversion_note,
+    image_to_gray,
+    mask_to_bool,
+    open_png,
+    process_map,
+)
 from busiseg.errors import BusisegError
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$")
 OS_CLUTTER = {".ds_store", "thumbs.db", "desktop.ini"}
 MAX_LINES = 25
+# a burned-in mark: pixels whose colour channels differ by ≥ MARK_SPREAD (grey ultrasound has
+# none), at least MARK_PIXELS of them, so stray chroma noise from a re-encoded copy is not one
+MARK_SPREAD = 48
+MARK_PIXELS = 20
 
 
 @dataclass
@@ -42,7 +55,28 @@ class Case:
     sha256: str = ""
     pixel_sha256: str = ""
     dhash: int = 0
+    lesion_pixels: int = 0
+    mark_pixels: int = 0
+    notes: list[Problem] = field(default_factory=list)  # conversions made, kept with a warning
     problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Finding:
+    """A label or content doubt about a readable case; the audit policy says what it costs."""
+
+    case_id: str
+    file: str
+    kind: str  # label_mismatch | cross_class_duplicate | burned_marks | converted | binarised
+    detail: str
+    action: str = "kept"  # kept | skipped
+
+
+@dataclass
+class AuditPolicy:
+    label_mismatch: str = "warn"  # warn | skip | error
+    cross_class_duplicates: str = "warn"
+    burned_marks: str = "warn"
 
 
 @dataclass
@@ -52,6 +86,7 @@ class IngestResult:
     ignored: list[str]
     duplicate_groups: list[dict]
     metrics: dict
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def manifest(self):
@@ -160,26 +195,44 @@ def _check_case(raw: Path, case: Case) -> Case:
     """Decode the image and all its masks; record sizes and hashes, or the problems found."""
     path = raw / case.image
     try:
-        gray = image_to_gray(open_png(path), path)
+        img = open_png(path)
+        gray = image_to_gray(img, path)
     except BusisegError as exc:
         case.problems.append(Problem(case.image, "bad_image", str(exc)))
         return case
+    if (note := conversion_note(img)) is not None:
+        case.notes.append(Problem(case.image, "converted", note))
+    case.mark_pixels = coloured_pixels(img)
+    union = np.zeros(gray.shape, dtype=bool)
     case.height, case.width = gray.shape
     case.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     case.pixel_sha256 = hashlib.sha256(gray.tobytes() + bytes(str(gray.shape), "ascii")).hexdigest()
     case.dhash = dhash(gray)
     for m in case.masks:
         mp = raw / m
+        notes: list[str] = []
         try:
-            mask = mask_to_bool(open_png(mp), mp)
+            mask = mask_to_bool(open_png(mp), mp, notes)
         except BusisegError as exc:
             case.problems.append(Problem(m, "bad_mask", str(exc)))
             continue
+        case.notes += [Problem(m, "binarised", note) for note in notes]
         if mask.shape != gray.shape:
             case.problems.append(Problem(
                 m, "mask_size", f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                 f"{gray.shape[1]}x{gray.shape[0]}; re-export the mask at the image size"))
+        else:
+            union |= mask
+    case.lesion_pixels = int(union.sum())
     return case
+
+
+def coloured_pixels(img: Image.Image) -> int:
+    """Pixels of a grey ultrasound frame that carry colour: calipers, arrows or text burned in."""
+    if img.mode not in ("RGB", "RGBA", "P"):
+        return 0
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD).sum())
 
 
 def dhash(gray: np.ndarray, side: int = 8) -> int:
@@ -239,7 +292,8 @@ def duplicate_groups(cases: list[Case], max_hamming: int) -> tuple[list[int], li
 
 
 def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
-           workers: int = 0) -> IngestResult:
+           workers: int = 0, audit: AuditPolicy | None = None) -> IngestResult:
+    audit = audit or AuditPolicy()
     raw = Path(raw_dir)
     if not raw.exists():
         raise BusisegError(f"data.raw_dir '{raw}' does not exist; download BUSI and point "
@@ -260,6 +314,8 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         raise BusisegError(f"data.raw_dir '{raw}': no usable image/mask pairs"
                            + (f" ({len(problems)} problems skipped)" if problems else ""))
     good.sort(key=lambda c: (CLASSES.index(c.cls), _natural_key(c.case_id)))
+    findings = audit_cases(good, duplicate_groups(good, near_dup_hamming)[1])
+    good = apply_audit(raw, good, findings, audit)
     groups_of, groups = duplicate_groups(good, near_dup_hamming)
     rows = [{"case_id": c.case_id, "class": c.cls, "image": c.image,
              "masks": MASK_SEP.join(c.masks), "n_masks": len(c.masks), "width": c.width,
@@ -274,8 +330,81 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         "n_ignored": len(ignored),
         "n_duplicate_groups": len(groups),
         "n_images_in_duplicate_groups": sum(len(g["cases"]) for g in groups),
+        **audit_counts(findings),
     }
-    return IngestResult(rows, problems, ignored, groups, metrics)
+    return IngestResult(rows, problems, ignored, groups, metrics, findings)
+
+
+AUDIT_KINDS = {  # finding kind -> (metrics key, the AuditPolicy field that decides its fate)
+    "label_mismatch": ("audit_label_mismatch", "label_mismatch"),
+    "cross_class_duplicate": ("audit_cross_class_duplicates", "cross_class_duplicates"),
+    "burned_marks": ("audit_burned_marks", "burned_marks"),
+    "converted": ("audit_converted_images", None),
+    "binarised": ("audit_binarised_masks", None),
+}
+
+
+def audit_cases(cases: list[Case], groups: list[dict]) -> list[Finding]:
+    """Label and content doubts about readable cases, in manifest order."""
+    findings: list[Finding] = []
+    by_id = {c.case_id: c for c in cases}
+    cross_class = {}
+    for g in groups:
+        if len(g["classes"]) > 1:
+            for cid in g["cases"]:
+                others = ", ".join(f"{o} ({by_id[o].cls})" for o in g["cases"] if o != cid)
+                cross_class[cid] = (f"{g['kind']} duplicate group spanning "
+                                    f"{' and '.join(g['classes'])}: also {others}")
+    for c in cases:
+        findings += [Finding(c.case_id, n.file, n.kind, n.message) for n in c.notes]
+        if c.cls in LESION_CLASSES and c.lesion_pixels == 0:
+            findings.append(Finding(c.case_id, c.image, "label_mismatch",
+                                    f"class {c.cls} but its masks mark no lesion"))
+        elif c.cls not in LESION_CLASSES and c.lesion_pixels > 0:
+            findings.append(Finding(c.case_id, c.image, "label_mismatch",
+                                    f"class {c.cls} but its masks mark {c.lesion_pixels} "
+                                    "lesion pixels"))
+        if c.case_id in cross_class:
+            findings.append(Finding(c.case_id, c.image, "cross_class_duplicate",
+                                    cross_class[c.case_id]))
+        if c.mark_pixels >= MARK_PIXELS:
+            findings.append(Finding(c.case_id, c.image, "burned_marks",
+                                    f"{c.mark_pixels} coloured pixels burned into the grey image "
+                                    "(calipers, arrows or text)"))
+    return findings
+
+
+def apply_audit(raw: Path, cases: list[Case], findings: list[Finding],
+                audit: AuditPolicy) -> list[Case]:
+    """Raise for findings whose policy is error; drop the cases of those whose policy is skip."""
+    def policy(f: Finding) -> str:
+        field_name = AUDIT_KINDS[f.kind][1]
+        return "warn" if field_name is None else getattr(audit, field_name)
+
+    refused = [f for f in findings if policy(f) == "error"]
+    if refused:
+        raise IngestError([Problem(
+            f.file, f.kind, f"{raw / f.file}: {f.detail}; correct the file, or set "
+            f"data.{AUDIT_KINDS[f.kind][1]}: warn to keep it or skip to drop it") for f in refused])
+    skipped = {f.case_id for f in findings if policy(f) == "skip"}
+    for f in findings:
+        if f.case_id in skipped:
+            f.action = "skipped"
+    kept = [c for c in cases if c.case_id not in skipped]
+    if not kept:
+        raise BusisegError(f"data.raw_dir '{raw}': the audit skipped all {len(cases)} cases; "
+                           "set its policies (data.label_mismatch, ...) to warn")
+    return kept
+
+
+def audit_counts(findings: list[Finding]) -> dict:
+    """Cases per finding kind (masks for binarised), and cases the audit dropped."""
+    counts = {}
+    for kind, (key, _) in AUDIT_KINDS.items():
+        hits = [f for f in findings if f.kind == kind]
+        counts[key] = len(hits) if kind == "binarised" else len({f.case_id for f in hits})
+    counts["audit_skipped"] = len({f.case_id for f in findings if f.action == "skipped"})
+    return counts
 
 
 def _natural_key(text: str) -> list:
@@ -288,4 +417,5 @@ def report_dict(result: IngestResult, raw_dir: str) -> dict:
         "problems": [asdict(p) | {"action": "skipped"} for p in result.problems],
         "ignored": result.ignored,
         "duplicate_groups": result.duplicate_groups,
+        "audit": [asdict(f) for f in result.findings],
     }

@@ -48,6 +48,10 @@ class DataParams:
     # near-duplicate frames: max Hamming distance between 64-bit perceptual hashes; -1 disables
     near_dup_hamming: int = 6
     workers: int = 0  # decoding processes; 0 = one per core
+    # the audit: what a doubtful label costs (warn keeps and lists it, skip drops it, error stops)
+    label_mismatch: Literal["warn", "skip", "error"] = "warn"
+    cross_class_duplicates: Literal["warn", "skip", "error"] = "warn"
+    burned_marks: Literal["warn", "skip", "error"] = "warn"
 
     def check(self) -> None:
         _require(bool(self.raw_dir.strip()), "data.raw_dir", "must not be empty")
