@@ -14,14 +14,15 @@ def main() -> None:
     remove_outputs(MANIFEST, REPORT, METRICS)
     p = load_params().data
     audit = AuditPolicy(p.label_mismatch, p.cross_class_duplicates, p.burned_marks)
-    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit)
+    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit, layout=p)
     write_manifest_rows(MANIFEST, result.rows)
     write_json(REPORT, report_dict(result, p.raw_dir))
     write_json(METRICS, result.metrics)
     m = result.metrics
-    print(f"ingest: {m['n_images']} images ({m['n_images_benign']} benign, "
-          f"{m['n_images_malignant']} malignant, {m['n_images_normal']} normal), "
-          f"{m['n_masks']} masks, {m['n_duplicate_groups']} duplicate groups")
+    classes = ", ".join(f"{v} {k.removeprefix('n_images_')}" for k, v in m.items()
+                        if k.startswith("n_images_") and k != "n_images_in_duplicate_groups")
+    print(f"ingest: {m['n_images']} images ({classes}), {m['n_masks']} masks, "
+          f"{m['n_duplicate_groups']} duplicate groups")
     print(f"audit: {m['audit_label_mismatch']} label mismatches, "
           f"{m['audit_cross_class_duplicates']} images duplicated across classes, "
           f"{m['audit_burned_marks']} with burned-in colour marks, "

@@ -20,7 +20,10 @@ from PIL import Image, UnidentifiedImageError
 from busiseg.errors import BusisegError
 
 CLASSES = ("benign", "malignant", "normal")
-LESION_CLASSES = ("benign", "malignant")
+# data.classes: none labels each case by its mask alone: "lesion" or "normal"
+ALL_CLASSES = ("benign", "malignant", "lesion", "normal")
+LESION_CLASSES = ("benign", "malignant", "lesion")
+OS_CLUTTER = {".ds_store", "thumbs.db", "desktop.ini"}
 IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
 MASK_MODES = ("1", "L", "RGB", "RGBA", "LA")
 MASK_SEP = "|"
@@ -136,14 +139,37 @@ def _mode_name(mode: str) -> str:
 
 
 def load_image(path: Path) -> np.ndarray:
-    return image_to_gray(open_png(path), path)
+    return image_to_gray(open_image(path), path)
 
 
-def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Union of all masks of one image: BUSI stores separate lesions as _mask_1, _mask_2, ..."""
+def open_image(path: Path) -> Image.Image:
+    """PNG by open_png's checks; JPEG, BMP and TIFF (other layouts, predict) decoded fully too."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        return open_png(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BusisegError(f"{path}: empty (0-byte) file; re-download or remove it")
+        img = Image.open(path)
+        img.load()
+    except BusisegError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as exc:
+        raise BusisegError(f"{path}: not a readable image ({_reason(exc)}); "
+                           "re-download or remove it") from None
+    return img
+
+
+def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None,
+                    outline: bool = False) -> np.ndarray:
+    """Union of all masks of one image: BUSI stores separate lesions as _mask_1, _mask_2, ...
+    With `outline` (data.mask_kind: outline) each mask is a closed contour, filled first."""
     union = None
     for p in paths:
-        m = mask_to_bool(open_png(p), p)
+        m = mask_to_bool(open_image(p), p)
+        if outline:
+            m = fill_outline(m)
         if shape is not None and m.shape != shape:
             raise BusisegError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but its image is "
                                f"{shape[1]}x{shape[0]}; re-export the mask at the image size")
@@ -151,6 +177,13 @@ def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None) -> 
     if union is None:
         raise BusisegError("internal: a case without masks reached load_mask_union")
     return union
+
+
+def fill_outline(mask: np.ndarray) -> np.ndarray:
+    """A closed contour drawn on black (HC18's annotations) -> the region it encloses."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,19 +17,22 @@ import numpy as np
 from PIL import Image
 
 from busiseg.data import (
+    ALL_CLASSES,
     CLASSES,
     LESION_CLASSES,
     MASK_SEP,
+    OS_CLUTTER,
     conversion_note,
+    fill_outline,
     image_to_gray,
     mask_to_bool,
-    open_png,
+    open_image,
     process_map,
 )
 from busiseg.errors import BusisegError
+from busiseg.layouts import Layout, scan
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$")
-OS_CLUTTER = {".ds_store", "thumbs.db", "desktop.ini"}
 MAX_LINES = 25
 # a burned-in mark: pixels whose colour channels differ by ≥ MARK_SPREAD (grey ultrasound has
 # none), at least MARK_PIXELS of them, so stray chroma noise from a re-encoded copy is not one
@@ -57,6 +60,7 @@ class Case:
     dhash: int = 0
     lesion_pixels: int = 0
     mark_pixels: int = 0
+    patient: str = ""  # per_case layouts: the case folder; its images share one split
     notes: list[Problem] = field(default_factory=list)  # conversions made, kept with a warning
     problems: list[Problem] = field(default_factory=list)
 
@@ -191,11 +195,11 @@ def _scan(raw: Path) -> tuple[list[Case], list[Problem], list[str]]:
     return cases, problems, ignored
 
 
-def _check_case(raw: Path, case: Case) -> Case:
+def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
     """Decode the image and all its masks; record sizes and hashes, or the problems found."""
     path = raw / case.image
     try:
-        img = open_png(path)
+        img = open_image(path)
         gray = image_to_gray(img, path)
     except BusisegError as exc:
         case.problems.append(Problem(case.image, "bad_image", str(exc)))
@@ -212,7 +216,9 @@ def _check_case(raw: Path, case: Case) -> Case:
         mp = raw / m
         notes: list[str] = []
         try:
-            mask = mask_to_bool(open_png(mp), mp, notes)
+            mask = mask_to_bool(open_image(mp), mp, notes)
+            if outline:
+                mask = fill_outline(mask)
         except BusisegError as exc:
             case.problems.append(Problem(m, "bad_mask", str(exc)))
             continue
@@ -292,8 +298,9 @@ def duplicate_groups(cases: list[Case], max_hamming: int) -> tuple[list[int], li
 
 
 def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
-           workers: int = 0, audit: AuditPolicy | None = None) -> IngestResult:
-    audit = audit or AuditPolicy()
+           workers: int = 0, audit: AuditPolicy | None = None,
+           layout: Layout | None = None) -> IngestResult:
+    audit, layout = audit or AuditPolicy(), layout or Layout()
     raw = Path(raw_dir)
     if not raw.exists():
         raise BusisegError(f"data.raw_dir '{raw}' does not exist; download BUSI and point "
@@ -303,20 +310,24 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
                            "Dataset_BUSI_with_GT")
     if not any(raw.iterdir()):
         raise BusisegError(f"data.raw_dir '{raw}' is empty; unzip BUSI into it")
-    cases, problems, ignored = _scan(raw)
-    cases = process_map(partial(_check_case, raw), cases, workers, chunksize=16)
+    cases, problems, ignored = _scan(raw) if layout.layout == "busi" else _scan_layout(raw, layout)
+    cases = process_map(partial(_check_case, raw, outline=layout.mask_kind == "outline"), cases,
+                        workers, chunksize=16)
     for c in cases:
         problems.extend(c.problems)
+        if not c.cls:  # data.classes: none
+            c.cls = "lesion" if c.lesion_pixels else "normal"
     if problems and on_problem == "error":
         raise IngestError(problems)
     good = [c for c in cases if not c.problems]
     if not good:
         raise BusisegError(f"data.raw_dir '{raw}': no usable image/mask pairs"
                            + (f" ({len(problems)} problems skipped)" if problems else ""))
-    good.sort(key=lambda c: (CLASSES.index(c.cls), _natural_key(c.case_id)))
+    good.sort(key=lambda c: (ALL_CLASSES.index(c.cls), _natural_key(c.case_id)))
     findings = audit_cases(good, duplicate_groups(good, near_dup_hamming)[1])
     good = apply_audit(raw, good, findings, audit)
     groups_of, groups = duplicate_groups(good, near_dup_hamming)
+    groups_of = _join_patients(good, groups_of)
     rows = [{"case_id": c.case_id, "class": c.cls, "image": c.image,
              "masks": MASK_SEP.join(c.masks), "n_masks": len(c.masks), "width": c.width,
              "height": c.height, "sha256": c.sha256, "dhash": f"{c.dhash:016x}",
@@ -325,7 +336,8 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         "n_images": len(good),
         "n_masks": sum(len(c.masks) for c in good),
         "n_multi_mask": sum(len(c.masks) > 1 for c in good),
-        **{f"n_images_{cls}": sum(c.cls == cls for c in good) for cls in CLASSES},
+        **{f"n_images_{cls}": sum(c.cls == cls for c in good) for cls in ALL_CLASSES
+           if cls in CLASSES or any(c.cls == cls for c in good)},
         "n_problems": len(problems),
         "n_ignored": len(ignored),
         "n_duplicate_groups": len(groups),
@@ -333,6 +345,43 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         **audit_counts(findings),
     }
     return IngestResult(rows, problems, ignored, groups, metrics, findings)
+
+
+def _scan_layout(raw: Path, layout: Layout) -> tuple[list[Case], list[Problem], list[str]]:
+    found, troubles, ignored = scan(raw, layout)
+    cases = [Case(f.case_id, f.cls, f.image, f.masks, patient=f.patient) for f in found]
+    problems = [Problem(t.file, t.kind, t.message) for t in troubles]
+    seen: dict[str, Case] = {}
+    for c in cases:
+        if c.case_id in seen:
+            c.problems.append(Problem(c.image, "duplicate_case_id",
+                                      f"{raw / c.image}: same case id as "
+                                      f"{raw / seen[c.case_id].image}; rename one of them"))
+        seen.setdefault(c.case_id, c)
+    return cases, problems, ignored
+
+
+def _join_patients(cases: list[Case], groups_of: list[int]) -> list[int]:
+    """Split groups: duplicate groups merged with each patient's (case folder's) images, so the
+    split never puts one patient on two sides. Numbered by first appearance."""
+    if not any(c.patient for c in cases):
+        return groups_of
+    parent = {g: g for g in groups_of}
+
+    def find(g: int) -> int:
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    first_of: dict[str, int] = {}
+    for c, g in zip(cases, groups_of):
+        if c.patient:
+            root, other = find(g), find(first_of.setdefault(c.patient, g))
+            if root != other:
+                parent[max(root, other)] = min(root, other)
+    roots = [find(g) for g in groups_of]
+    number = {r: i for i, r in enumerate(dict.fromkeys(roots))}
+    return [number[r] for r in roots]
 
 
 AUDIT_KINDS = {  # finding kind -> (metrics key, the AuditPolicy field that decides its fate)

@@ -41,10 +41,41 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
-class DataParams:
+class LayoutParams:
+    """Where a dataset's images and masks are and how they are named (busiseg.layouts); the
+    training data (data.*) and every external dataset (external.NAME.*) have these keys."""
+
     raw_dir: str = "data/demo/Dataset_BUSI_with_GT"
     # "error": stop and list every bad file; "skip": drop affected cases, list them in the report
     on_problem: Literal["error", "skip"] = "error"
+    layout: Literal["busi", "paired", "flat", "per_case"] = "busi"
+    images_dir: str = "images"
+    masks_dir: str = "masks"
+    image_name: str = "{id}"
+    mask_name: str = "{id}_mask"
+    classes: Literal["folders", "csv", "none"] = "folders"
+    classes_csv: str = ""
+    mask_kind: Literal["region", "outline"] = "region"
+    ignore: str = ""  # other layouts: comma-separated file-name patterns to ignore, e.g. '*.csv'
+
+    def check_layout(self, section: str) -> None:
+        _require(bool(self.raw_dir.strip()), f"{section}.raw_dir", "must not be empty")
+        for name in ("image_name", "mask_name"):
+            _require(getattr(self, name).count("{id}") == 1, f"{section}.{name}",
+                     "needs exactly one {id}, e.g. '{id}_mask' or 'mask_{id}'")
+        _require(self.layout != "busi" or self.classes == "folders", f"{section}.classes",
+                 "BUSI's layout takes its classes from its folders; keep 'folders' or set "
+                 f"{section}.layout")
+        _require(self.classes != "csv" or bool(self.classes_csv.strip()),
+                 f"{section}.classes_csv", f"must name the CSV (case_id,class) when "
+                 f"{section}.classes is csv")
+
+    def check(self) -> None:
+        """Checked by check_layout, which knows the section's name."""
+
+
+@dataclass(frozen=True)
+class DataParams(LayoutParams):
     # near-duplicate frames: max Hamming distance between 64-bit perceptual hashes; -1 disables
     near_dup_hamming: int = 6
     workers: int = 0  # decoding processes; 0 = one per core
@@ -54,7 +85,7 @@ class DataParams:
     burned_marks: Literal["warn", "skip", "error"] = "warn"
 
     def check(self) -> None:
-        _require(bool(self.raw_dir.strip()), "data.raw_dir", "must not be empty")
+        self.check_layout("data")
         _require(self.workers >= 0, "data.workers", "must be ≥ 0 (0 = all cores)")
         _require(-1 <= self.near_dup_hamming <= 32, "data.near_dup_hamming", "must be in -1..32")
 
@@ -237,6 +268,8 @@ class Params:
     augment: AugmentParams = field(default_factory=AugmentParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     plot: PlotParams = field(default_factory=PlotParams)
+    # external validation sets, by name: scored with the trained model, never trained on
+    external: dict[str, LayoutParams] = field(default_factory=dict)
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -307,7 +340,29 @@ def parse_params(raw: Any) -> Params:
     for key in raw:
         if key not in sections:
             raise BusisegError(f"params.yaml: unknown section '{key}'" + _suggest(key, sections))
-    return Params(**{name: _build(hints[name], name, raw.get(name)) for name in sections})
+    built = {name: _build(hints[name], name, raw.get(name)) for name in sections
+             if name != "external"}
+    return Params(**built, external=_build_external(raw.get("external")))
+
+
+def _build_external(raw: Any) -> dict[str, LayoutParams]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BusisegError(f"params.yaml: 'external' must map names to datasets, e.g. "
+                           f"external: {{udiat: {{raw_dir: PATH, layout: paired}}}}; got {raw!r}")
+    out = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise BusisegError(f"params.yaml: external dataset name {name!r} must be letters, "
+                               "digits, '-' or '_' (it names metrics/external/NAME.json)")
+        if not isinstance(entry, dict) or "raw_dir" not in entry:
+            raise BusisegError(f"params.yaml: external.{name} needs at least raw_dir (and the "
+                               "layout keys data.* has, where they differ from BUSI's)")
+        obj = _build(LayoutParams, f"external.{name}", entry)
+        obj.check_layout(f"external.{name}")
+        out[name] = obj
+    return out
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

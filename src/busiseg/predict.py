@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from busiseg.data import image_to_gray, open_png
+from busiseg.data import load_image
 from busiseg.errors import BusisegError
 from busiseg.inference import Forward, MaskSettings, segment
 from busiseg.modelio import load_model
@@ -72,17 +72,7 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
 
 
 def read_gray(path: Path) -> np.ndarray:
-    img = open_png(path) if path.suffix.lower() == ".png" else _open_other(path)
-    return image_to_gray(img, path)
-
-
-def _open_other(path: Path) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is an unreadable input
-        raise BusisegError(f"{path}: not a readable image ({exc})") from None
-    return img
+    return load_image(path)
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:

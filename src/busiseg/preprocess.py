@@ -26,23 +26,24 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return resize_image(image, size), (m >= 128).astype(np.uint8)
 
 
-def _one(args: tuple[str, str, list[str], int]) -> tuple[np.ndarray, np.ndarray]:
-    raw, image, masks, size = args
+def _one(args: tuple[str, str, list[str], int, bool]) -> tuple[np.ndarray, np.ndarray]:
+    raw, image, masks, size, outline = args
     root = Path(raw)
     gray = load_image(root / image)
-    union = load_mask_union([root / m for m in masks], gray.shape)
+    union = load_mask_union([root / m for m in masks], gray.shape, outline)
     return resize_pair(gray, union, size)
 
 
 def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
-               workers: int = 0) -> dict:
-    """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns."""
+               workers: int = 0, outline: bool = False) -> dict:
+    """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns;
+    `outline`: masks are closed contours to fill (data.mask_kind: outline)."""
     if hasattr(manifest, "to_dict"):
         manifest = manifest.to_dict("records")
     n = len(manifest)
     images = np.zeros((n, 1, size, size), dtype=np.uint8)
     masks = np.zeros((n, 1, size, size), dtype=np.uint8)
-    jobs = [(str(raw_dir), r["image"], mask_list(r), size) for r in manifest]
+    jobs = [(str(raw_dir), r["image"], mask_list(r), size, outline) for r in manifest]
     for i, (img, m) in enumerate(process_map(_one, jobs, workers)):
         images[i, 0], masks[i, 0] = img, m
     save_cache(out_path, images, masks, [str(r["case_id"]) for r in manifest],

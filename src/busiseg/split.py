@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from busiseg.data import CLASSES
+from busiseg.data import ALL_CLASSES, CLASSES
 from busiseg.errors import BusisegError
 
 
@@ -63,7 +63,7 @@ def make_split(manifest: pd.DataFrame, train: float, val: float, test: float, se
 def split_metrics(split: pd.DataFrame) -> dict:
     m = {f"n_{s}": int((split["split"] == s).sum()) for s in ("train", "val", "test")}
     for s in ("train", "val", "test"):
-        for cls in CLASSES:
+        for cls in [c for c in ALL_CLASSES if c in CLASSES or (split["class"] == c).any()]:
             m[f"n_{s}_{cls}"] = int(((split["split"] == s) & (split["class"] == cls)).sum())
     crossing = split.groupby("dup_group")["split"].nunique()
     m["n_groups_across_splits"] = int((crossing > 1).sum())
