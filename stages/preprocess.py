@@ -22,7 +22,8 @@ def main() -> None:
     manifest = read_manifest_rows("data/manifest.csv")
     start = time.perf_counter()
     info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE,
-                      params.preprocess.workers, params.data.mask_kind == "outline")
+                      params.preprocess.workers, params.data.mask_kind == "outline",
+                      params.data.burned_marks == "mask")
     print(f"preprocess: {info['n_images']} images at {info['size']}x{info['size']} "
           f"in {time.perf_counter() - start:.1f}s -> {CACHE}")
 

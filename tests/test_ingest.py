@@ -293,3 +293,23 @@ def test_audit_report_lists_every_finding(small_busi: Path):
     report = json.loads(json.dumps(report_dict(result, str(small_busi))))
     assert {(f["case_id"], f["kind"], f["action"]) for f in report["audit"]} == {
         ("benign (2)", "label_mismatch", "skipped"), ("normal (3)", "label_mismatch", "skipped")}
+
+
+def test_burned_marks_can_be_painted_over_instead(small_busi: Path):
+    from busiseg.data import MARK_PIXELS, load_image
+
+    path = small_busi / "malignant" / "malignant (2).png"
+    grey = load_image(path)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    rgb[2:4, 2:2 + MARK_PIXELS // 2] = (255, 255, 0)
+    Image.fromarray(rgb).save(path)
+    result = audit_of(small_busi, burned_marks="mask")
+    marks = [f for f in result.findings if f.kind == "burned_marks"]
+    assert [f.action for f in marks] == ["masked"] and result.metrics["n_images_malignant"] == 4
+    painted = load_image(path, mask_marks=True)
+    outside = np.ones(grey.shape, bool)
+    outside[2:4, 2:2 + MARK_PIXELS // 2] = False
+    assert (painted[outside] == grey[outside]).all()  # nothing else changes
+    # the painted pixels look like their surroundings, not like the bright mark
+    assert abs(int(painted[2:4, 2:12].mean()) - int(grey[:8, :16].mean())) < 25
+    assert load_image(path)[2, 2] > painted[2, 2]

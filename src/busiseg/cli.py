@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
     pr.add_argument("--device", default="cpu", help="cpu, cuda or mps (.pt models)")
+    pr.add_argument("--mask-marks", action="store_true",
+                    help="paint burned-in colour marks over first, as training did with "
+                         "data.burned_marks: mask")
 
     ex = sub.add_parser("export", help="write a trained model as a self-contained ONNX file")
     ex.add_argument("--model", default="models/model.pt", type=Path)
@@ -68,7 +71,7 @@ def predict(args, parser) -> int:
     else:
         settings, source = None, f"{args.model} metadata"
     written, failures = predict_paths(args.model, args.inputs, args.out, settings,
-                                      device=args.device)
+                                      device=args.device, mask_marks=args.mask_marks)
     for f in failures:
         print(f"skipped: {f.path}: {f.reason}", file=sys.stderr)
     print(f"predict: wrote {len(written)} mask(s) and overlay(s) to {args.out} (settings from "

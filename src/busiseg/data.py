@@ -29,6 +29,11 @@ MASK_MODES = ("1", "L", "RGB", "RGBA", "LA")
 MASK_SEP = "|"
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 
+# a burned-in mark: pixels whose colour channels differ by ≥ MARK_SPREAD (grey ultrasound has
+# none), at least MARK_PIXELS of them, so stray chroma noise from a re-encoded copy is not one
+MARK_SPREAD = 48
+MARK_PIXELS = 20
+
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a 8k×8k ultrasound frame is already absurd; refuse bombs
 
 
@@ -138,8 +143,41 @@ def _mode_name(mode: str) -> str:
     return names.get(mode, mode)
 
 
-def load_image(path: Path) -> np.ndarray:
-    return image_to_gray(open_image(path), path)
+def load_image(path: Path, mask_marks: bool = False) -> np.ndarray:
+    """8-bit grey; with `mask_marks` (data.burned_marks: mask), burned-in colour marks painted
+    over with the mean of the unmarked pixels around them."""
+    img = open_image(path)
+    gray = image_to_gray(img, path)
+    marks = colour_marks(img) if mask_marks else None
+    return gray if marks is None or not marks.any() else paint_over(gray, marks)
+
+
+def colour_marks(img: Image.Image) -> np.ndarray | None:
+    """Pixels of a grey ultrasound frame that carry colour (calipers, arrows, text); None for an
+    image stored without colour."""
+    if img.mode not in ("RGB", "RGBA", "P"):
+        return None
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return (rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD
+
+
+def paint_over(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """Marked pixels take the mean of the unmarked ones in a window that widens until it holds
+    some, so a thick caliper line is filled from its edges."""
+    from scipy.ndimage import uniform_filter
+
+    out = gray.astype(np.float64)
+    todo = marks.copy()
+    keep = (~marks).astype(np.float64)
+    size = 5
+    while todo.any() and size <= 2 * max(gray.shape) + 1:
+        total = uniform_filter(out * keep, size, mode="nearest")
+        weight = uniform_filter(keep, size, mode="nearest")
+        done = todo & (weight > 1e-6)
+        out[done] = total[done] / weight[done]
+        todo &= ~done
+        size = 2 * size + 1
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def open_image(path: Path) -> Image.Image:

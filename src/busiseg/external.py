@@ -37,7 +37,7 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
     with tempfile.TemporaryDirectory() as tmp:
         cache, split = Path(tmp) / "cache.npz", Path(tmp) / "split.csv"
         preprocess(found.rows, ext.raw_dir, size, cache, p.data.workers,
-                   ext.mask_kind == "outline")
+                   ext.mask_kind == "outline", p.data.burned_marks == "mask")
         pd.DataFrame({"case_id": [r["case_id"] for r in found.rows],
                       "class": [r["class"] for r in found.rows],
                       "split": "test"}).to_csv(split, index=False)

@@ -20,8 +20,10 @@ from busiseg.data import (
     ALL_CLASSES,
     CLASSES,
     LESION_CLASSES,
+    MARK_PIXELS,
     MASK_SEP,
     OS_CLUTTER,
+    colour_marks,
     conversion_note,
     fill_outline,
     image_to_gray,
@@ -34,10 +36,6 @@ from busiseg.layouts import Layout, scan
 
 MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$")
 MAX_LINES = 25
-# a burned-in mark: pixels whose colour channels differ by ≥ MARK_SPREAD (grey ultrasound has
-# none), at least MARK_PIXELS of them, so stray chroma noise from a re-encoded copy is not one
-MARK_SPREAD = 48
-MARK_PIXELS = 20
 
 
 @dataclass
@@ -73,14 +71,14 @@ class Finding:
     file: str
     kind: str  # label_mismatch | cross_class_duplicate | burned_marks | converted | binarised
     detail: str
-    action: str = "kept"  # kept | skipped
+    action: str = "kept"  # kept | skipped | masked
 
 
 @dataclass
 class AuditPolicy:
     label_mismatch: str = "warn"  # warn | skip | error
     cross_class_duplicates: str = "warn"
-    burned_marks: str = "warn"
+    burned_marks: str = "warn"  # also mask: keep the case, paint the marks over (data.py)
 
 
 @dataclass
@@ -234,11 +232,8 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
 
 
 def coloured_pixels(img: Image.Image) -> int:
-    """Pixels of a grey ultrasound frame that carry colour: calipers, arrows or text burned in."""
-    if img.mode not in ("RGB", "RGBA", "P"):
-        return 0
-    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD).sum())
+    marks = colour_marks(img)
+    return 0 if marks is None else int(marks.sum())
 
 
 def dhash(gray: np.ndarray, side: int = 8) -> int:
@@ -439,6 +434,8 @@ def apply_audit(raw: Path, cases: list[Case], findings: list[Finding],
     for f in findings:
         if f.case_id in skipped:
             f.action = "skipped"
+        elif policy(f) == "mask":
+            f.action = "masked"
     kept = [c for c in cases if c.case_id not in skipped]
     if not kept:
         raise BusisegError(f"data.raw_dir '{raw}': the audit skipped all {len(cases)} cases; "

@@ -82,7 +82,7 @@ class DataParams(LayoutParams):
     # the audit: what a doubtful label costs (warn keeps and lists it, skip drops it, error stops)
     label_mismatch: Literal["warn", "skip", "error"] = "warn"
     cross_class_duplicates: Literal["warn", "skip", "error"] = "warn"
-    burned_marks: Literal["warn", "skip", "error"] = "warn"
+    burned_marks: Literal["warn", "skip", "error", "mask"] = "warn"
 
     def check(self) -> None:
         self.check_layout("data")

@@ -71,8 +71,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
     return files, failures
 
 
-def read_gray(path: Path) -> np.ndarray:
-    return load_image(path)
+def read_gray(path: Path, mask_marks: bool = False) -> np.ndarray:
+    return load_image(path, mask_marks)
 
 
 def overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
@@ -92,9 +92,11 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
                   settings: MaskSettings | None = None, device: str = "cpu",
-                  progress: bool | None = None) -> tuple[list[Path], list[Failure]]:
+                  progress: bool | None = None,
+                  mask_marks: bool = False) -> tuple[list[Path], list[Failure]]:
     """Masks and overlays for every readable input. Without `settings`, an ONNX export's own
-    (evaluate's choice at export time), else the params defaults."""
+    (evaluate's choice at export time), else the params defaults. `mask_marks`: paint burned-in
+    colour marks over first, as a model trained with data.burned_marks: mask saw its images."""
     predictor = load_predictor(model_path, device)
     settings = settings or predictor.own_settings or MaskSettings()
     files, failures = collect_inputs(inputs)
@@ -105,7 +107,7 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
     show = sys.stderr.isatty() if progress is None else progress
     for path in tqdm(files, desc="predict", disable=not show or len(files) < 2):
         try:
-            gray = read_gray(path)
+            gray = read_gray(path, mask_marks)
         except BusisegError as exc:
             failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
             continue
