@@ -12,11 +12,14 @@ from busiseg.stage import remove_outputs, run, write_json
 def main() -> None:
     name = sys.argv[1]
     metrics, per_image = Path(f"metrics/external/{name}.json"), Path(f"plots/external/{name}.csv")
-    remove_outputs(metrics, per_image)
+    report = Path(f"data/external/{name}_report.json")
+    remove_outputs(metrics, per_image, report)
     result = evaluate_external(load_params(), name, "models/model.pt", "metrics/eval.json")
     per_image.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(per_image, index=False)
     write_json(metrics, result["metrics"])
+    report.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, result["report"])
     m = result["metrics"]
     print(f"external {name}: Dice {m['dice']} [{m['dice_ci_low']}, {m['dice_ci_high']}] on "
           f"{m['n_lesion_images']} lesion images, normal empty rate {m['normal_empty_rate']} on "

@@ -232,7 +232,7 @@ def test_duplicates_across_classes_are_named_and_skippable(small_busi: Path):
 
 
 def test_coloured_marks_burned_into_a_grey_image_are_found(small_busi: Path):
-    from busiseg.ingest import MARK_PIXELS
+    from busiseg.data import MARK_PIXELS
 
     path = small_busi / "malignant" / "malignant (2).png"
     rgb = np.asarray(Image.open(path).convert("RGB")).copy()

@@ -115,6 +115,10 @@ def test_classes_from_a_csv_name_missing_and_unknown_rows(tmp_path: Path):
     ({"external": {"x": {"layout": "flat"}}}, "external.x needs at least raw_dir"),
     ({"external": {"x": {"raw_dir": "d", "layuot": "flat"}}}, "did you mean 'external.x.layout'"),
     ({"external": ["d"]}, "'external' must map names"),
+    ({"data": {"layout": "paired", "masks_dir": "images"}}, "data.masks_dir must differ"),
+    ({"data": {"layout": "flat", "image_name": "{id}", "mask_name": "{id}"}},
+     "data.mask_name must differ"),
+    ({"data": {"images_dir": "a/b"}}, "data.images_dir must name one folder"),
 ])
 def test_layout_params_are_validated(raw: dict, needle: str):
     with pytest.raises(BusisegError, match=needle.replace("{", r"\{").replace("}", r"\}")):
@@ -174,3 +178,55 @@ def test_ignore_patterns_account_for_metadata_files(tmp_path: Path):
     result = ingest(root, workers=1, layout=replace(lay, ignore="*.csv, README*"))
     assert result.ignored == ["README.md", "data.csv"] and result.metrics["n_images"] == 2
     assert result.metrics["n_images_normal"] == 2
+
+
+def test_a_bad_classes_csv_is_one_line(tmp_path: Path):
+    root = tmp_path / "set"
+    write_png(root / "c0.png", np.full((8, 8), 100, np.uint8))
+    write_png(root / "c0_mask.png", np.full((8, 8), 255, np.uint8))
+    lay = Layout(layout="flat", classes="csv", classes_csv="labels.csv")
+    (root / "labels.csv").write_text("case_id,class\nc0,benign\n,malignant\nc0,malignant\n")
+    with pytest.raises(BusisegError, match="line 4 gives case 'c0' class 'malignant'"):
+        ingest(root, workers=1, layout=lay)
+    (root / "labels.csv").write_bytes(b"case_id,class\nc0,b\xe9nign\n")
+    with pytest.raises(BusisegError, match="not a readable UTF-8 CSV"):
+        ingest(root, workers=1, layout=lay)
+    (root / "labels.csv").write_text("case_id,class\n,benign\nc0,normal\n")  # blank id: no row
+    assert ingest(root, workers=1, layout=lay).rows[0]["class"] == "normal"
+
+
+def test_a_missing_partner_folder_still_names_every_file(tmp_path: Path):
+    root = tmp_path / "set"
+    write_png(root / "images" / "a.png", np.zeros((8, 8), np.uint8))
+    problems = pytest.raises(IngestError, ingest, root, workers=1,
+                             layout=Layout(layout="paired", classes="none")).value.problems
+    assert {(p.file, p.kind) for p in problems} == {(".", "missing_folder"),
+                                                     ("images/a.png", "unpaired_folder")}
+
+
+def test_label_masks_binarise_relative_to_their_own_maximum(tmp_path: Path):
+    from busiseg.data import mask_to_bool
+
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:4, 2:4], labels[5:7, 5:7] = 1, 2  # a label map: 0 background, 1 and 2 lesions
+    notes: list[str] = []
+    got = mask_to_bool(Image.fromarray(labels), tmp_path / "m.png", notes)
+    assert got.sum() == 8 and "3 values" in notes[0] and "1 of 2" in notes[0]
+
+
+def test_external_problems_name_the_external_params(tmp_path: Path, demos):
+    (demos["flat"] / "notes.txt").write_text("x")
+    try:
+        ext = LayoutParams(raw_dir=str(demos["flat"]), **PARAMS["flat"])
+        q = replace(tiny_params(), external={"hc": ext})
+        (tmp_path / "eval.json").write_text(json.dumps(
+            {"threshold": 0.5, "val_dice": 0.5, "used_tta": 0, "used_largest_cc": 0,
+             "used_fill_holes": 0}))
+        run_train(tmp_path, tiny_params(epochs=1))
+        with pytest.raises(IngestError) as info:
+            evaluate_external(q, "hc", tmp_path / "a" / "model.pt", tmp_path / "eval.json")
+        text = str(info.value)
+        assert "external.hc.ignore" in text and "external.hc.on_problem" in text
+        assert "data." not in text.replace(str(demos["flat"]), "")
+    finally:
+        (demos["flat"] / "notes.txt").unlink()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from busiseg.errors import BusisegError
 
@@ -37,8 +37,9 @@ MARK_PIXELS = 20
 Image.MAX_IMAGE_PIXELS = 64_000_000  # a 8k×8k ultrasound frame is already absurd; refuse bombs
 
 
-def open_png(path: Path) -> Image.Image:
-    """Open and fully decode, so truncated or corrupt files fail here and not mid-training."""
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode (PNG, JPEG, BMP, TIFF, ...), so truncated or corrupt files fail here
+    and not mid-training; a file named .png must be a PNG."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -47,8 +48,7 @@ def open_png(path: Path) -> Image.Image:
         img.load()
     except BusisegError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means an unreadable file
         raise BusisegError(f"{path}: not a readable image ({_reason(exc)}); "
                            "re-download or remove it") from None
     if img.format != "PNG" and path.suffix.lower() == ".png":
@@ -91,34 +91,40 @@ def conversion_note(img: Image.Image) -> str | None:
 def mask_to_bool(img: Image.Image, path: Path, notes: list[str] | None = None) -> np.ndarray:
     """Lesion = any non-zero colour channel (alpha only masks out), whatever the storage mode.
     A mask with more than two values (anti-aliased edges, JPEG noise, colour-coded labels) is
-    binarised instead: lesion where its brightest channel reaches half the full scale (≥ 128 of
-    255, ≥ 32768 of 65535) and alpha is not zero; `notes` is told."""
+    binarised instead: lesion where its brightest channel reaches half the mask's own maximum
+    (≥ 128 for a 0–255 mask; labels 0/1/2 all count) and alpha is not zero. Palette and 16-bit
+    masks are read through RGB / their integer values. `notes` is told of each of these."""
+    notes = [] if notes is None else notes
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("palette (P) mask read through its RGB colours")
     if img.mode in SIXTEEN_BIT:
-        wide = np.asarray(img, dtype=np.int64)
-        values = np.unique(wide)
-        if len(values) > 2:
-            if notes is not None:
-                notes.append(f"mask with {len(values)} values binarised: lesion where ≥ 32768")
-            return wide >= 32768
-        return wide != 0
-    if img.mode not in MASK_MODES:
+        level = np.asarray(img, dtype=np.int64)
+        notes.append(f"{_mode_name(img.mode)} mask read as integers")
+        valid = np.ones(level.shape, dtype=bool)
+    elif img.mode not in MASK_MODES:
         raise BusisegError(f"{path}: mask mode {_mode_name(img.mode)} is not supported; "
                            "save masks as 1-bit, 8-bit grayscale or RGB PNG")
-    colours = img.getcolors(maxcolors=2)  # C-speed; None when there are more than two
-    arr = np.asarray(img)
-    if colours is None:
-        if notes is not None:
-            n = len(img.getcolors(maxcolors=1 << 24) or [])
-            notes.append(f"mask with {n} values binarised: lesion where its brightest channel "
-                         "≥ 128")
-        if arr.ndim == 2:
-            return arr >= 128
+    elif img.getcolors(maxcolors=2) is not None:  # C-speed; None when there are more than two
+        return _two_valued(img)
+    else:
+        arr = np.asarray(img).astype(np.int64)
         has_alpha = img.mode in ("RGBA", "LA")
         colour = arr[..., :-1] if has_alpha else arr
-        lesion = colour.max(axis=-1) >= 128
-        return lesion & (arr[..., -1] > 0) if has_alpha else lesion
+        level = colour if colour.ndim == 2 else colour.max(axis=-1)
+        valid = arr[..., -1] > 0 if has_alpha else np.ones(level.shape, dtype=bool)
+    values = np.unique(level[valid])
+    if len(values) <= 2:
+        return (level > 0) & valid
+    top = int(values.max())
+    notes.append(f"mask with {len(values)} values binarised: lesion where its brightest "
+                 f"channel ≥ half its maximum ({(top + 1) // 2} of {top})")
+    return (2 * level >= top) & valid
+
+
+def _two_valued(img: Image.Image) -> np.ndarray:
+    colours = img.getcolors(maxcolors=2)
+    arr = np.asarray(img)
     values = [np.atleast_1d(np.asarray(c, dtype=np.int64)) for _, c in colours]
     lesion_values = [v for v in values if _is_lesion(v, img.mode)]
     if not lesion_values:
@@ -148,17 +154,19 @@ def load_image(path: Path, mask_marks: bool = False) -> np.ndarray:
     over with the mean of the unmarked pixels around them."""
     img = open_image(path)
     gray = image_to_gray(img, path)
-    marks = colour_marks(img) if mask_marks else None
-    return gray if marks is None or not marks.any() else paint_over(gray, marks)
+    marks = burned_marks(img) if mask_marks else None
+    return gray if marks is None else paint_over(gray, marks)
 
 
-def colour_marks(img: Image.Image) -> np.ndarray | None:
-    """Pixels of a grey ultrasound frame that carry colour (calipers, arrows, text); None for an
-    image stored without colour."""
+def burned_marks(img: Image.Image) -> np.ndarray | None:
+    """The coloured pixels of a grey ultrasound frame (calipers, arrows, text) when there are
+    enough of them to be a mark (≥ MARK_PIXELS); None otherwise, or for an image stored without
+    colour. The one rule the audit counts and `mask_marks` paints over."""
     if img.mode not in ("RGB", "RGBA", "P"):
         return None
     rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-    return (rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD
+    marks = (rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD
+    return marks if marks.sum() >= MARK_PIXELS else None
 
 
 def paint_over(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
@@ -178,25 +186,6 @@ def paint_over(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
         todo &= ~done
         size = 2 * size + 1
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def open_image(path: Path) -> Image.Image:
-    """PNG by open_png's checks; JPEG, BMP and TIFF (other layouts, predict) decoded fully too."""
-    path = Path(path)
-    if path.suffix.lower() == ".png":
-        return open_png(path)
-    try:
-        if path.stat().st_size == 0:
-            raise BusisegError(f"{path}: empty (0-byte) file; re-download or remove it")
-        img = Image.open(path)
-        img.load()
-    except BusisegError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as exc:
-        raise BusisegError(f"{path}: not a readable image ({_reason(exc)}); "
-                           "re-download or remove it") from None
-    return img
 
 
 def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None,

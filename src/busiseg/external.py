@@ -18,7 +18,7 @@ import pandas as pd
 
 from busiseg.errors import BusisegError
 from busiseg.evaluate import load, score_test
-from busiseg.ingest import ingest
+from busiseg.ingest import ingest, report_dict
 from busiseg.modelio import load_model
 from busiseg.params import Params
 from busiseg.preprocess import preprocess
@@ -33,7 +33,7 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
     chosen = _chosen(Path(eval_path))
     size = load_model(model_path)[1]["preprocess"]["size"]  # checked and rebuilt, then dropped
     found = ingest(ext.raw_dir, ext.on_problem, p.data.near_dup_hamming, p.data.workers,
-                   layout=ext)
+                   layout=ext, section=f"external.{name}")
     with tempfile.TemporaryDirectory() as tmp:
         cache, split = Path(tmp) / "cache.npz", Path(tmp) / "split.csv"
         preprocess(found.rows, ext.raw_dir, size, cache, p.data.workers,
@@ -48,6 +48,7 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
         result = score_test(q, m, q, chosen["threshold"], chosen["val_dice"])
     result["metrics"].update(n_problems=found.metrics["n_problems"])
     result["problems"] = [pr.message for pr in found.problems]
+    result["report"] = report_dict(found, ext.raw_dir)  # what was skipped, converted, ignored
     return result
 
 
@@ -55,7 +56,13 @@ def _chosen(path: Path) -> dict:
     """Threshold and pieces evaluate chose on BUSI's validation (or out-of-fold) data."""
     if not path.is_file():
         raise BusisegError(f"{path}: not found; run the evaluate stage first (dvc repro)")
-    chosen = json.loads(path.read_text())
+    try:
+        chosen = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BusisegError(f"{path}: not valid JSON ({exc.__class__.__name__}); re-run the "
+                           "evaluate stage (dvc repro -f evaluate)") from None
+    if not isinstance(chosen, dict):
+        raise BusisegError(f"{path}: not evaluate's metrics; re-run the evaluate stage")
     need = ("threshold", "val_dice", "used_tta", "used_largest_cc", "used_fill_holes")
     missing = [k for k in need if k not in chosen]
     if missing:

@@ -20,10 +20,9 @@ from busiseg.data import (
     ALL_CLASSES,
     CLASSES,
     LESION_CLASSES,
-    MARK_PIXELS,
     MASK_SEP,
     OS_CLUTTER,
-    colour_marks,
+    burned_marks,
     conversion_note,
     fill_outline,
     image_to_gray,
@@ -32,9 +31,9 @@ from busiseg.data import (
     process_map,
 )
 from busiseg.errors import BusisegError
-from busiseg.layouts import Layout, scan
+from busiseg.layouts import Layout, name_rule, scan
 
-MASK_RE = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<k>\d+))?$")
+MASK_RE = name_rule("{id}_mask", multi=True)  # BUSI: NAME_mask.png, NAME_mask_1.png, ...
 MAX_LINES = 25
 
 
@@ -99,13 +98,17 @@ class IngestResult:
 
 
 class IngestError(BusisegError):
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], section: str = "data", audit: bool = False):
         self.problems = problems
         lines = [p.message for p in problems[:MAX_LINES]]
         if len(problems) > MAX_LINES:
             lines.append(f"... and {len(problems) - MAX_LINES} more problems")
-        lines.append(f"ingest: {len(problems)} problem(s); fix the files above, or set "
-                     "data.on_problem: skip to drop them and list them in data/ingest_report.json")
+        if audit:
+            lines.append(f"ingest: {len(problems)} audit finding(s) refused by their policy "
+                         "(each line names the param to change)")
+        else:
+            lines.append(f"ingest: {len(problems)} problem(s); fix the files above, or set "
+                         f"{section}.on_problem: skip to drop them and list them in the report")
         super().__init__("\n".join(lines))
 
 
@@ -163,7 +166,7 @@ def _scan(raw: Path) -> tuple[list[Case], list[Problem], list[str]]:
             stem = p.name[: -len(p.suffix)]
             m = MASK_RE.match(stem)
             if m:
-                masks[m["stem"]].append((int(m["k"] or 0), p))
+                masks[m["id"]].append((int(m["k"] or 0), p))
             elif stem in images:
                 problem(p, "duplicate_name", f"same name as {images[stem].name}; keep one")
             else:
@@ -183,6 +186,11 @@ def _scan(raw: Path) -> tuple[list[Case], list[Problem], list[str]]:
             for _, p in found:
                 problem(p, "mask_without_image", f"mask has no image (expected '{stem}.png' "
                         "beside it); add the image or remove the mask")
+    _flag_duplicate_ids(raw, cases)
+    return cases, problems, ignored
+
+
+def _flag_duplicate_ids(raw: Path, cases: list[Case]) -> None:
     seen: dict[str, Case] = {}
     for c in cases:
         if c.case_id in seen:
@@ -190,7 +198,6 @@ def _scan(raw: Path) -> tuple[list[Case], list[Problem], list[str]]:
                                       f"{raw / c.image}: same case name as "
                                       f"{raw / seen[c.case_id].image}; rename one of them"))
         seen.setdefault(c.case_id, c)
-    return cases, problems, ignored
 
 
 def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
@@ -232,7 +239,7 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
 
 
 def coloured_pixels(img: Image.Image) -> int:
-    marks = colour_marks(img)
+    marks = burned_marks(img)
     return 0 if marks is None else int(marks.sum())
 
 
@@ -294,18 +301,20 @@ def duplicate_groups(cases: list[Case], max_hamming: int) -> tuple[list[int], li
 
 def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
            workers: int = 0, audit: AuditPolicy | None = None,
-           layout: Layout | None = None) -> IngestResult:
+           layout: Layout | None = None, section: str = "data") -> IngestResult:
+    """`section` names the params in messages: data, or external.NAME for an external set."""
     audit, layout = audit or AuditPolicy(), layout or Layout()
     raw = Path(raw_dir)
+    key = f"{section}.raw_dir"
     if not raw.exists():
-        raise BusisegError(f"data.raw_dir '{raw}' does not exist; download BUSI and point "
-                           "data.raw_dir at its Dataset_BUSI_with_GT folder (see README)")
+        raise BusisegError(f"{key} '{raw}' does not exist; download the dataset and point "
+                           f"{key} at it (BUSI: its Dataset_BUSI_with_GT folder, see README)")
     if not raw.is_dir():
-        raise BusisegError(f"data.raw_dir '{raw}' is not a folder; point it at "
-                           "Dataset_BUSI_with_GT")
+        raise BusisegError(f"{key} '{raw}' is not a folder; point it at the dataset's folder")
     if not any(raw.iterdir()):
-        raise BusisegError(f"data.raw_dir '{raw}' is empty; unzip BUSI into it")
-    cases, problems, ignored = _scan(raw) if layout.layout == "busi" else _scan_layout(raw, layout)
+        raise BusisegError(f"{key} '{raw}' is empty; unzip the dataset into it")
+    cases, problems, ignored = (_scan(raw) if layout.layout == "busi"
+                                else _scan_layout(raw, layout, section))
     cases = process_map(partial(_check_case, raw, outline=layout.mask_kind == "outline"), cases,
                         workers, chunksize=16)
     for c in cases:
@@ -313,14 +322,14 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         if not c.cls:  # data.classes: none
             c.cls = "lesion" if c.lesion_pixels else "normal"
     if problems and on_problem == "error":
-        raise IngestError(problems)
+        raise IngestError(problems, section)
     good = [c for c in cases if not c.problems]
     if not good:
-        raise BusisegError(f"data.raw_dir '{raw}': no usable image/mask pairs"
+        raise BusisegError(f"{key} '{raw}': no usable image/mask pairs"
                            + (f" ({len(problems)} problems skipped)" if problems else ""))
     good.sort(key=lambda c: (ALL_CLASSES.index(c.cls), _natural_key(c.case_id)))
     findings = audit_cases(good, duplicate_groups(good, near_dup_hamming)[1])
-    good = apply_audit(raw, good, findings, audit)
+    good = apply_audit(raw, good, findings, audit, section)
     groups_of, groups = duplicate_groups(good, near_dup_hamming)
     groups_of = _join_patients(good, groups_of)
     rows = [{"case_id": c.case_id, "class": c.cls, "image": c.image,
@@ -342,17 +351,12 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
     return IngestResult(rows, problems, ignored, groups, metrics, findings)
 
 
-def _scan_layout(raw: Path, layout: Layout) -> tuple[list[Case], list[Problem], list[str]]:
-    found, troubles, ignored = scan(raw, layout)
+def _scan_layout(raw: Path, layout: Layout,
+                 section: str) -> tuple[list[Case], list[Problem], list[str]]:
+    found, troubles, ignored = scan(raw, layout, section)
     cases = [Case(f.case_id, f.cls, f.image, f.masks, patient=f.patient) for f in found]
     problems = [Problem(t.file, t.kind, t.message) for t in troubles]
-    seen: dict[str, Case] = {}
-    for c in cases:
-        if c.case_id in seen:
-            c.problems.append(Problem(c.image, "duplicate_case_id",
-                                      f"{raw / c.image}: same case id as "
-                                      f"{raw / seen[c.case_id].image}; rename one of them"))
-        seen.setdefault(c.case_id, c)
+    _flag_duplicate_ids(raw, cases)
     return cases, problems, ignored
 
 
@@ -411,7 +415,7 @@ def audit_cases(cases: list[Case], groups: list[dict]) -> list[Finding]:
         if c.case_id in cross_class:
             findings.append(Finding(c.case_id, c.image, "cross_class_duplicate",
                                     cross_class[c.case_id]))
-        if c.mark_pixels >= MARK_PIXELS:
+        if c.mark_pixels:
             findings.append(Finding(c.case_id, c.image, "burned_marks",
                                     f"{c.mark_pixels} coloured pixels burned into the grey image "
                                     "(calipers, arrows or text)"))
@@ -419,7 +423,7 @@ def audit_cases(cases: list[Case], groups: list[dict]) -> list[Finding]:
 
 
 def apply_audit(raw: Path, cases: list[Case], findings: list[Finding],
-                audit: AuditPolicy) -> list[Case]:
+                audit: AuditPolicy, section: str = "data") -> list[Case]:
     """Raise for findings whose policy is error; drop the cases of those whose policy is skip."""
     def policy(f: Finding) -> str:
         field_name = AUDIT_KINDS[f.kind][1]
@@ -429,7 +433,8 @@ def apply_audit(raw: Path, cases: list[Case], findings: list[Finding],
     if refused:
         raise IngestError([Problem(
             f.file, f.kind, f"{raw / f.file}: {f.detail}; correct the file, or set "
-            f"data.{AUDIT_KINDS[f.kind][1]}: warn to keep it or skip to drop it") for f in refused])
+            f"{section}.{AUDIT_KINDS[f.kind][1]}: warn to keep it or skip to drop it")
+            for f in refused], section, audit=True)
     skipped = {f.case_id for f in findings if policy(f) == "skip"}
     for f in findings:
         if f.case_id in skipped:
@@ -438,8 +443,8 @@ def apply_audit(raw: Path, cases: list[Case], findings: list[Finding],
             f.action = "masked"
     kept = [c for c in cases if c.case_id not in skipped]
     if not kept:
-        raise BusisegError(f"data.raw_dir '{raw}': the audit skipped all {len(cases)} cases; "
-                           "set its policies (data.label_mismatch, ...) to warn")
+        raise BusisegError(f"{section}.raw_dir '{raw}': the audit skipped all {len(cases)} "
+                           f"cases; set its policies ({section}.label_mismatch, ...) to warn")
     return kept
 
 

@@ -69,6 +69,16 @@ class LayoutParams:
         _require(self.classes != "csv" or bool(self.classes_csv.strip()),
                  f"{section}.classes_csv", f"must name the CSV (case_id,class) when "
                  f"{section}.classes is csv")
+        for name in ("images_dir", "masks_dir"):
+            value = getattr(self, name)
+            _require(bool(value.strip()) and "/" not in value and value not in (".", ".."),
+                     f"{section}.{name}", "must name one folder directly under raw_dir")
+        _require(self.layout != "paired" or self.images_dir != self.masks_dir,
+                 f"{section}.masks_dir", f"must differ from {section}.images_dir (images and "
+                 "masks in one folder: layout flat)")
+        _require(self.layout not in ("flat", "per_case") or self.image_name != self.mask_name,
+                 f"{section}.mask_name", f"must differ from {section}.image_name when images "
+                 "and masks share a folder")
 
     def check(self) -> None:
         """Checked by check_layout, which knows the section's name."""
