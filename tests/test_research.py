@@ -221,6 +221,10 @@ def test_time_to_quality_counts_epochs_to_the_reference_level_per_fold(tmp_path:
     assert [f["run_epoch"] for f in result["folds"]] == [1, 2]
     assert result["reference_min"] == 6.0 and result["run_min"] == 0.8  # (3+3)·60 s, (1+2)·15 s
     assert result["ratio"] == 0.125
+    # mean over folds: reference 0.5 0.65 0.75 0.725 -> level 0.725 at epoch 3; run 0.63 0.805
+    mean = result["mean_over_folds"]
+    assert (mean["level"], mean["reference_epoch"], mean["run_epoch"]) == (0.725, 3, 2)
+    assert (mean["reference_min"], mean["run_min"], mean["ratio"]) == (6.0, 1.0, 0.167)
     slow = _workspace(tmp_path / "slow", [[0.1, 0.2], [0.9, 0.9]], [30, 30])
     never = time_to_quality(*read_run(ref), *read_run(slow))
     assert never["folds"][0]["run_epoch"] is None and never["run_min"] is None

@@ -8,6 +8,10 @@ per-epoch val Dice, metrics/train.json the fold timings. A fold's level is the r
 last-epoch val Dice on that fold (the weights cross-validation keeps). Minutes are epochs times the
 run's fastest fold's seconds per epoch: epochs cost the same within a run, and a fold that shared
 the machine with other work says nothing about the recipe.
+
+A fold the run never brings to the reference's level leaves the per-fold total undefined, so the
+curves are also compared as cross-validation reports them: the mean val Dice over the folds at
+each epoch, against the reference's mean at its last epoch (minutes for all K folds).
 """
 
 from __future__ import annotations
@@ -54,10 +58,26 @@ def time_to_quality(reference: list[list[float]], ref_epoch_s: float,
         folds.append({"level": level, "reference_epoch": ref_e, "run_epoch": run_e,
                       "reference_min": round(ref_e * ref_epoch_s / 60, 2),
                       "run_min": None if run_e is None else round(run_e * run_epoch_s / 60, 2)})
+    k = len(folds)
+    ref_mean, run_mean = mean_curve(reference), mean_curve(run)
+    level = ref_mean[-1]
+    ref_e, run_e = first_epoch_at(ref_mean, level), first_epoch_at(run_mean, level)
+    mean = {"level": round(level, 6), "reference_epoch": ref_e, "run_epoch": run_e,
+            "reference_min": round(ref_e * ref_epoch_s * k / 60, 1),
+            "run_min": None if run_e is None else round(run_e * run_epoch_s * k / 60, 1),
+            "ratio": None if run_e is None else round(run_e * run_epoch_s / (ref_e * ref_epoch_s),
+                                                      3)}
     return {"folds": folds, "reference_epoch_s": round(ref_epoch_s, 1),
             "run_epoch_s": round(run_epoch_s, 1), "reference_min": round(ref_total, 1),
             "run_min": None if run_total is None else round(run_total, 1),
-            "ratio": None if run_total is None else round(run_total / ref_total, 3)}
+            "ratio": None if run_total is None else round(run_total / ref_total, 3),
+            "mean_over_folds": mean}
+
+
+def mean_curve(histories: list[list[float]]) -> list[float]:
+    """Mean val Dice over the folds, epoch by epoch (as far as every fold got)."""
+    n = min(len(h) for h in histories)
+    return [sum(h[e] for h in histories) / len(histories) for e in range(n)]
 
 
 def main() -> None:
