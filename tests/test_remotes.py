@@ -1,0 +1,43 @@
+"""Experiments travel between machines through a git remote and a DVC remote: machine A runs
+and pushes one, machine B pulls it, sees it in `dvc exp show`, restores its model and predicts.
+A bare git repository and a local-folder DVC remote stand in for GitHub and S3."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from conftest import TINY_PARAMS, copy_repo, dvc, run, write_png
+
+GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+
+
+def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(tmp_path, python_env):
+    origin, storage = tmp_path / "origin.git", tmp_path / "dvc-storage"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, python_env)
+    a = copy_repo(tmp_path / "a", TINY_PARAMS)
+    dvc(a, python_env, "remote", "add", "-d", "storage", str(storage))
+    run(GIT + ["commit", "-qam", "remote"], a, python_env)
+    run(GIT + ["remote", "add", "origin", str(origin)], a, python_env)
+    run(GIT + ["push", "-q", "origin", "HEAD:main"], a, python_env)
+
+    dvc(a, python_env, "exp", "run", "-n", "tiny", "-S", "train.epochs=2")
+    dvc(a, python_env, "exp", "push", "origin", "tiny")  # git refs, and the outputs to storage
+    trained = json.loads((a / "metrics" / "eval.json").read_text())
+
+    b = tmp_path / "b"
+    run(["git", "clone", "-q", "-b", "main", str(origin), str(b)], tmp_path, python_env)
+    dvc(b, python_env, "exp", "pull", "origin", "tiny")
+    shown = json.loads(dvc(b, python_env, "exp", "show", "--json").stdout)
+    names = {e.get("name") for rev in shown for e in (rev.get("experiments") or [])}
+    assert "tiny" in names
+    dvc(b, python_env, "exp", "apply", "tiny")
+    dvc(b, python_env, "pull", "train")  # the model file, from the DVC remote
+    assert json.loads((b / "metrics" / "eval.json").read_text()) == trained
+    image = write_png(tmp_path / "new.png", np.random.default_rng(0).integers(
+        0, 255, (70, 90), dtype=np.uint8))
+    out = run([sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
+               str(image), "--out", str(tmp_path / "pred")], b, python_env)
+    assert (tmp_path / "pred" / "new_mask.png").is_file(), out.stdout
+
