@@ -211,7 +211,8 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
         return case
     if (note := conversion_note(img)) is not None:
         case.notes.append(Problem(case.image, "converted", note))
-    case.mark_pixels = coloured_pixels(img)
+    marks = burned_marks(img)
+    case.mark_pixels = 0 if marks is None else int(marks.sum())
     union = np.zeros(gray.shape, dtype=bool)
     case.height, case.width = gray.shape
     case.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -236,11 +237,6 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
             union |= mask
     case.lesion_pixels = int(union.sum())
     return case
-
-
-def coloured_pixels(img: Image.Image) -> int:
-    marks = burned_marks(img)
-    return 0 if marks is None else int(marks.sum())
 
 
 def dhash(gray: np.ndarray, side: int = 8) -> int:
@@ -328,9 +324,12 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         raise BusisegError(f"{key} '{raw}': no usable image/mask pairs"
                            + (f" ({len(problems)} problems skipped)" if problems else ""))
     good.sort(key=lambda c: (ALL_CLASSES.index(c.cls), _natural_key(c.case_id)))
-    findings = audit_cases(good, duplicate_groups(good, near_dup_hamming)[1])
-    good = apply_audit(raw, good, findings, audit, section)
-    groups_of, groups = duplicate_groups(good, near_dup_hamming)
+    dups = duplicate_groups(good, near_dup_hamming)
+    findings = audit_cases(good, dups[1])
+    kept = apply_audit(raw, good, findings, audit, section)
+    # the groups change only when the audit dropped cases
+    groups_of, groups = dups if len(kept) == len(good) else duplicate_groups(kept, near_dup_hamming)
+    good = kept
     groups_of = _join_patients(good, groups_of)
     rows = [{"case_id": c.case_id, "class": c.cls, "image": c.image,
              "masks": MASK_SEP.join(c.masks), "n_masks": len(c.masks), "width": c.width,
