@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from busiseg import distributed
 from busiseg.params import load_params
 from busiseg.stage import remove_outputs, run, write_json
 from busiseg.train import train, train_cross_validation
@@ -16,20 +17,28 @@ METRICS = Path("metrics/train.json")
 
 def main() -> None:
     params = load_params()
-    remove_outputs(MODEL, METRICS)  # not the checkpoints: a killed run resumes from them
-    for p in (MODEL, METRICS):
+    ranks = distributed.current()
+    if ranks.main:
+        remove_outputs(MODEL, METRICS)  # not the checkpoints: a killed run resumes from them
+    if params.train.processes > 1 and ranks.world == 1:
+        distributed.launch(params.train, Path(__file__))  # this script again, as N ranks
+        return
+    for p in (MODEL, METRICS, CHECKPOINTS / "run.pt"):
         p.parent.mkdir(parents=True, exist_ok=True)
     data = Path("data/cache.npz"), Path("data/split.csv")
-    CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-    if params.split.folds:
-        metrics = train_cross_validation(params, *data, MODEL, CHECKPOINTS, LIVE)
-        done = f"{metrics['folds']} fold models"
-    else:
-        metrics = train(params, *data, MODEL, CHECKPOINTS / "run.pt", LIVE)
-        done = f"best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}"
-    write_json(METRICS, metrics)
-    print(f"train: {done}, {metrics['images_per_s']} images/s on {metrics['device']} "
-          f"(torch {torch.__version__}) -> {MODEL}")
+    try:
+        if params.split.folds:
+            metrics = train_cross_validation(params, *data, MODEL, CHECKPOINTS, LIVE)
+            done = f"{params.split.folds} fold models"
+        else:
+            metrics = train(params, *data, MODEL, CHECKPOINTS / "run.pt", LIVE)
+            done = f"best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}"
+    finally:
+        distributed.close()
+    if ranks.main:
+        write_json(METRICS, metrics)
+        print(f"train: {done}, {metrics['images_per_s']} images/s on {metrics['device']} "
+              f"({metrics['processes']} process(es), torch {torch.__version__}) -> {MODEL}")
 
 
 if __name__ == "__main__":

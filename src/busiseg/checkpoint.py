@@ -22,7 +22,7 @@ FORMAT = "busiseg-checkpoint-v1"
 # the library code a training run depends on (the train stage's code deps in dvc.yaml)
 TRAINING_CODE = [Path(__file__).with_name(f"{m}.py")
                  for m in ("train", "models", "losses", "augment", "modelio", "runtime",
-                           "checkpoint", "inference", "pretrained")]
+                           "checkpoint", "inference", "pretrained", "distributed", "placement")]
 
 
 def run_hash(p: Params, files: list[Path], fold: int | None = None) -> str:

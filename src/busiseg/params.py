@@ -184,7 +184,9 @@ class TrainParams:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    threads: int = 0  # torch intra-op threads; 0 = the cores shared by queue workers, processes
+    processes: int = 1  # > 1: DistributedDataParallel over this many processes (torchrun)
+    sync_bn: bool = False  # with processes > 1 on GPUs: BatchNorm statistics over all processes
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU is always repeatable
     progress: Literal["auto", "on", "off"] = "auto"
     val_batch_size: int = 16  # images per forward pass when validating each epoch
@@ -209,6 +211,7 @@ class TrainParams:
         _require(0 < self.empty_topk <= 1, "train.empty_topk",
                  "must be in (0, 1]: the share of pixels pooled into each image's lesion logit")
         _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
+        _require(self.processes >= 1, "train.processes", "must be ≥ 1 (1 = no torchrun)")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from busiseg import checkpoint
+from busiseg import checkpoint, distributed
 from busiseg.augment import augment_batch
 from busiseg.data import load_cache
 from busiseg.errors import BusisegError
@@ -30,6 +30,7 @@ from busiseg.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.modelio import model_kwargs, save_model
 from busiseg.models import build_model, check_input_size
 from busiseg.params import Params, TrainParams
+from busiseg.placement import cpu_threads, queue_slot, training_device
 from busiseg.pretrained import init_encoder, input_normalisation, weights_files
 from busiseg.runtime import (
     amp_dtype,
@@ -46,8 +47,13 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     """One model: on the train split, keeping the best epoch on val; or, with `fold`, fold model
     k of a cross-validation run, trained on the other folds and kept at its last epoch."""
     cfg = p.train
+    ranks, slot = distributed.current(), queue_slot()
     device = pick_device(cfg.device, "train.device")
-    configure_threads_and_kernels(cfg.threads, cfg.deterministic, device)
+    distributed.check_request(cfg, device, ranks)
+    device = training_device(device, ranks.local_rank, cfg.processes, slot)
+    configure_threads_and_kernels(cpu_threads(cfg.threads, cfg.processes, slot),
+                                  cfg.deterministic, device)
+    distributed.init(device, ranks)
     dtype = amp_dtype(cfg.amp, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     seed_everything(cfg.seed)
@@ -55,14 +61,17 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     key = checkpoint.run_hash(p, [cache_path, split_path, *weights_files(p.model)], fold)
     done = checkpoint.finished_fold(ckpt_path, key) if fold is not None else None
     if done and model_path.is_file():  # a cross-validation run killed in a later fold
-        print(f"train: fold {fold} already trained ({model_path}); not training it again")
-        open_live(live_dir, done["history"])
+        if ranks.main:
+            print(f"train: fold {fold} already trained ({model_path}); not training it again")
+            open_live(live_dir, done["history"])
         return done["summary"]
 
     data = load_data(cache_path, split_path, p.preprocess.size, device, fold)
     kwargs = model_kwargs(p.model)
     model = build_model(**kwargs)
     check_input_size(model, data.size, data.size)
+    if cfg.sync_bn and ranks.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     encoder_source = init_encoder(model, p.model)
     model = model.to(device, memory_format=memory_format)
     bs = min(cfg.batch_size, len(data.train_idx))
@@ -72,31 +81,38 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
                       cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
                       cfg.empty_weight, cfg.empty_topk)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    fwd = torch.compile(model) if cfg.compile else model
 
     # resume only a checkpoint of this exact run that did not finish
     run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
-    if run.epoch:
+    if run.epoch and ranks.main:
         print(f"train: resuming{'' if fold is None else f' fold {fold}'} from epoch {run.epoch} "
               f"of {cfg.epochs} ({ckpt_path})")
-    live = open_live(live_dir, run.history)
+    fwd = distributed.wrap(model, device, ranks)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    live = open_live(live_dir, run.history) if ranks.main else None
 
-    progress = show_progress(cfg.progress)
+    progress = show_progress(cfg.progress) and ranks.main
     for epoch in range(run.epoch, cfg.epochs):
         if cfg.patience and run.bad_epochs >= cfg.patience:
             break
+        slot.check_worker_alive()
         t0 = time.perf_counter()
         bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
         train_loss = train_one_epoch(fwd, model, data, p, epoch, bs, steps_per_epoch, optimizer,
-                                     scheduler, scaler, loss_fn, device, dtype, memory_format, bar)
+                                     scheduler, scaler, loss_fn, device, dtype, memory_format, bar,
+                                     ranks)
         lr = optimizer.param_groups[0]["lr"]
-        val = validate(model, data, p, device, dtype, loss_fn, memory_format)
+        val = validate(model, data, p, device, dtype, loss_fn, memory_format) if ranks.main \
+            else None
+        val = distributed.from_main(val, ranks)
         if cfg.schedule == "plateau":
             scheduler.step(val["dice"])
         run.seconds += time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
-        improved = record_epoch(run, row, model)
+        improved = record_epoch(run, row, model, keep_weights=ranks.main)
+        if not ranks.main:
+            continue
         # persist first: once the line below is printed, this epoch survives a kill
         checkpoint.save(ckpt_path, key, run, model, optimizer, scheduler, scaler)
         log_epoch(live, run.history[-1])
@@ -107,7 +123,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
 
     return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
                   images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold,
-                  encoder_source=encoder_source)
+                  encoder_source=encoder_source, write=ranks.main)
 
 
 # ---- the parts around the loop --------------------------------------------------------------
@@ -174,11 +190,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams, steps_per_epoch: in
 
 def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: int,
                     steps_per_epoch: int, optimizer, scheduler, scaler, loss_fn, device, dtype,
-                    memory_format, bar) -> float:
+                    memory_format, bar, ranks: distributed.Ranks = distributed.ALONE) -> float:
     """One pass over the train split; returns the mean loss. Every epoch reseeds its own
-    generators from (train.seed, epoch): that is what makes a resumed run bit-identical."""
+    generators from (train.seed, epoch): that is what makes a resumed run bit-identical. Under
+    torchrun every rank draws the whole batch and trains on its slice of it."""
     cfg = p.train
-    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout RNG, per epoch
+    torch.manual_seed((cfg.seed * 100_003 + epoch) * ranks.world + ranks.rank)  # dropout RNG
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
     perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
     mean, std = input_normalisation(p.model)
@@ -189,6 +206,7 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
         x = data.images[idx].float() / 255
         y = data.masks[idx].float()
         x, y = augment_batch(x, y, p.augment, gen)
+        x, y = distributed.shard(x, ranks), distributed.shard(y, ranks)
         x = ((x - mean) / std).contiguous(memory_format=memory_format)
         with autocast(device, dtype):
             out = fwd(x)
@@ -205,7 +223,7 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     if bar:
         bar.close()
-    return float(np.mean(losses))
+    return distributed.mean(float(np.mean(losses)), ranks)
 
 
 def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
@@ -232,13 +250,15 @@ def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
     return {"loss": total / len(data.val_images), "dice": dice, "iou": iou}
 
 
-def record_epoch(run: checkpoint.Progress, row: dict, model: torch.nn.Module) -> bool:
+def record_epoch(run: checkpoint.Progress, row: dict, model: torch.nn.Module,
+                 keep_weights: bool = True) -> bool:
     """Adds the epoch's row; keeps a copy of the weights when val Dice improved."""
     run.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
     run.epoch = row["epoch"]
     if row["val_dice"] > run.best_dice:
         run.best_dice, run.bad_epochs = row["val_dice"], 0
-        run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if keep_weights:
+            run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return True
     run.bad_epochs += 1
     return False
@@ -267,14 +287,16 @@ def log_epoch(live, row: dict) -> None:
 
 def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
            ckpt_path: Path, key: str, images_seen: int, device: torch.device,
-           fold: int | None = None, encoder_source: dict | None = None) -> dict:
+           fold: int | None = None, encoder_source: dict | None = None,
+           write: bool = True) -> dict:
     """Save the kept weights, retire the checkpoint, and summarise the run. A fold model keeps
     its last epoch: choosing the epoch on the fold it is then scored on would inflate the
     cross-validation score (nnU-Net's fixed schedule, scored at its end)."""
     best_row = max(run.history, key=lambda r: r["val_dice"])
     state = run.best_state if fold is None else \
         {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_model(model_path, state, kwargs, p, size, encoder_weights=encoder_source)
+    if write:
+        save_model(model_path, state, kwargs, p, size, encoder_weights=encoder_source)
     summary = {
         "best_epoch": best_row["epoch"],
         "best_val_dice": best_row["val_dice"],
@@ -284,13 +306,17 @@ def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, 
         "seconds": round(run.seconds, 2),
         "images_per_s": round(images_seen / run.seconds, 2) if run.seconds else None,
         "device": device.type,
+        "processes": p.train.processes,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "n_params": sum(t.numel() for t in model.parameters()),
     }
     if fold is not None:
         summary["kept_epoch"] = run.history[-1]["epoch"]
         summary["kept_val_dice"] = run.history[-1]["val_dice"]
     # the finished run leaves only a small marker: nothing a later run could resume by mistake
-    checkpoint.mark_complete(ckpt_path, key, *((summary, run.history) if fold is not None else ()))
+    if write:
+        checkpoint.mark_complete(ckpt_path, key,
+                                 *((summary, run.history) if fold is not None else ()))
     return summary
 
 
@@ -304,6 +330,8 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
     summaries = [train(p, cache_path, split_path, folds_dir / f"fold_{k}.pt",
                        folds_dir / f"fold_{k}.ckpt", live_dir / f"fold_{k}", fold=k)
                  for k in range(k_folds)]
+    if not distributed.current().main:
+        return {}  # rank 0 assembles and writes the ensemble
     state, size, source = {}, None, None
     for k in range(k_folds):
         blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
@@ -321,6 +349,8 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
         "seconds": round(seconds, 2),
         "images_per_s": round(images / seconds, 2) if seconds else None,
         "device": summaries[0]["device"],
+        "processes": summaries[0]["processes"],
+        "threads": summaries[0]["threads"],
         "n_params": summaries[0]["n_params"],
         **{f"fold_{k}_{key}": s[key] for k, s in enumerate(summaries)
            for key in ("kept_val_dice", "epochs_run", "seconds")},

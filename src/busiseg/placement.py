@@ -1,0 +1,99 @@
+"""Where a training process runs on a shared machine: its CPU threads and its GPU.
+
+Several runs share one machine in two ways: DVC's experiment queue (`dvc queue start -j N` runs N
+experiments at once) and torchrun (`train.processes` processes for one run). Each process takes
+cores / (queue workers × processes) threads, and GPU number (worker − 1) × processes + local rank,
+so N workers × P processes use N × P distinct GPUs, without the user naming any of them.
+DVC passes no worker number to a stage: it is read from the `dvc exp queue-worker` process that
+runs it (its node name ends in the worker's number), and the worker count from its live siblings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from busiseg.errors import BusisegError
+
+WORKER_NODE = re.compile(r"dvc-exp-([0-9a-f]+)-(\d+)@")
+
+
+@dataclass(frozen=True)
+class QueueSlot:
+    worker: int = 1  # 1-based, as `dvc queue start` numbers its workers
+    workers: int = 1  # live workers of the same queue (the N of `-j N`)
+    pid: int | None = None  # the worker's process
+
+    def check_worker_alive(self) -> None:
+        """A queue worker that died cannot collect its experiment's result, which DVC then shows
+        as Running for ever: stop training rather than compute a result no one will see."""
+        import psutil
+
+        if self.pid is not None and not psutil.pid_exists(self.pid):
+            name = os.environ.get("DVC_EXP_NAME", "NAME")
+            raise BusisegError(f"the dvc queue worker running experiment {name} (worker "
+                               f"{self.worker}) has died, so DVC cannot record its result; "
+                               f"clear it with `dvc queue kill {name}`, then queue it again")
+
+
+def queue_slot() -> QueueSlot:
+    """This process's DVC queue worker, or a single slot when it does not run in a queue."""
+    import psutil
+
+    try:
+        for proc in psutil.Process().parents():
+            match = _worker_node(proc)
+            if match:
+                siblings = {m.group(2) for p in psutil.process_iter()
+                            if (m := _worker_node(p)) and m.group(1) == match.group(1)}
+                return QueueSlot(int(match.group(2)), max(1, len(siblings)), proc.pid)
+    except psutil.Error:
+        pass
+    return QueueSlot()
+
+
+def _worker_node(proc) -> re.Match | None:
+    import psutil
+
+    try:
+        cmdline = proc.cmdline()
+    except psutil.Error:
+        return None
+    if "queue-worker" not in cmdline:
+        return None
+    return next(filter(None, map(WORKER_NODE.match, cmdline)), None)
+
+
+def cpu_cores() -> int:
+    """Cores this process may use (a container or `taskset` may allow fewer than the machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_threads(setting: int, processes: int, slot: QueueSlot) -> int:
+    """train.threads, or (0) this process's share of the cores: two queue workers that each took
+    every core would run both experiments slower than one after the other. 0 = PyTorch's own
+    default, which a process alone on the machine keeps."""
+    if setting or processes * slot.workers == 1:
+        return setting
+    return max(1, cpu_cores() // (processes * slot.workers))
+
+
+def gpu_index(local_rank: int, processes: int, slot: QueueSlot, gpus: int) -> int:
+    """Distinct GPUs for every process of every queue worker, shared round-robin when there are
+    fewer GPUs than processes (CUDA_VISIBLE_DEVICES narrows the set, as everywhere)."""
+    return ((slot.worker - 1) * processes + local_rank) % gpus
+
+
+def training_device(device, local_rank: int, processes: int, slot: QueueSlot):
+    """The GPU this process trains on (see gpu_index); any other device as it is."""
+    import torch
+
+    if device.type != "cuda":
+        return device
+    gpu = torch.device("cuda", gpu_index(local_rank, processes, slot, torch.cuda.device_count()))
+    torch.cuda.set_device(gpu)
+    return gpu
