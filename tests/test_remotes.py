@@ -23,6 +23,7 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(tmp_p
     run(GIT + ["push", "-q", "origin", "HEAD:main"], a, python_env)
 
     dvc(a, python_env, "exp", "run", "-n", "tiny", "-S", "train.epochs=2")
+    one_line_error(dvc(a, python_env, "exp", "push", "nowhere", "tiny", check=False))
     dvc(a, python_env, "exp", "push", "origin", "tiny")  # git refs, and the outputs to storage
     trained = json.loads((a / "metrics" / "eval.json").read_text())
 
@@ -33,11 +34,36 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(tmp_p
     names = {e.get("name") for rev in shown for e in (rev.get("experiments") or [])}
     assert "tiny" in names
     dvc(b, python_env, "exp", "apply", "tiny")
-    dvc(b, python_env, "pull", "train")  # the model file, from the DVC remote
-    assert json.loads((b / "metrics" / "eval.json").read_text()) == trained
     image = write_png(tmp_path / "new.png", np.random.default_rng(0).integers(
         0, 255, (70, 90), dtype=np.uint8))
-    out = run([sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
-               str(image), "--out", str(tmp_path / "pred")], b, python_env)
+    predict = [sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
+               str(image), "--out", str(tmp_path / "pred")]
+    missing = one_line_error(run(predict, b, python_env, check=False))  # before dvc pull
+    assert "dvc pull train" in missing
+    dvc(b, python_env, "pull", "train")  # the model file, from the DVC remote
+    assert json.loads((b / "metrics" / "eval.json").read_text()) == trained
+    out = run(predict, b, python_env)
     assert (tmp_path / "pred" / "new_mask.png").is_file(), out.stdout
 
+
+
+def test_a_missing_or_unreachable_remote_fails_in_one_line(tmp_path, python_env):
+    repo = copy_repo(tmp_path / "r", TINY_PARAMS)
+    dvc(repo, python_env, "repro", "split")  # something to push
+    assert "no remote specified" in one_line_error(dvc(repo, python_env, "push", check=False))
+    dvc(repo, python_env, "remote", "add", "-d", "dead", "http://127.0.0.1:9/store")
+    assert "Cannot connect" in one_line_error(dvc(repo, python_env, "push", check=False))
+    try:
+        import dvc_s3  # noqa: F401
+    except ImportError:
+        dvc(repo, python_env, "remote", "add", "-f", "-d", "bucket", "s3://bucket/busiseg")
+        assert "dvc-s3" in one_line_error(dvc(repo, python_env, "push", check=False))
+
+
+def one_line_error(proc) -> str:
+    """A failed command's message: no traceback, its first error line returned."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.lower().startswith("error")]
+    assert errors, proc.stderr
+    return errors[0]

@@ -65,7 +65,8 @@ def load_model(path: str | Path,
     refuse anything else."""
     path = Path(path)
     if not path.is_file():
-        raise BusisegError(f"{path}: model file not found; train one with dvc repro")
+        raise BusisegError(f"{path}: model file not found; train one with `dvc repro`, or fetch "
+                           "the trained one with `dvc pull train`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a safe busiseg model
