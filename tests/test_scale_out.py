@@ -240,3 +240,28 @@ def test_the_queue_runs_two_experiments_at_once(tmp_path: Path, python_env):
     assert runs["threads"].astype(int).tolist() == [max(1, cpu_cores() // 2),
                                                     max(1, cpu_cores() // 4)]
 
+
+
+AGREE = """
+import os, sys
+import torch.distributed as dist
+from busiseg import distributed
+dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
+ranks = distributed.current()
+print(distributed.agree(int(sys.argv[1]), ranks), distributed.agree(7, ranks))
+"""
+
+
+def test_processes_that_resume_from_different_epochs_notice(python_env):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", AGREE, str(epoch)], stdout=subprocess.PIPE, text=True,
+        env=python_env | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                          "MASTER_ADDR": "localhost", "MASTER_PORT": str(port)})
+        for rank, epoch in ((0, 5), (1, 0))]  # rank 1 found no checkpoint, rank 0 epoch 5
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert outs == [["False", "True"], ["False", "True"]]

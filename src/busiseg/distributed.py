@@ -152,3 +152,12 @@ def from_main(obj, ranks: Ranks):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def agree(value, ranks: Ranks) -> bool:
+    """Whether every rank holds the same value (every rank learns the answer)."""
+    if ranks.world == 1:
+        return True
+    values = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return all(v == values[0] for v in values)

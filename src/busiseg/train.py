@@ -84,6 +84,10 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
 
     # resume only a checkpoint of this exact run that did not finish
     run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
+    if not distributed.agree(run.epoch, ranks):  # each machine read its own models/checkpoints
+        raise BusisegError(f"{ckpt_path}: the training processes found different checkpoints; "
+                           "across machines models/checkpoints must be on a shared filesystem "
+                           "(or delete it there to start over)")
     if run.epoch and ranks.main:
         print(f"train: resuming{'' if fold is None else f' fold {fold}'} from epoch {run.epoch} "
               f"of {cfg.epochs} ({ckpt_path})")
