@@ -29,17 +29,17 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(tmp_p
 
     b = tmp_path / "b"
     run(["git", "clone", "-q", "-b", "main", str(origin), str(b)], tmp_path, python_env)
+    image = write_png(tmp_path / "new.png", np.random.default_rng(0).integers(
+        0, 255, (70, 90), dtype=np.uint8))
+    predict = [sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
+               str(image), "--out", str(tmp_path / "pred")]
+    missing = one_line_error(run([*predict, "--threshold", "0.5"], b, python_env, check=False))
+    assert "dvc pull train" in missing  # nothing pulled yet: the message says how
     dvc(b, python_env, "exp", "pull", "origin", "tiny")
     shown = json.loads(dvc(b, python_env, "exp", "show", "--json").stdout)
     names = {e.get("name") for rev in shown for e in (rev.get("experiments") or [])}
     assert "tiny" in names
     dvc(b, python_env, "exp", "apply", "tiny")
-    image = write_png(tmp_path / "new.png", np.random.default_rng(0).integers(
-        0, 255, (70, 90), dtype=np.uint8))
-    predict = [sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
-               str(image), "--out", str(tmp_path / "pred")]
-    missing = one_line_error(run(predict, b, python_env, check=False))  # before dvc pull
-    assert "dvc pull train" in missing
     dvc(b, python_env, "pull", "train")  # the model file, from the DVC remote
     assert json.loads((b / "metrics" / "eval.json").read_text()) == trained
     out = run(predict, b, python_env)
