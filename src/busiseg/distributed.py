@@ -99,9 +99,10 @@ def launch(cfg: TrainParams, script: Path) -> None:
     except SignalException:  # Ctrl-C or kill: the ranks stopped too, their checkpoint kept
         raise KeyboardInterrupt from None
     except ChildFailedError as exc:
+        main = exc.failures.get(0)
+        if main is not None and main.exitcode > 0:
+            sys.exit(main.exitcode)  # rank 0 has said why, in one line
         rank, failure = exc.get_first_failure()
-        if rank == 0 and failure.exitcode > 0:
-            sys.exit(failure.exitcode)  # rank 0 has said why, in one line
         how = f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0 else \
             f"exited with code {failure.exitcode}"
         raise BusisegError(f"training process {rank} of {processes} {how}; `dvc repro` resumes "

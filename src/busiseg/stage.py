@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,14 +22,19 @@ def run(main: Callable[[], Any]) -> None:
     SIGTERM is turned into KeyboardInterrupt so that `kill` and Ctrl-C take the same clean path.
     """
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's rank 0 speaks for the others
     try:
         main()
     except BusisegError as exc:
-        if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks hit the same check
+        if main_rank:
             print(f"error: {exc}", file=sys.stderr)
+        else:  # rank 0 meets the same check: let it fail first and say why (it then stops us)
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(2)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if main_rank:
+            print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
