@@ -103,33 +103,25 @@ def digest(workdir: Path) -> str:
     return torch.load(workdir / "models" / "model.pt", weights_only=True)["digest"]
 
 
-def test_two_processes_train_write_once_and_repeat(tmp_path: Path, python_env):
-    work = ddp_workdir(tmp_path / "w")
-    out = train_stage(work, python_env)
-    assert out.stdout.count("epoch   1/4") == 1, out.stdout  # rank 0 alone reports and writes
-    assert "2 process(es)" in out.stdout
-    metrics = json.loads((work / "metrics" / "train.json").read_text())
-    assert metrics["processes"] == 2 and metrics["epochs_run"] == 4
-    assert metrics["threads"] == max(1, cpu_cores() // 2)
-    curves = read_live_curves(work / "dvclive" / "train")
-    assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
-    first = digest(work)
-    train_stage(work, python_env)  # the finished run's marker is not resumed: a fresh run
-    assert digest(work) == first  # two processes are as repeatable as one
-
-
-def test_a_killed_two_process_run_resumes_to_the_same_result(tmp_path: Path, python_env):
+def test_two_processes_train_write_once_and_resume_after_a_kill(tmp_path: Path, python_env):
     epochs = 20
     work = ddp_workdir(tmp_path / "w", epochs=epochs)
-    train_stage(work, python_env)
+    out = train_stage(work, python_env)  # the uninterrupted reference
+    assert out.stdout.count(f"epoch   1/{epochs}") == 1, out.stdout  # rank 0 alone reports
+    assert "2 process(es)" in out.stdout
     reference = json.loads((work / "metrics" / "train.json").read_text())
+    assert reference["processes"] == 2 and reference["epochs_run"] == epochs
+    assert reference["threads"] == max(1, cpu_cores() // 2)
+    curves = read_live_curves(work / "dvclive" / "train")
+    assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
     reference_digest = digest(work)
+
     proc = subprocess.Popen([sys.executable, str(TRAIN_STAGE)], cwd=work, env=python_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
-    for line in proc.stdout:
+    for line in proc.stdout:  # a fresh run: the finished run's marker is never resumed
         seen.append(line)
         if line.startswith(f"epoch   2/{epochs}"):
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher and both ranks
@@ -143,8 +135,29 @@ def test_a_killed_two_process_run_resumes_to_the_same_result(tmp_path: Path, pyt
     resumed = train_stage(work, python_env)
     assert "resuming from epoch" in resumed.stdout, resumed.stdout
     metrics = json.loads((work / "metrics" / "train.json").read_text())
+    # two processes are as repeatable as one, across a kill
     assert metrics | dict.fromkeys(TIMING_KEYS) == reference | dict.fromkeys(TIMING_KEYS)
     assert digest(work) == reference_digest
+
+
+def test_cross_validation_folds_train_on_two_processes(tmp_path: Path, python_env):
+    work = ddp_workdir(tmp_path / "w", epochs=2)
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["split"]["folds"] = 2
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    split = pd.read_csv(work / "data" / "split.csv")
+    cv = split["split"] != "test"
+    split.loc[cv, "split"] = "cv"
+    split.loc[cv, "fold"] = [i % 2 for i in range(cv.sum())]
+    split.to_csv(work / "data" / "split.csv", index=False)
+    out = train_stage(work, python_env)
+    assert out.stdout.count("fold 1 epoch   2/2") == 1, out.stdout
+    metrics = json.loads((work / "metrics" / "train.json").read_text())
+    assert metrics["folds"] == 2 and metrics["processes"] == 2
+    blob = torch.load(work / "models" / "model.pt", weights_only=True)
+    assert blob["members"] == 2
+    assert sorted(p.name for p in (work / "models" / "checkpoints").iterdir()) == \
+        ["fold_0.ckpt", "fold_1.ckpt"]  # the members' own files went into the ensemble
 
 
 def test_a_failing_rank_ends_in_one_line(tmp_path: Path, python_env):
