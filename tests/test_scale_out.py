@@ -3,6 +3,7 @@ training run on several processes (torchrun + DistributedDataParallel, gloo on C
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -173,13 +174,30 @@ def test_a_failing_rank_ends_in_one_line(tmp_path: Path, python_env):
 
 @pytest.mark.parametrize(("train", "fragment"), [
     ({"processes": 64}, "CPU cores; set train.processes ≤"),
-    ({"processes": 2, "batch_size": 3}, "set train.batch_size ≥ 4"),
+    ({"processes": 2, "batch_size": 3}, "set train.batch_size to a multiple of 2, at least 4"),
+    ({"processes": 2, "batch_size": 10, "device": "cpu"}, None),
     ({"processes": 2, "sync_bn": True}, "train.sync_bn needs CUDA"),
 ])
 def test_requests_that_cannot_run_fail_before_any_process_starts(train, fragment):
     cfg = parse_params({"train": {"device": "cpu", **train}}).train
+    if fragment is None:  # a request that can run
+        distributed.check_request(cfg, torch.device("cpu"), distributed.ALONE)
+        return
     with pytest.raises(BusisegError, match=fragment.replace("(", r"\(")):
         distributed.check_request(cfg, torch.device("cpu"), distributed.ALONE)
+
+
+def test_sync_batchnorm_keeps_timm_encoders_activations():
+    from busiseg.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("smp_unet", encoder="tu-tf_efficientnet_lite0").eval()
+    synced = distributed.sync_batchnorm(copy.deepcopy(model)).eval()
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    assert synced.state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(synced(x), model(x), atol=1e-5)
 
 
 def test_torchrun_world_size_must_match_the_param():

@@ -3,8 +3,9 @@
 `train.processes: N` makes the train stage start itself N times through torchrun's launcher, so
 `dvc repro` and `dvc exp run -S train.processes=4` need nothing else; a stage already started by
 `torchrun` (several machines, say) runs as the rank it was given. Every rank draws the same
-batches and augmentation as one process would and keeps its slice of each batch: the optimiser
-takes the same steps on the same images, only split across processes. Rank 0 validates (and
+batches and augmentation as one process would and keeps its equal slice of each batch: the run
+sees the same images in the same order under the same schedule (loss and BatchNorm statistics
+are per slice, so it agrees with one process within training noise). Rank 0 validates (and
 tells the others the result, which drives the schedule and early stopping) and writes every file.
 """
 
@@ -70,13 +71,28 @@ def check_request(cfg: TrainParams, device: torch.device, ranks: Ranks) -> None:
     if device.type not in ("cpu", "cuda"):
         raise BusisegError(f"train.processes > 1 needs train.device cpu or cuda, not "
                            f"{device.type}; set train.processes=1")
-    if cfg.batch_size < 2 * processes:
-        raise BusisegError(f"train.batch_size {cfg.batch_size} split over {processes} processes "
-                           f"leaves under 2 images each (BatchNorm needs 2); set train.batch_size "
-                           f"≥ {2 * processes}")
+    check_batch(cfg.batch_size, Ranks(world=processes))
     if cfg.sync_bn and device.type != "cuda":
         raise BusisegError("train.sync_bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU "
                            "version); set train.sync_bn=false")
+
+
+def check_batch(batch_size: int, ranks: Ranks) -> None:
+    """Equal slices of at least 2 images: DDP weighs every process alike, BatchNorm needs 2."""
+    if ranks.world > 1 and (batch_size % ranks.world or batch_size < 2 * ranks.world):
+        raise BusisegError(f"a batch of {batch_size} images does not split into {ranks.world} "
+                           f"equal slices of 2 or more; set train.batch_size to a multiple of "
+                           f"{ranks.world}, at least {2 * ranks.world} (and no larger than the "
+                           "train split)")
+
+
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics over all processes. timm's converter, because PyTorch's turns timm's
+    BatchNormAct2d (norm + activation, in the smp encoders) into a bare norm, dropping the
+    activation; it converts plain BatchNorm layers the same way."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 def launch(cfg: TrainParams, script: Path) -> None:
@@ -96,18 +112,19 @@ def launch(cfg: TrainParams, script: Path) -> None:
                           start_method="spawn")
     try:
         elastic_launch(config, sys.executable)(str(script))
-    except SignalException:  # Ctrl-C or kill: the ranks stopped too, their checkpoint kept
-        raise KeyboardInterrupt from None
+    except SignalException:  # Ctrl-C or kill: the ranks stopped too (rank 0 said so)
+        sys.exit(130)
     except ChildFailedError as exc:
         main = exc.failures.get(0)
         if main is not None and main.exitcode > 0:
             sys.exit(main.exitcode)  # rank 0 has said why, in one line
         rank, failure = exc.get_first_failure()
-        how = f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0 else \
-            f"exited with code {failure.exitcode}"
-        raise BusisegError(f"training process {rank} of {processes} {how}; `dvc repro` resumes "
-                           "from the last epoch (models/checkpoints), or set train.processes=1 "
-                           "to see the failure in one process") from None
+        if failure.exitcode > 0:
+            raise BusisegError(f"training process {rank} of {processes} failed (exit code "
+                               f"{failure.exitcode}; its message is above)") from None
+        raise BusisegError(f"training process {rank} of {processes} was killed by signal "
+                           f"{-failure.exitcode}; `dvc repro` resumes from the last epoch "
+                           "(models/checkpoints)") from None
 
 
 def init(device: torch.device, ranks: Ranks) -> None:

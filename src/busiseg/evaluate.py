@@ -36,7 +36,7 @@ from busiseg.metrics import (
 )
 from busiseg.modelio import load_model
 from busiseg.params import Params
-from busiseg.placement import cpu_threads, queue_slot
+from busiseg.placement import cpu_threads, queue_slot, worker_device
 from busiseg.runtime import amp_dtype, pick_device
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
@@ -86,8 +86,9 @@ class Loaded:
 
 
 def load(p: Params, model_path, cache_path, split_path) -> Loaded:
-    device = pick_device(p.evaluate.device, "evaluate.device")
-    threads = cpu_threads(0, 1, queue_slot())  # a queued run's share of the cores, as in train
+    slot = queue_slot()  # a queued run's share of the cores, or its own GPU, as in train
+    device = worker_device(pick_device(p.evaluate.device, "evaluate.device"), 0, 1, slot)
+    threads = cpu_threads(0, 1, slot)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
     dtype = amp_dtype(p.evaluate.amp, device)

@@ -88,8 +88,8 @@ def gpu_index(local_rank: int, processes: int, slot: QueueSlot, gpus: int) -> in
     return ((slot.worker - 1) * processes + local_rank) % gpus
 
 
-def training_device(device, local_rank: int, processes: int, slot: QueueSlot):
-    """The GPU this process trains on (see gpu_index); any other device as it is."""
+def worker_device(device, local_rank: int, processes: int, slot: QueueSlot):
+    """The GPU this process computes on (see gpu_index); any other device as it is."""
     import torch
 
     if device.type != "cuda":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -22,15 +21,18 @@ def run(main: Callable[[], Any]) -> None:
     SIGTERM is turned into KeyboardInterrupt so that `kill` and Ctrl-C take the same clean path.
     """
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun's rank 0 speaks for the others
+    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"  # torchrun's
+    main_rank = rank == "0"  # rank 0 speaks for the others
     try:
         main()
     except BusisegError as exc:
-        if main_rank:
-            print(f"error: {exc}", file=sys.stderr)
-        else:  # rank 0 meets the same check: let it fail first and say why (it then stops us)
-            with contextlib.suppress(KeyboardInterrupt):
+        if not main_rank:  # rank 0 meets the same check: let it fail first and say why
+            try:
                 time.sleep(2)
+            except KeyboardInterrupt:  # it did, and stopped us
+                sys.exit(1)
+        print(f"error: {exc}" if main_rank else f"error (training process {rank}): {exc}",
+              file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if main_rank:

@@ -30,7 +30,7 @@ from busiseg.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.modelio import model_kwargs, save_model
 from busiseg.models import build_model, check_input_size
 from busiseg.params import Params, TrainParams
-from busiseg.placement import cpu_threads, queue_slot, training_device
+from busiseg.placement import cpu_threads, queue_slot, worker_device
 from busiseg.pretrained import init_encoder, input_normalisation, weights_files
 from busiseg.runtime import (
     amp_dtype,
@@ -50,7 +50,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     ranks, slot = distributed.current(), queue_slot()
     device = pick_device(cfg.device, "train.device")
     distributed.check_request(cfg, device, ranks)
-    device = training_device(device, ranks.local_rank, cfg.processes, slot)
+    device = worker_device(device, ranks.local_rank, cfg.processes, slot)
     configure_threads_and_kernels(cpu_threads(cfg.threads, cfg.processes, slot),
                                   cfg.deterministic, device)
     distributed.init(device, ranks)
@@ -60,7 +60,9 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
 
     key = checkpoint.run_hash(p, [cache_path, split_path, *weights_files(p.model)], fold)
     done = checkpoint.finished_fold(ckpt_path, key) if fold is not None else None
-    if done and model_path.is_file():  # a cross-validation run killed in a later fold
+    skip = bool(done and model_path.is_file())  # a cross-validation run killed in a later fold
+    same_checkpoint_everywhere(skip, ranks, ckpt_path)
+    if skip:
         if ranks.main:
             print(f"train: fold {fold} already trained ({model_path}); not training it again")
             open_live(live_dir, done["history"])
@@ -71,10 +73,11 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     model = build_model(**kwargs)
     check_input_size(model, data.size, data.size)
     if cfg.sync_bn and ranks.world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = distributed.sync_batchnorm(model)
     encoder_source = init_encoder(model, p.model)
     model = model.to(device, memory_format=memory_format)
     bs = min(cfg.batch_size, len(data.train_idx))
+    distributed.check_batch(bs, ranks)
     steps_per_epoch = max(1, len(data.train_idx) // bs)  # no ragged batch: BatchNorm needs ≥ 2
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
     loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
@@ -84,10 +87,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
 
     # resume only a checkpoint of this exact run that did not finish
     run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
-    if not distributed.agree(run.epoch, ranks):  # each machine read its own models/checkpoints
-        raise BusisegError(f"{ckpt_path}: the training processes found different checkpoints; "
-                           "across machines models/checkpoints must be on a shared filesystem "
-                           "(or delete it there to start over)")
+    same_checkpoint_everywhere(run.epoch, ranks, ckpt_path)
     if run.epoch and ranks.main:
         print(f"train: resuming{'' if fold is None else f' fold {fold}'} from epoch {run.epoch} "
               f"of {cfg.epochs} ({ckpt_path})")
@@ -166,6 +166,15 @@ def load_data(cache_path: Path, split_path: Path, size: int, device: torch.devic
     images, masks = cache.images.to(device), cache.masks.to(device)
     va = va_idx.to(device)
     return TrainingData(images, masks, tr_idx, images[va], masks[va], cache.size)
+
+
+def same_checkpoint_everywhere(state, ranks: distributed.Ranks, ckpt_path: Path) -> None:
+    """Processes that resume from different points would train out of step (or wait for ever):
+    across machines, each reads its own models/checkpoints unless it is shared."""
+    if not distributed.agree(state, ranks):
+        raise BusisegError(f"{ckpt_path}: the training processes found different checkpoints; "
+                           "across machines models/checkpoints must be on a shared filesystem "
+                           "(or delete it there to start over)")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
