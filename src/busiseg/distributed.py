@@ -12,10 +12,8 @@ tells the others the result, which drives the schedule and early stopping) and w
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,32 +21,8 @@ import torch.distributed as dist
 
 from busiseg.errors import BusisegError
 from busiseg.params import TrainParams
-from busiseg.placement import cpu_cores
+from busiseg.placement import ALONE, Ranks, cpu_cores, current  # noqa: F401 (re-exported)
 from busiseg.runtime import pick_device
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    local_world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-ALONE = Ranks()  # a process that is the whole run
-
-
-def current() -> Ranks:
-    """This process's place, from the variables torchrun sets (one process when there are none)."""
-    env = os.environ
-    if "LOCAL_RANK" not in env:
-        return Ranks()
-    return Ranks(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]),
-                 int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
 
 
 def check_request(cfg: TrainParams, device: torch.device, ranks: Ranks) -> None:

@@ -1,4 +1,4 @@
-"""Where a training process runs on a shared machine: its CPU threads and its GPU.
+"""Where a training process runs on a shared machine: its rank, its CPU threads and its GPU.
 
 Several runs share one machine in two ways: DVC's experiment queue (`dvc queue start -j N` runs N
 experiments at once) and torchrun (`train.processes` processes for one run). Each process takes
@@ -15,6 +15,31 @@ import re
 from dataclasses import dataclass
 
 from busiseg.errors import BusisegError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+ALONE = Ranks()  # a process that is the whole run
+
+
+def current() -> Ranks:
+    """This process's place, from the variables torchrun sets (one process when there are none)."""
+    env = os.environ
+    if "LOCAL_RANK" not in env:
+        return Ranks()
+    return Ranks(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]),
+                 int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+
 
 WORKER_NODE = re.compile(r"dvc-exp-([0-9a-f]+)-(\d+)@")
 

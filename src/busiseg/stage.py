@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 
 from busiseg.data import atomic_write_text
 from busiseg.errors import BusisegError
+from busiseg.placement import current
 
 
 def run(main: Callable[[], Any]) -> None:
@@ -21,8 +21,8 @@ def run(main: Callable[[], Any]) -> None:
     SIGTERM is turned into KeyboardInterrupt so that `kill` and Ctrl-C take the same clean path.
     """
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"  # torchrun's
-    main_rank = rank == "0"  # rank 0 speaks for the others
+    rank = current().rank  # torchrun's: rank 0 speaks for the others
+    main_rank = rank == 0
     try:
         main()
     except BusisegError as exc:
