@@ -28,10 +28,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from busiseg.runtime import machine
+from busiseg.runtime.device import machine
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
+
+
+
+def torchvision_transform(p):
+    """busiseg.training.augment's recipe one sample at a time with torchvision.transforms.v2: the
+    per-sample baseline the train benchmark compares the batched augmentation against."""
+    from torchvision.transforms import v2
+
+    ops: list = []
+    if p.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(p.hflip))
+    if p.vflip > 0:
+        ops.append(v2.RandomVerticalFlip(p.vflip))
+    if p.rotate > 0 or p.scale > 0 or p.shift > 0:
+        ops.append(v2.RandomAffine(degrees=p.rotate, translate=(p.shift, p.shift),
+                                   scale=(1 - p.scale, 1 + p.scale)))
+    if p.elastic > 0:
+        ops.append(v2.ElasticTransform(alpha=p.elastic * 8, sigma=8.0))
+    if p.brightness > 0 or p.contrast > 0:
+        ops.append(v2.ColorJitter(brightness=p.brightness, contrast=p.contrast))
+    if p.blur > 0:
+        ops.append(v2.RandomApply([v2.GaussianBlur(5, sigma=(0.5, 1.5))], p=p.blur))
+    return v2.Compose(ops)
 
 
 def save(name: str, result: dict) -> None:
@@ -45,7 +68,7 @@ def dataset(raw_dir: str | None, tmp: Path) -> Path:
     """The real data when given, else a demo set with BUSI-like image sizes (400–600 px)."""
     if raw_dir:
         return Path(raw_dir)
-    from busiseg.demo import generate_demo
+    from busiseg.data.demo import generate_demo
 
     generate_demo(tmp, n_benign=60, n_malignant=30, n_normal=20, min_size=400, max_size=600)
     return tmp / "Dataset_BUSI_with_GT"
@@ -53,9 +76,8 @@ def dataset(raw_dir: str | None, tmp: Path) -> Path:
 
 def prepare(raw_dir: str | None, size: int, tmp: Path):
     """The raw folder, its manifest and its tensor cache at `size`, preprocessed into `tmp`."""
-    from busiseg.data import load_cache
-    from busiseg.ingest import ingest
-    from busiseg.preprocess import preprocess
+    from busiseg.data.cache import load_cache, preprocess
+    from busiseg.data.ingest import ingest
 
     raw = dataset(raw_dir, tmp)
     manifest = ingest(raw).manifest
@@ -109,11 +131,11 @@ class ConventionalDataset(torch.utils.data.Dataset):
 
 
 def bench_train(args) -> None:
-    from busiseg.augment import augment_batch, torchvision_transform
-    from busiseg.losses import SegLoss
-    from busiseg.models import build_model
+    from busiseg.modeling.registry import build_model
     from busiseg.params import AugmentParams
-    from busiseg.runtime import amp_dtype, pick_device
+    from busiseg.runtime.device import amp_dtype, pick_device
+    from busiseg.training.augment import augment_batch
+    from busiseg.training.losses import SegLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,10 +229,10 @@ def bench_loss(args) -> None:
     """What the empty term costs a training step: the busi-cpu-image-dice loss against the same
     loss plus train.empty_weight, each on its own copy of one model, fed the same batches, in
     rounds whose order alternates (so neither always runs second)."""
-    from busiseg.augment import augment_batch
-    from busiseg.losses import SegLoss
-    from busiseg.models import build_model
+    from busiseg.modeling.registry import build_model
     from busiseg.params import AugmentParams
+    from busiseg.training.augment import augment_batch
+    from busiseg.training.losses import SegLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -290,13 +312,25 @@ def bench_data(args) -> None:
             tp = _run_stage(work, str(REPO / "stages" / "preprocess.py"))
             rows.append((ti, tp))
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        load = statistics.median(_time_cache_load(work / "data" / "cache.npz")
+                                 for _ in range(args.reps))
     ing = statistics.median(r[0] for r in rows)
     pre = statistics.median(r[1] for r in rows)
     save(args.name or "data", {
         "raw_dir": str(args.raw_dir or "demo (110 images, 400-600 px)"), "size": args.size,
         "ingest_s": round(ing, 2), "preprocess_s": round(pre, 2),
-        "ingest_plus_preprocess_s": round(ing + pre, 2), "reps": args.reps,
+        "ingest_plus_preprocess_s": round(ing + pre, 2), "cache_load_s": round(load, 3),
+        "reps": args.reps,
         "peak_rss_mb_of_any_stage": round(peak, 1)})
+
+
+def _time_cache_load(path: Path) -> float:
+    """Loading the cache and touching every image, as training starts."""
+    from busiseg.data.cache import load_cache
+
+    t = time.perf_counter()
+    load_cache(path).images.float().mean()
+    return time.perf_counter() - t
 
 
 def bench_repro(args) -> None:
@@ -353,10 +387,10 @@ def bench_memory(args) -> None:
 def bench_predict(args) -> None:
     """Images/s through inference.probabilities, the path predict takes, with the same weights
     in PyTorch and in ONNX Runtime; the two alternate round by round in one process."""
-    from busiseg.inference import MaskSettings, probabilities
-    from busiseg.modelio import weights_digest
-    from busiseg.models import build_model
-    from busiseg.onnx_model import export_onnx, load_onnx
+    from busiseg.inference.onnx_model import export_onnx, load_onnx
+    from busiseg.inference.segment import MaskSettings, probabilities
+    from busiseg.modeling.model_file import weights_digest
+    from busiseg.modeling.registry import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -416,8 +450,8 @@ def bench_models(args) -> None:
     """Training step (forward, backward, AdamW) of each model on the same batches, the models
     alternating round by round in one process; then each model's peak RSS over a few steps in a
     process of its own, since RSS never shrinks within one."""
-    from busiseg.losses import SegLoss
-    from busiseg.models import build_model
+    from busiseg.modeling.registry import build_model
+    from busiseg.training.losses import SegLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)

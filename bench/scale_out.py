@@ -82,8 +82,8 @@ def _train_metrics(shown: list, name: str) -> dict:
 
 
 def bench_ddp(args) -> None:
-    from busiseg.data import read_manifest
-    from busiseg.split import make_split
+    from busiseg.data.manifest import read_manifest
+    from busiseg.data.split import make_split
 
     rows = []
     for name, processes, threads, seed in args.configs:

@@ -2,9 +2,9 @@
 
 from dataclasses import asdict
 
-from busiseg.demo import generate_demo
+from busiseg.data.demo import generate_demo
 from busiseg.params import load_params
-from busiseg.stage import run
+from busiseg.pipeline.stage import run
 
 OUT_DIR = "data/demo"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from busiseg.evaluate import evaluate
+from busiseg.evaluation.evaluate import evaluate
 from busiseg.params import load_params
-from busiseg.stage import remove_outputs, run, write_json
+from busiseg.pipeline.stage import remove_outputs, run, write_json
 
 METRICS = Path("metrics/eval.json")
 PER_IMAGE = Path("plots/evaluate/per_image.csv")

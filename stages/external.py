@@ -4,9 +4,9 @@ with the threshold and post-processing chosen on BUSI; it trains nothing."""
 import sys
 from pathlib import Path
 
-from busiseg.external import evaluate_external
+from busiseg.evaluation.external import evaluate_external
 from busiseg.params import load_params
-from busiseg.stage import remove_outputs, run, write_json
+from busiseg.pipeline.stage import remove_outputs, run, write_json
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Stage ingest: pair every image with all its masks into data/manifest.csv, report problems."""
 
-from busiseg.data import write_manifest_rows
-from busiseg.ingest import AuditPolicy, ingest, report_dict
+from busiseg.data.audit import AuditPolicy
+from busiseg.data.ingest import ingest, report_dict
+from busiseg.data.manifest import write_manifest_rows
 from busiseg.params import load_params
-from busiseg.stage import remove_outputs, run, write_json
+from busiseg.pipeline.stage import remove_outputs, run, write_json
 
 MANIFEST = "data/manifest.csv"
 REPORT = "data/ingest_report.json"

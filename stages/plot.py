@@ -6,9 +6,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from busiseg.data import load_cache
-from busiseg.params import load_params
-from busiseg.plots import (
+from busiseg.data.cache import load_cache
+from busiseg.evaluation.plots import (
     pick_montage,
     pick_worst,
     plot_cases,
@@ -16,7 +15,8 @@ from busiseg.plots import (
     plot_dice_distribution,
     read_live_runs,
 )
-from busiseg.stage import run
+from busiseg.params import load_params
+from busiseg.pipeline.stage import run
 
 OUT = Path("plots/figures")
 

@@ -3,11 +3,11 @@
 import sys
 import time
 
-from busiseg.data import read_manifest_rows
+from busiseg.data.cache import preprocess
+from busiseg.data.manifest import read_manifest_rows
 from busiseg.errors import BusisegError
 from busiseg.params import load_params
-from busiseg.preprocess import preprocess
-from busiseg.stage import remove_outputs, run
+from busiseg.pipeline.stage import remove_outputs, run
 
 CACHE = "data/cache.npz"
 

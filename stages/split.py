@@ -1,9 +1,9 @@
 """Stage split: seeded, class-stratified, duplicate-aware train/val/test split."""
 
-from busiseg.data import read_manifest
+from busiseg.data.manifest import read_manifest
+from busiseg.data.split import make_split, split_metrics
 from busiseg.params import load_params
-from busiseg.split import make_split, split_metrics
-from busiseg.stage import remove_outputs, run, write_json
+from busiseg.pipeline.stage import remove_outputs, run, write_json
 
 SPLIT = "data/split.csv"
 METRICS = "metrics/split.json"

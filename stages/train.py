@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from busiseg import distributed
 from busiseg.params import load_params
-from busiseg.stage import remove_outputs, run, write_json
-from busiseg.train import train, train_cross_validation
+from busiseg.pipeline.stage import remove_outputs, run, write_json
+from busiseg.runtime import distributed
+from busiseg.training.train import train, train_cross_validation
 
 MODEL = Path("models/model.pt")  # with split.folds = K: one file holding the K fold models
 CHECKPOINTS = Path("models/checkpoints")  # persisted by DVC: a killed run resumes from it

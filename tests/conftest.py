@@ -1,4 +1,5 @@
-"""Shared fixtures: small BUSI-layout datasets built in temp dirs, and a temp copy of the repo."""
+"""Shared fixtures: small BUSI-layout datasets built in temp dirs, a temp copy of the repo, and a
+tiny cached dataset to train on."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+
+from busiseg.data.cache import save_cache
+from busiseg.evaluation.plots import read_live_curves
+from busiseg.params import parse_params
+from busiseg.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_BUSI = REPO.parent / "shared" / "data" / "Dataset_BUSI_with_GT"
@@ -146,3 +153,45 @@ def pipeline(tmp_path_factory, python_env):
     run(git + ["add", "-A"], repo, python_env)
     run(git + ["commit", "-qm", "run"], repo, python_env)
     return repo, first, load_metrics(repo)
+
+
+# ---- a tiny cached dataset and training run, for the library-level tests ------------------
+
+
+def tiny_data(tmp_path: Path, n: int = 24, size: int = 32) -> tuple[Path, Path]:
+    """Dark discs on noise (every fourth image without a lesion), cached and split."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(120, 220, (n, 1, size, size)).astype(np.uint8)
+    masks = np.zeros((n, 1, size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    classes = []
+    for i in range(n):
+        if i % 4 == 3:
+            classes.append("normal")
+            continue
+        cx, cy, r = rng.integers(8, size - 8, 2).tolist() + [int(rng.integers(3, 7))]
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        images[i, 0][disc] = rng.integers(10, 60, disc.sum())
+        masks[i, 0][disc] = 1
+        classes.append("benign" if i % 2 else "malignant")
+    ids = [f"c{i}" for i in range(n)]
+    save_cache(tmp_path / "cache.npz", images, masks, ids, classes)
+    split = ["val" if i % 6 == 0 else "test" if i % 6 == 1 else "train" for i in range(n)]
+    pd.DataFrame({"case_id": ids, "class": classes, "dup_group": range(n), "split": split,
+                  "fold": -1}).to_csv(tmp_path / "split.csv", index=False)
+    return tmp_path / "cache.npz", tmp_path / "split.csv"
+
+
+def tiny_params(**train):
+    return parse_params({"preprocess": {"size": 32}, "model": {"base": 4, "depth": 2},
+                         "train": {"epochs": 6, "batch_size": 6, "lr": 0.01, "threads": 1,
+                                   "warmup_epochs": 0, **train}})
+
+
+def run_train(tmp_path: Path, p, tag: str = "a") -> dict:
+    cache, split = tiny_data(tmp_path)
+    out = tmp_path / tag
+    out.mkdir(exist_ok=True)
+    metrics = train(p, cache, split, out / "model.pt", out / "ckpt.pt", out / "live")
+    metrics["curves"] = read_live_curves(out / "live")
+    return metrics

@@ -56,3 +56,30 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path):
         load_params(bad)
     with pytest.raises(BusisegError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("spelling, value", [
+    ("1e-4", 1e-4), ("5e-05", 5e-5), ("1.0E-3", 1e-3), (".5", 0.5), ("1E-9", 1e-9),
+    ("+2.5e+1", 25.0), ("3", 3.0), ("0.0005", 5e-4), ("1_000.5", 1000.5),
+])
+def test_every_yaml_spelling_of_a_float_is_read(tmp_path: Path, spelling: str, value: float):
+    """DVC writes `-S train.lr=5e-5` as 5e-05, which YAML 1.1 (PyYAML) takes for a string."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  lr: {spelling}\n  weight_decay: {spelling}\n  epochs: 3\n")
+    p = load_params(path)
+    assert p.train.lr == value and isinstance(p.train.lr, float)
+    assert p.train.weight_decay == value and p.train.epochs == 3
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  lr: 1e-4x\n", "train.lr must be float, got '1e-4x' (str)"),
+    ("train:\n  lr: '1e-4'\n", "train.lr must be float, got '1e-4' (str)"),  # quoted: a string
+    ("train:\n  epochs: 1e3\n", "train.epochs must be int, got 1000.0 (float)"),
+    ("train:\n  lr: -1e-4\n", "train.lr must be > 0"),
+])
+def test_values_that_are_really_wrong_still_stop_in_one_line(tmp_path: Path, text, needle):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(BusisegError) as info:
+        load_params(path)
+    assert str(info.value) == f"params.yaml: {needle}"

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
-    pr.add_argument("--device", default="cpu", help="cpu, cuda or mps (.pt models)")
+    pr.add_argument("--device", default="cpu",
+                    help="auto, cpu, cuda or mps (.pt models; default cpu)")
     pr.add_argument("--mask-marks", action="store_true",
                     help="paint burned-in colour marks over first, as training did with "
                          "data.burned_marks: mask")
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def predict(args, parser) -> int:
-    from busiseg.inference import MaskSettings
-    from busiseg.predict import predict_paths
+    from busiseg.inference.predict import predict_paths
+    from busiseg.inference.segment import MaskSettings
 
     flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
     if args.from_eval and flags:
@@ -80,9 +81,9 @@ def predict(args, parser) -> int:
 
 
 def export(args) -> int:
-    from busiseg.inference import MaskSettings
-    from busiseg.modelio import load_model
-    from busiseg.onnx_model import export_onnx
+    from busiseg.inference.onnx_model import export_onnx
+    from busiseg.inference.segment import MaskSettings
+    from busiseg.modeling.model_file import load_model
 
     if args.out.suffix.lower() != ".onnx":
         raise BusisegError(f"--out {args.out}: name the file *.onnx")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class DemoParams:
 
 @dataclass(frozen=True)
 class LayoutParams:
-    """Where a dataset's images and masks are and how they are named (busiseg.layouts); the
+    """Where a dataset's images and masks are and how they are named (busiseg.data.layouts); the
     training data (data.*) and every external dataset (external.NAME.*) have these keys."""
 
     raw_dir: str = "data/demo/Dataset_BUSI_with_GT"
@@ -378,12 +379,31 @@ def _build_external(raw: Any) -> dict[str, LayoutParams]:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML's) reads `1e-4` and `5e-05`, which DVC writes for `-S train.lr=5e-5`, as
+    strings: it wants a dot and a signed exponent. This loader also takes YAML 1.2's floats
+    (`1e-4`, `5E-5`, `1.0e+3`, `.5`, `-.5e3`); ints stay ints."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[0-9][0-9_]*[eE][-+]?[0-9]+)$""", re.X),
+    list("-+0123456789."))
+
+
+def read_yaml(text: str):
+    """The one YAML reader for params: every float spelling DVC or a person writes is a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise BusisegError(f"{path}: params file not found; run from the project root")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

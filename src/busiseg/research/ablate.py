@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from busiseg.evaluate import binarize_as, load_splits, score_setting
-from busiseg.metrics import summarize
+from busiseg.evaluation.evaluate import binarize_as, load_splits, score_setting
+from busiseg.evaluation.metrics import summarize
 from busiseg.params import Params, load_params
 
 

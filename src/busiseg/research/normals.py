@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from busiseg.evaluate import load_splits
+from busiseg.evaluation.evaluate import load_splits
 from busiseg.params import load_params
 
 REPO = Path(__file__).resolve().parents[3]

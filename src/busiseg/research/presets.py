@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from busiseg.errors import BusisegError
-from busiseg.params import parse_params
+from busiseg.params import parse_params, read_yaml
 
 PRESETS = Path(__file__).with_name("presets.yaml")
 
@@ -40,8 +38,8 @@ def load_presets(path: str | Path | None = None,
     path = Path(path or PRESETS)
     if not path.is_file():
         raise BusisegError(f"{path}: presets file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    base = yaml.safe_load(Path(params_path).read_text()) or {}
+    raw = read_yaml(path.read_text()) or {}
+    base = read_yaml(Path(params_path).read_text()) or {}
     presets = {}
     for name, entry in raw.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("set"), dict):

@@ -27,12 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from busiseg.params import load_params
+from busiseg.params import load_params, read_yaml
 from busiseg.research.ablate import ablate
 from busiseg.research.presets import PRESETS, exp_command, flag, load_presets
-from busiseg.runtime import machine
+from busiseg.runtime.device import machine
 
 REPO = Path(__file__).resolve().parents[3]
 OUT = REPO / "docs" / "results" / "protocol"
@@ -285,7 +283,7 @@ def paired_table(args) -> None:
         return json.loads(path.read_text())
 
     base = load(args.base)
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = read_yaml((REPO / "params.yaml").read_text())
     defaults = {f"{sec}.{k}": v for sec, d in raw.items() for k, v in d.items()}
     try:  # every record checked before a line is printed
         rows = [paired(base, load(name), defaults, code_diff) for name in args.presets]

@@ -1,0 +1,227 @@
+"""Reading image and mask files.
+
+One place decides how a file becomes a grey image or a binary lesion mask, and how an image is
+resized for a model, so ingest (which checks every file), preprocess (which caches them) and
+predict (which reads new images) agree exactly.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from busiseg.errors import BusisegError, first_line
+
+IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
+MASK_MODES = ("1", "L", "RGB", "RGBA", "LA")
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+
+# a burned-in mark: pixels whose colour channels differ by ≥ MARK_SPREAD (grey ultrasound has
+# none), at least MARK_PIXELS of them, so stray chroma noise from a re-encoded copy is not one
+MARK_SPREAD = 48
+MARK_PIXELS = 20
+
+MAX_PIXELS = 64_000_000  # a 8k×8k ultrasound frame is already absurd; refuse bombs
+
+
+def open_image(path: Path) -> Image.Image:
+    """Open and fully decode (PNG, JPEG, BMP, TIFF, ...), so truncated or corrupt files fail here
+    and not mid-training; a file named .png must be a PNG."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BusisegError(f"{path}: empty (0-byte) file; re-download or remove it")
+        with warnings.catch_warnings():  # PIL's own bomb warning: the check below says more
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise BusisegError(f"{path}: {img.width}x{img.height} pixels is more than any "
+                               f"ultrasound frame ({MAX_PIXELS:,} at most); resize or remove it")
+        img.load()
+    except BusisegError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means an unreadable file
+        raise BusisegError(f"{path}: not a readable image ({first_line(exc, 120)}); "
+                           "re-download or remove it") from None
+    if img.format != "PNG" and path.suffix.lower() == ".png":
+        raise BusisegError(f"{path}: is a {img.format} file with a .png name; "
+                           "convert it to PNG or remove it")
+    return img
+
+
+def image_to_gray(img: Image.Image, path: Path) -> np.ndarray:
+    """Ultrasound is single-channel. RGB copies (some with coloured marks) become luma; palette
+    images go through their RGB colours; 16-bit grey keeps its top 8 bits' worth (v / 257,
+    rounded, so 0 and 65535 stay black and white)."""
+    if img.mode in SIXTEEN_BIT:
+        wide = np.asarray(img, dtype=np.int64)
+        return np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode not in IMAGE_MODES:
+        raise BusisegError(f"{path}: image mode {_mode_name(img.mode)} is not supported; "
+                           "save it as 8-bit grayscale or RGB PNG")
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def conversion_note(img: Image.Image) -> str | None:
+    """What image_to_gray did to a file that was not 8-bit grey or colour, for the audit."""
+    if img.mode in SIXTEEN_BIT:
+        return f"{_mode_name(img.mode)} image converted to 8-bit grey as round(v / 257)"
+    if img.mode == "P":
+        return "palette (P) image converted to 8-bit grey through its RGB colours (luma)"
+    return None
+
+
+def mask_to_bool(img: Image.Image, path: Path, notes: list[str] | None = None) -> np.ndarray:
+    """Lesion = any non-zero colour channel (alpha only masks out), whatever the storage mode.
+    A mask with more than two values (anti-aliased edges, JPEG noise, colour-coded labels) is
+    binarised instead: lesion where its brightest channel reaches half the mask's own maximum
+    (≥ 128 for a 0–255 mask; labels 0/1/2 all count) and alpha is not zero. Palette and 16-bit
+    masks are read through RGB / their integer values. `notes` is told of each of these."""
+    notes = [] if notes is None else notes
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append("palette (P) mask read through its RGB colours")
+    if img.mode in SIXTEEN_BIT:
+        level = np.asarray(img, dtype=np.int64)
+        notes.append(f"{_mode_name(img.mode)} mask read as integers")
+        valid = np.ones(level.shape, dtype=bool)
+    elif img.mode not in MASK_MODES:
+        raise BusisegError(f"{path}: mask mode {_mode_name(img.mode)} is not supported; "
+                           "save masks as 1-bit, 8-bit grayscale or RGB PNG")
+    elif img.getcolors(maxcolors=2) is not None:  # C-speed; None when there are more than two
+        return _two_valued(img)
+    else:
+        arr = np.asarray(img).astype(np.int64)
+        has_alpha = img.mode in ("RGBA", "LA")
+        colour = arr[..., :-1] if has_alpha else arr
+        level = colour if colour.ndim == 2 else colour.max(axis=-1)
+        valid = arr[..., -1] > 0 if has_alpha else np.ones(level.shape, dtype=bool)
+    values = np.unique(level[valid])
+    if len(values) <= 2:
+        return (level > 0) & valid
+    top = int(values.max())
+    notes.append(f"mask with {len(values)} values binarised: lesion where its brightest "
+                 f"channel ≥ half its maximum ({(top + 1) // 2} of {top})")
+    return (2 * level >= top) & valid
+
+
+def _two_valued(img: Image.Image) -> np.ndarray:
+    colours = img.getcolors(maxcolors=2)
+    arr = np.asarray(img)
+    values = [np.atleast_1d(np.asarray(c, dtype=np.int64)) for _, c in colours]
+    lesion_values = [v for v in values if _is_lesion(v, img.mode)]
+    if not lesion_values:
+        return np.zeros(arr.shape[:2], dtype=bool)
+    if len(lesion_values) == len(values):
+        return np.ones(arr.shape[:2], dtype=bool)
+    lesion, other = lesion_values[0], next(v for v in values if not _is_lesion(v, img.mode))
+    channel = int(np.flatnonzero(lesion != other)[0])  # one channel tells the two colours apart
+    plane = arr if arr.ndim == 2 else arr[..., channel]
+    return plane == (bool(lesion[channel]) if img.mode == "1" else lesion[channel])
+
+
+def _is_lesion(value: np.ndarray, mode: str) -> bool:
+    has_alpha = mode in ("RGBA", "LA")
+    colour = value[:-1] if has_alpha else value
+    return bool(colour.max() > 0 and (not has_alpha or value[-1] > 0))
+
+
+def _mode_name(mode: str) -> str:
+    names = {"P": "palette (P)", "I;16": "16-bit (I;16)", "I": "32-bit integer (I)",
+             "F": "float (F)", "1": "1-bit (1)", "CMYK": "CMYK"}
+    return names.get(mode, mode)
+
+
+def load_image(path: Path, mask_marks: bool = False) -> np.ndarray:
+    """8-bit grey; with `mask_marks` (data.burned_marks: mask), burned-in colour marks painted
+    over with the mean of the unmarked pixels around them."""
+    img = open_image(path)
+    gray = image_to_gray(img, path)
+    marks = burned_marks(img) if mask_marks else None
+    return gray if marks is None else paint_over(gray, marks)
+
+
+def burned_marks(img: Image.Image) -> np.ndarray | None:
+    """The coloured pixels of a grey ultrasound frame (calipers, arrows, text) when there are
+    enough of them to be a mark (≥ MARK_PIXELS); None otherwise, or for an image stored without
+    colour. The one rule the audit counts and `mask_marks` paints over."""
+    if img.mode not in ("RGB", "RGBA", "P"):
+        return None
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    marks = (rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD
+    return marks if marks.sum() >= MARK_PIXELS else None
+
+
+def paint_over(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
+    """Marked pixels take the mean of the unmarked ones in a window that widens until it holds
+    some, so a thick caliper line is filled from its edges."""
+    from scipy.ndimage import uniform_filter
+
+    out = gray.astype(np.float64)
+    todo = marks.copy()
+    keep = (~marks).astype(np.float64)
+    size = 5
+    while todo.any() and size <= 2 * max(gray.shape) + 1:
+        total = uniform_filter(out * keep, size, mode="nearest")
+        weight = uniform_filter(keep, size, mode="nearest")
+        done = todo & (weight > 1e-6)
+        out[done] = total[done] / weight[done]
+        todo &= ~done
+        size = 2 * size + 1
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None,
+                    outline: bool = False) -> np.ndarray:
+    """Union of all masks of one image: BUSI stores separate lesions as _mask_1, _mask_2, ...
+    With `outline` (data.mask_kind: outline) each mask is a closed contour, filled first."""
+    union = None
+    for p in paths:
+        m = mask_to_bool(open_image(p), p)
+        if outline:
+            m = fill_outline(m)
+        if shape is not None and m.shape != shape:
+            raise BusisegError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but its image is "
+                               f"{shape[1]}x{shape[0]}; re-export the mask at the image size")
+        union = m if union is None else (union | m)
+    if union is None:
+        raise BusisegError("internal: a case without masks reached load_mask_union")
+    return union
+
+
+def fill_outline(mask: np.ndarray) -> np.ndarray:
+    """A closed contour drawn on black (HC18's annotations) -> the region it encloses."""
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(mask)
+
+
+def resize_image(gray: np.ndarray, size: int) -> np.ndarray:
+    """The one resize rule for images fed to a model (training cache and new images alike):
+    antialiased bilinear to size×size, uint8."""
+    img = Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.array(img, dtype=np.uint8)
+
+
+def process_map(fn: Callable, items: Iterable, workers: int = 0, min_items: int = 64,
+                chunksize: int = 8) -> list:
+    """Decoding PNGs is CPU-bound: spread it over processes (fork, so nothing is re-imported)."""
+    items = list(items)
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(items) < min_items:
+        return [fn(item) for item in items]
+    forking = "fork" in multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork") if forking else None
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(fn, items, chunksize=chunksize))

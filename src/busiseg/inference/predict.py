@@ -1,0 +1,122 @@
+"""Segment new images with a trained model (PyTorch or ONNX): a mask PNG at the original size,
+and an overlay. The prediction itself is `inference.segment`, the path evaluate scores."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from busiseg.data.images import load_image
+from busiseg.errors import BusisegError
+from busiseg.inference.onnx_model import load_onnx, settings_of
+from busiseg.inference.segment import Forward, MaskSettings, segment
+from busiseg.modeling.model_file import load_model
+from busiseg.runtime.device import place
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class Predictor:
+    """A loaded model of either kind, with what feeding it needs."""
+
+    forward: Forward
+    size: int
+    input_mean: float
+    input_std: float
+    device: torch.device
+    own_settings: MaskSettings | None  # what an ONNX export carries; a .pt file carries none
+
+
+def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
+    """A .onnx file runs on ONNX Runtime; anything else must be a busiseg PyTorch model file."""
+    model_path = Path(model_path)
+    if model_path.suffix.lower() == ".onnx":
+        if device != "cpu":
+            raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "
+                               "provider; use --device cpu, or the .pt model on the GPU")
+        forward, meta = load_onnx(model_path)
+        return Predictor(forward, int(meta["size"]), float(meta["input_mean"]),
+                         float(meta["input_std"]), torch.device("cpu"), settings_of(meta))
+    where, _ = place(device, "--device")
+    model, blob = load_model(model_path, where)
+    pre = blob["preprocess"]
+    return Predictor(model, int(pre["size"]), float(pre["input_mean"]), float(pre["input_std"]),
+                     where, None)
+
+
+@dataclass
+class Failure:
+    path: Path
+    reason: str
+
+
+def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """Directories contribute their image files (masks skipped); missing paths are failures."""
+    files, failures = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file()
+                           and p.suffix.lower() in SUFFIXES and "_mask" not in p.stem)
+            if not found:
+                failures.append(Failure(item, "folder holds no images"))
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            failures.append(Failure(item, "no such file or folder"))
+    return files, failures
+
+
+def read_gray(path: Path, mask_marks: bool = False) -> np.ndarray:
+    return load_image(path, mask_marks)
+
+
+def overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """Grey image with the lesion tinted red and its outline drawn."""
+    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+    tint = np.array([255, 40, 40], dtype=np.float32)
+    rgb[mask] = 0.65 * rgb[mask] + 0.35 * tint
+    edge = mask & ~_erode(mask)
+    rgb[edge] = tint
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    m = np.pad(mask, 1, constant_values=False)
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+
+
+def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
+                  settings: MaskSettings | None = None, device: str = "cpu",
+                  progress: bool | None = None,
+                  mask_marks: bool = False) -> tuple[list[Path], list[Failure]]:
+    """Masks and overlays for every readable input. Without `settings`, an ONNX export's own
+    (evaluate's choice at export time), else the params defaults. `mask_marks`: paint burned-in
+    colour marks over first, as a model trained with data.burned_marks: mask saw its images."""
+    predictor = load_predictor(model_path, device)
+    settings = settings or predictor.own_settings or MaskSettings()
+    files, failures = collect_inputs(inputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    for path in tqdm(files, desc="predict", disable=not show or len(files) < 2):
+        try:
+            gray = read_gray(path, mask_marks)
+        except BusisegError as exc:
+            failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
+            continue
+        mask = segment(predictor.forward, gray, predictor.size, predictor.input_mean,
+                       predictor.input_std, settings, predictor.device)
+        stem = path.stem
+        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
+        overlay(gray, mask).save(out_dir / f"{stem}_overlay.png")
+        written.append(out_dir / f"{stem}_mask.png")
+    return written, failures

@@ -1,0 +1,281 @@
+"""The assemblies (after milesial's unet_model): U-Net and its attention and residual variants,
+UNet++, a skip-less baseline, segmentation_models_pytorch's encoder-decoders, and the fold
+ensemble. All map (B, in_channels, H, W) to logits (B, out_channels, H, W); the loss applies the
+sigmoid. Which of them `model.arch` names is the registry's table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from busiseg.errors import BusisegError, first_line
+from busiseg.modeling.blocks import (
+    AttentionGate,
+    DoubleConv,
+    ResidualBlock,
+    Up,
+    check_bool,
+    check_common,
+    check_fraction,
+    check_int,
+    make_up,
+)
+
+BlockFn = Callable[[int, int, float], nn.Module]  # (in_ch, out_ch, dropout) -> block
+
+
+
+
+class SegModel(nn.Module):
+    """What the trainer relies on besides ``forward``: the size constraint, whether training
+    returns several outputs, and the kwargs to rebuild it (set by :func:`build_model`)."""
+
+    size_divisor: int = 1
+    deep_supervision: bool = False
+    config: dict[str, Any]
+
+
+def _block_fn(kind: str, norm: str) -> BlockFn:
+    if kind == "residual":
+        return lambda i, o, p: ResidualBlock(i, o, norm, p)
+    return lambda i, o, p: DoubleConv(i, o, norm, p)
+
+
+def _encoder(in_channels: int, chs: list[int], block: BlockFn, dropout: float) -> nn.ModuleList:
+    """Levels 0..depth; dropout sits in the two deepest levels, where the original U-Net put it
+    (end of the contracting path), since that is where the parameters and over-fitting are."""
+    depth = len(chs) - 1
+    drop = [dropout if i >= depth - 1 else 0.0 for i in range(depth + 1)]
+    levels: list[nn.Module] = [block(in_channels, chs[0], drop[0])]
+    for i in range(1, depth + 1):
+        levels.append(nn.Sequential(nn.MaxPool2d(2), block(chs[i - 1], chs[i], drop[i])))
+    return nn.ModuleList(levels)
+
+
+class UNet(SegModel):
+    """U-Net (Ronneberger et al. 2015); ``block``/``attention`` turn it into ResUNet or Attention
+    U-Net so the three differ in exactly one idea."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        base: int = 16,
+        depth: int = 4,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        up: str = "transpose",
+        block: str = "double",
+        attention: bool = False,
+    ) -> None:
+        super().__init__()
+        check_common(in_channels, out_channels, base, depth, norm, dropout, up)
+        self.depth = depth
+        self.size_divisor = 2**depth
+        chs = [base * 2**i for i in range(depth + 1)]
+        make_block = _block_fn(block, norm)
+        self.encoder = _encoder(in_channels, chs, make_block, dropout)
+        fuse = lambda a, b: make_block(a, b, 0.0)  # noqa: E731
+        ups = []
+        for i in reversed(range(depth)):
+            gate = None
+            if attention:
+                gate = AttentionGate(chs[i + 1], chs[i], max(1, chs[i] // 2), norm)
+            ups.append(Up(chs[i + 1], chs[i], chs[i], up=up, block=fuse, gate=gate))
+        self.decoder = nn.ModuleList(ups)
+        self.head = nn.Conv2d(chs[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(self, x.shape[-2], x.shape[-1])
+        skips: list[torch.Tensor] = []
+        for level in self.encoder:
+            x = level(x)
+            skips.append(x)
+        x = skips.pop()
+        for step in self.decoder:
+            x = step(x, skips.pop())
+        return self.head(x)
+
+
+class UNetPlusPlus(SegModel):
+    """UNet++ (Zhou et al. 2018): dense nested skips narrow the semantic gap between encoder and
+    decoder features; the top-row heads allow deep supervision and later pruning.
+
+    Node X[i][j] (level i, column j) fuses X[i][0..j-1] with the upsampled X[i+1][j-1].
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        *,
+        base: int = 16,
+        depth: int = 4,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        up: str = "transpose",
+        deep_supervision: bool = False,
+    ) -> None:
+        super().__init__()
+        check_common(in_channels, out_channels, base, depth, norm, dropout, up)
+        self.deep_supervision = check_bool("deep_supervision", deep_supervision)
+        self.depth = depth
+        self.size_divisor = 2**depth
+        chs = [base * 2**i for i in range(depth + 1)]
+        make_block = _block_fn("double", norm)
+        self.encoder = _encoder(in_channels, chs, make_block, dropout)
+        self.ups = nn.ModuleDict()
+        self.nodes = nn.ModuleDict()
+        for j in range(1, depth + 1):
+            for i in range(depth - j + 1):
+                self.ups[f"{i}_{j}"] = make_up(up, chs[i + 1], chs[i])
+                self.nodes[f"{i}_{j}"] = make_block((j + 1) * chs[i], chs[i], 0.0)
+        # heads[k] reads X[0][depth - k]: the final node first, as the loss expects.
+        n_heads = depth if self.deep_supervision else 1
+        self.heads = nn.ModuleList(nn.Conv2d(chs[0], out_channels, 1) for _ in range(n_heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        check_input_size(self, x.shape[-2], x.shape[-1])
+        grid: list[list[torch.Tensor]] = []
+        for level in self.encoder:
+            x = level(x)
+            grid.append([x])
+        for j in range(1, self.depth + 1):
+            for i in range(self.depth - j + 1):
+                key = f"{i}_{j}"
+                coarse = self.ups[key](grid[i + 1][j - 1])
+                grid[i].append(self.nodes[key](torch.cat([*grid[i], coarse], dim=1)))
+        if self.deep_supervision and self.training:
+            return [head(grid[0][self.depth - k]) for k, head in enumerate(self.heads)]
+        return self.heads[0](grid[0][self.depth])
+
+
+class CompactNet(SegModel):
+    """Small skip-less encoder-decoder (ELU, batch norm, dropout) as used for BUS baselines: it
+    shows how much the U-Net skips actually buy on this data.
+
+    Widths base, 2*base, 4*base down to 1/8 resolution; the decoder climbs back to 1/2 resolution
+    and base/2 channels, and a final bilinear upsampling restores the input size.
+    """
+
+    size_divisor = 8
+
+    def __init__(
+        self, in_channels: int = 1, out_channels: int = 1, *, base: int = 64, dropout: float = 0.2
+    ) -> None:
+        super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_int("out_channels", out_channels, 1)
+        check_int("base", base, 1)
+        check_fraction("dropout", dropout)
+
+        def conv2(i: int, o: int) -> DoubleConv:
+            return DoubleConv(i, o, "batch", 0.0, act=lambda: nn.ELU(inplace=True))
+
+        def drop() -> nn.Module:
+            return nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+        c1, c2, c3, c_out = base, 2 * base, 4 * base, max(1, base // 2)
+        self.encoder = nn.Sequential(
+            conv2(in_channels, c1), nn.MaxPool2d(2), drop(),
+            conv2(c1, c2), nn.MaxPool2d(2), drop(),
+            conv2(c2, c3), nn.MaxPool2d(2), drop(),
+        )  # fmt: skip
+        self.bottleneck = nn.Sequential(conv2(c3, c3), drop())
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(c3, c2, 2, stride=2), conv2(c2, c2), drop(),
+            nn.ConvTranspose2d(c2, c1, 2, stride=2), conv2(c1, c_out), drop(),
+        )  # fmt: skip
+        self.head = nn.Conv2d(c_out, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(self, x.shape[-2], x.shape[-1])
+        size = x.shape[-2:]
+        y = self.decoder(self.bottleneck(self.encoder(x)))
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return self.head(y)
+
+
+SMP_DECODERS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3",
+                "deeplabv3plus", "upernet", "segformer")
+"""segmentation_models_pytorch's decoders by its own lower-case names (`smp.create_model`). Left
+out: DPT (needs a vision-transformer encoder) and PAN (fails below 128 px, e.g. the demo's 96)."""
+
+
+class SmpModel(SegModel):
+    """A segmentation_models_pytorch encoder-decoder: the way to ImageNet-pretrained encoders.
+    Built with random weights (so a model file rebuilds it offline, without the pretrained file);
+    `busiseg.modeling.pretrained` loads the encoder's weights before training."""
+
+    size_divisor = 32  # five 2x down-samplings in every smp encoder at depth 5
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, decoder: str = "unet",
+                 encoder: str = "tu-tf_efficientnet_lite0") -> None:
+        super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_int("out_channels", out_channels, 1)
+        self.decoder_name = decoder
+        import segmentation_models_pytorch as smp  # imported here: zoo-only runs never pay for it
+
+        names = smp.encoders.get_encoder_names()
+        if not isinstance(encoder, str) or not (encoder in names or encoder.startswith("tu-")):
+            near = difflib.get_close_matches(str(encoder), names, n=3)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise BusisegError(
+                f"model.encoder {encoder!r} is not an encoder segmentation_models_pytorch knows; "
+                f"{hint}list them with python -c 'import segmentation_models_pytorch as s; "
+                f"print(s.encoders.get_encoder_names())', or use tu-<timm model name>")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # smp's note on timm- names
+            try:
+                self.net = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None,
+                                            in_channels=in_channels, classes=out_channels)
+            except Exception as exc:  # noqa: BLE001 - smp/timm refuse combinations in many ways
+                raise BusisegError(f"model.encoder {encoder!r} does not build with "
+                                   f"segmentation_models_pytorch {decoder!r}: "
+                                   f"{first_line(exc, 200)}") from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class FoldEnsemble(nn.Module):
+    """The fold models of a cross-validation run as one model: the mean of the members'
+    probabilities, returned as logits, so TTA, evaluate, predict and ONNX export treat it like
+    any single model."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.size_divisor = max(int(getattr(m, "size_divisor", 1)) for m in members)
+        self.config = {**members[0].config, "members": len(members)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        prob = prob.clamp(1e-7, 1 - 1e-7)  # finite logits; 1e-7 is far from any threshold
+        return torch.log(prob) - torch.log1p(-prob)
+
+
+def check_input_size(model: nn.Module, height: int, width: int) -> None:
+    """Fails with advice instead of a shape mismatch deep inside a skip concatenation."""
+    n = int(getattr(model, "size_divisor", 1))
+    if height % n == 0 and width % n == 0:
+        return
+    if isinstance(getattr(model, "depth", None), int):
+        raise BusisegError(
+            f"input size {height}x{width} is not divisible by {n} (2**model.depth); "
+            f"choose preprocess.size as a multiple of {n} or lower model.depth"
+        )
+    raise BusisegError(
+        f"input size {height}x{width} is not divisible by {n} (required by model.arch "
+        f"{getattr(model, 'config', {}).get('arch', type(model).__name__)!r}); "
+        f"choose preprocess.size as a multiple of {n}"
+    )

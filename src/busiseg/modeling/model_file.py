@@ -1,0 +1,96 @@
+"""Model files: everything predict needs in one file, loaded without executing code.
+
+A model file holds only tensors and plain values (no pickled classes), is read with
+`torch.load(weights_only=True)`, and carries a digest of its weights: a file that is not a busiseg
+model, or whose weights were edited, is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from busiseg.errors import BusisegError, first_line
+from busiseg.files import atomic_torch_save
+from busiseg.modeling.archs import FoldEnsemble
+from busiseg.modeling.pretrained import input_normalisation
+from busiseg.modeling.registry import arch_settings, build_model
+from busiseg.params import ModelParams, Params
+
+FORMAT = "busiseg-model"
+VERSION = 1
+
+
+def model_kwargs(m: ModelParams) -> dict:
+    """The model section minus what this arch does not take (e.g. `compact` has no depth)."""
+    accepted = arch_settings(m.arch)  # an unknown arch fails here with a one-line error
+    fields = {k: v for k, v in asdict(m).items() if k in accepted}
+    return {"arch": m.arch, **fields}
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
+               members: int = 0, encoder_weights: dict | None = None) -> None:
+    """Weights plus what inference needs to feed them (size, normalisation). The threshold and
+    post-processing are evaluate's choice and live in its metrics/eval.json, not here. With
+    `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
+    mean, std = input_normalisation(p.model)
+    atomic_torch_save({
+        "format": FORMAT,
+        "version": VERSION,
+        "model": dict(kwargs),
+        "members": members,
+        "state_dict": state,
+        "digest": weights_digest(state),
+        "preprocess": {"size": size, "input_mean": mean, "input_std": std},
+        "encoder_weights": dict(encoder_weights or {}),
+        "params": {k: asdict(getattr(p, k)) for k in ("preprocess", "model", "train", "augment")},
+    }, Path(path))
+
+
+def load_model(path: str | Path,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model (a FoldEnsemble for a cross-validation run) from a busiseg model file;
+    refuse anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise BusisegError(f"{path}: model file not found; train one with `dvc repro`, or fetch "
+                           "the trained one with `dvc pull train`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is not a safe busiseg model
+        reason = first_line(exc)
+        raise BusisegError(f"{path}: refused: not a busiseg model file, or it holds code/objects "
+                           f"that are not loaded for safety ({reason})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise BusisegError(f"{path}: refused: not a busiseg model file")
+    if blob.get("version") != VERSION:
+        raise BusisegError(f"{path}: model file version {blob.get('version')} is not supported "
+                           f"by this busiseg (expects {VERSION}); retrain or upgrade")
+    state = blob.get("state_dict")
+    if not isinstance(state, dict) or weights_digest(state) != blob.get("digest"):
+        raise BusisegError(f"{path}: refused: the weights do not match the file's digest "
+                           "(corrupted or tampered with); retrain or restore the file")
+    members = blob.get("members", 0)
+    if members:
+        model = FoldEnsemble([build_model(**blob["model"]) for _ in range(members)])
+    else:
+        model = build_model(**blob["model"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BusisegError(f"{path}: refused: weights do not fit model {blob['model']} "
+                           f"({first_line(exc)})") from None
+    return model.to(device).eval(), blob

@@ -1,0 +1,1 @@
+"""Fitting a model: the loop, its losses and augmentation, checkpoints for resuming."""

@@ -1,0 +1,376 @@
+"""Training: one readable loop, every knob a param, resumable after a kill.
+
+Batches come straight from the in-memory uint8 cache and are augmented on the device. Every epoch
+reseeds its own generators from (train.seed, epoch), and a checkpoint is written after every
+completed epoch, so a run killed mid-way and resumed ends bit-identical (on CPU) to an
+uninterrupted one. The best epoch is chosen on the validation split only. The policy around the
+loop lives elsewhere: device and precision in `runtime`, resuming in `checkpoint`, prediction in
+`inference`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from busiseg.data.cache import load_cache
+from busiseg.errors import BusisegError
+from busiseg.evaluation.metrics import confusion, dice_iou, lesion_dice_iou
+from busiseg.inference.segment import input_batches
+from busiseg.modeling.archs import check_input_size
+from busiseg.modeling.model_file import model_kwargs, save_model
+from busiseg.modeling.pretrained import init_encoder, input_normalisation, weights_files
+from busiseg.modeling.registry import build_model
+from busiseg.params import Params, TrainParams
+from busiseg.runtime import distributed
+from busiseg.runtime.device import (
+    amp_dtype,
+    autocast,
+    place,
+    seed_everything,
+    show_progress,
+)
+from busiseg.training import checkpoint
+from busiseg.training.augment import augment_batch
+from busiseg.training.losses import SegLoss
+
+
+def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_path: Path,
+          live_dir: Path, fold: int | None = None) -> dict:
+    """One model: on the train split, keeping the best epoch on val; or, with `fold`, fold model
+    k of a cross-validation run, trained on the other folds and kept at its last epoch."""
+    cfg = p.train
+    ranks = distributed.current()
+    device, slot = place(cfg.device, "train.device", threads=cfg.threads, processes=cfg.processes,
+                         local_rank=ranks.local_rank, deterministic=cfg.deterministic,
+                         check=lambda d: distributed.check_request(cfg, d, ranks))
+    distributed.init(device, ranks)
+    dtype = amp_dtype(cfg.amp, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    seed_everything(cfg.seed)
+
+    key = checkpoint.run_hash(p, [cache_path, split_path, *weights_files(p.model)], fold)
+    done = checkpoint.finished_fold(ckpt_path, key) if fold is not None else None
+    skip = bool(done and model_path.is_file())  # a cross-validation run killed in a later fold
+    same_checkpoint_everywhere(skip, ranks, ckpt_path)
+    if skip:
+        if ranks.main:
+            print(f"train: fold {fold} already trained ({model_path}); not training it again")
+            open_live(live_dir, done["history"])
+        return done["summary"]
+
+    data = load_data(cache_path, split_path, p.preprocess.size, device, fold)
+    kwargs = model_kwargs(p.model)
+    model = build_model(**kwargs)
+    check_input_size(model, data.size, data.size)
+    if cfg.sync_bn and ranks.world > 1:
+        model = distributed.sync_batchnorm(model)
+    encoder_source = init_encoder(model, p.model)
+    model = model.to(device, memory_format=memory_format)
+    bs = min(cfg.batch_size, len(data.train_idx))
+    distributed.check_batch(bs, ranks)
+    steps_per_epoch = max(1, len(data.train_idx) // bs)  # no ragged batch: BatchNorm needs ≥ 2
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
+    loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
+                      cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
+                      cfg.empty_weight, cfg.empty_topk)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # resume only a checkpoint of this exact run that did not finish
+    run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
+    same_checkpoint_everywhere(run.epoch, ranks, ckpt_path)
+    if run.epoch and ranks.main:
+        print(f"train: resuming{'' if fold is None else f' fold {fold}'} from epoch {run.epoch} "
+              f"of {cfg.epochs} ({ckpt_path})")
+    fwd = distributed.wrap(model, device, ranks)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    live = open_live(live_dir, run.history) if ranks.main else None
+
+    progress = show_progress(cfg.progress) and ranks.main
+    for epoch in range(run.epoch, cfg.epochs):
+        if cfg.patience and run.bad_epochs >= cfg.patience:
+            break
+        slot.check_worker_alive()
+        t0 = time.perf_counter()
+        bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        train_loss = train_one_epoch(fwd, model, data, p, epoch, bs, steps_per_epoch, optimizer,
+                                     scheduler, scaler, loss_fn, device, dtype, memory_format, bar,
+                                     ranks)
+        lr = optimizer.param_groups[0]["lr"]
+        val = validate(model, data, p, device, dtype, loss_fn, memory_format) if ranks.main \
+            else None
+        val = distributed.from_main(val, ranks)
+        if cfg.schedule == "plateau":
+            scheduler.step(val["dice"])
+        run.seconds += time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+               "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
+        improved = record_epoch(run, row, model, keep_weights=ranks.main)
+        if not ranks.main:
+            continue
+        # persist first: once the line below is printed, this epoch survives a kill
+        checkpoint.save(ckpt_path, key, run, model, optimizer, scheduler, scaler)
+        log_epoch(live, run.history[-1])
+        tag = "" if fold is None else f"fold {fold} "
+        print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+              f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_iou {val['iou']:.4f}"
+              f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
+
+    return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
+                  images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold,
+                  encoder_source=encoder_source, write=ranks.main)
+
+
+# ---- the parts around the loop --------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The whole uint8 cache on the device; batches are index gathers."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    train_idx: torch.Tensor
+    val_images: torch.Tensor
+    val_masks: torch.Tensor
+    size: int
+
+
+def load_data(cache_path: Path, split_path: Path, size: int, device: torch.device,
+              fold: int | None = None) -> TrainingData:
+    """Train and val cases: the split's, or for fold k the other folds and fold k."""
+    cache = load_cache(cache_path, size)
+    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
+
+    def indices(rows: pd.Series) -> torch.Tensor:
+        return torch.tensor(cache.indices(split.loc[rows, "case_id"].tolist()))
+
+    if fold is None:
+        tr_idx, va_idx = indices(split["split"] == "train"), indices(split["split"] == "val")
+    else:
+        cv = split["split"] == "cv"
+        tr_idx, va_idx = indices(cv & (split["fold"] != fold)), indices(split["fold"] == fold)
+    if len(tr_idx) == 0 or len(va_idx) == 0:
+        what = "the train and val splits" if fold is None else f"fold {fold} and the other folds"
+        raise BusisegError(f"{split_path}: {what} must both be non-empty; re-run the split stage "
+                           "(dvc repro split) with split.folds as params.yaml says")
+    images, masks = cache.images.to(device), cache.masks.to(device)
+    va = va_idx.to(device)
+    return TrainingData(images, masks, tr_idx, images[va], masks[va], cache.size)
+
+
+def same_checkpoint_everywhere(state, ranks: distributed.Ranks, ckpt_path: Path) -> None:
+    """Processes that resume from different points would train out of step (or wait for ever):
+    across machines, each reads its own models/checkpoints unless it is shared."""
+    if not distributed.agree(state, ranks):
+        raise BusisegError(f"{ckpt_path}: the training processes found different checkpoints; "
+                           "across machines models/checkpoints must be on a shared filesystem "
+                           "(or delete it there to start over)")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up, then cosine or poly decay to zero (per optimisation step)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "poly":
+        return max(0.0, 1 - progress) ** 0.9
+    return 1.0
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainParams, steps_per_epoch: int):
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.schedule == "plateau":
+        return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=0.5, patience=3)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = min(cfg.warmup_epochs, cfg.epochs - 1) * steps_per_epoch  # -S train.epochs=1 works
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
+
+
+def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: int,
+                    steps_per_epoch: int, optimizer, scheduler, scaler, loss_fn, device, dtype,
+                    memory_format, bar, ranks: distributed.Ranks = distributed.ALONE) -> float:
+    """One pass over the train split; returns the mean loss. Every epoch reseeds its own
+    generators from (train.seed, epoch): that is what makes a resumed run bit-identical. Under
+    torchrun every rank draws the whole batch and trains on its slice of it."""
+    cfg = p.train
+    torch.manual_seed((cfg.seed * 100_003 + epoch) * ranks.world + ranks.rank)  # dropout RNG
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
+    perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
+    mean, std = input_normalisation(p.model)
+    model.train()
+    losses = []
+    for step in range(steps_per_epoch):
+        idx = perm[step * bs:(step + 1) * bs].to(device)
+        x = data.images[idx].float() / 255
+        y = data.masks[idx].float()
+        x, y = augment_batch(x, y, p.augment, gen)
+        x, y = distributed.shard(x, ranks), distributed.shard(y, ranks)
+        x = ((x - mean) / std).contiguous(memory_format=memory_format)
+        with autocast(device, dtype):
+            out = fwd(x)
+        loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if cfg.schedule != "plateau":
+            scheduler.step()
+        losses.append(loss.item())
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    if bar:
+        bar.close()
+    return distributed.mean(float(np.mean(losses)), ranks)
+
+
+def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
+             memory_format=torch.contiguous_format) -> dict:
+    """Val loss over all images; Dice/IoU as per-image means over images with a lesion, at the
+    fixed 0.5 threshold: choosing the epoch must not depend on evaluate's settings."""
+    bs = p.train.val_batch_size
+    model.eval()
+    total, counts = 0.0, []
+    batches = input_batches(data.val_images, *input_normalisation(p.model), device, bs,
+                            memory_format == torch.channels_last)
+    with torch.inference_mode():
+        for x, y in zip(batches, data.val_masks.split(bs)):
+            with autocast(device, dtype):
+                logits = model(x)
+            y = y.float()
+            total += loss_fn(logits, y).item() * len(x)
+            pred = (logits.float() > 0).cpu().numpy()  # sigmoid > 0.5
+            counts.append(confusion(pred, y.cpu().numpy() > 0))
+    c = np.concatenate(counts)
+    dice, iou = lesion_dice_iou(c)
+    if np.isnan(dice):  # a val split without lesions: fall back to all images
+        dice, iou = (float(v.mean()) for v in dice_iou(c))
+    return {"loss": total / len(data.val_images), "dice": dice, "iou": iou}
+
+
+def record_epoch(run: checkpoint.Progress, row: dict, model: torch.nn.Module,
+                 keep_weights: bool = True) -> bool:
+    """Adds the epoch's row; keeps a copy of the weights when val Dice improved."""
+    run.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+    run.epoch = row["epoch"]
+    if row["val_dice"] > run.best_dice:
+        run.best_dice, run.bad_epochs = row["val_dice"], 0
+        if keep_weights:
+            run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return True
+    run.bad_epochs += 1
+    return False
+
+
+def open_live(live_dir: Path, history: list[dict]):
+    """DVCLive logger whose files are rebuilt from the checkpoint's history: the checkpoint is
+    the one record of which epochs survived a kill (DVCLive's own files may hold an epoch the
+    checkpoint does not), so a resumed run's curves equal an uninterrupted run's."""
+    from dvclive import Live
+
+    shutil.rmtree(live_dir, ignore_errors=True)
+    live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    for row in history:
+        log_epoch(live, row)
+    return live
+
+
+def log_epoch(live, row: dict) -> None:
+    live.step = row["epoch"]
+    for name, value in row.items():
+        if name != "epoch":
+            live.log_metric(name, value)
+    live.next_step()
+
+
+def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
+           ckpt_path: Path, key: str, images_seen: int, device: torch.device,
+           fold: int | None = None, encoder_source: dict | None = None,
+           write: bool = True) -> dict:
+    """Save the kept weights, retire the checkpoint, and summarise the run. A fold model keeps
+    its last epoch: choosing the epoch on the fold it is then scored on would inflate the
+    cross-validation score (nnU-Net's fixed schedule, scored at its end)."""
+    best_row = max(run.history, key=lambda r: r["val_dice"])
+    state = run.best_state if fold is None else \
+        {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if write:
+        save_model(model_path, state, kwargs, p, size, encoder_weights=encoder_source)
+    summary = {
+        "best_epoch": best_row["epoch"],
+        "best_val_dice": best_row["val_dice"],
+        "best_val_iou": best_row["val_iou"],
+        "epochs_run": len(run.history),
+        "stopped_early": len(run.history) < p.train.epochs,
+        "seconds": round(run.seconds, 2),
+        "images_per_s": round(images_seen / run.seconds, 2) if run.seconds else None,
+        "device": device.type,
+        "processes": p.train.processes,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "n_params": sum(t.numel() for t in model.parameters()),
+    }
+    if fold is not None:
+        summary["kept_epoch"] = run.history[-1]["epoch"]
+        summary["kept_val_dice"] = run.history[-1]["val_dice"]
+    # the finished run leaves only a small marker: nothing a later run could resume by mistake
+    if write:
+        checkpoint.mark_complete(ckpt_path, key,
+                                 *((summary, run.history) if fold is not None else ()))
+    return summary
+
+
+def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_path: Path,
+                           folds_dir: Path, live_dir: Path) -> dict:
+    """K fold models, each trained, checkpointed and resumed on its own in `folds_dir` (kept by
+    DVC across a kill), so a run killed during fold 3 re-trains none of folds 0-2. The finished
+    members become one model file; their own files go, so a later run starts afresh."""
+    k_folds = p.split.folds
+    folds_dir.mkdir(parents=True, exist_ok=True)
+    summaries = [train(p, cache_path, split_path, folds_dir / f"fold_{k}.pt",
+                       folds_dir / f"fold_{k}.ckpt", live_dir / f"fold_{k}", fold=k)
+                 for k in range(k_folds)]
+    if not distributed.current().main:
+        return {}  # rank 0 assembles and writes the ensemble
+    state, size, source = {}, None, None
+    for k in range(k_folds):
+        blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
+        state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
+        size, source = blob["preprocess"]["size"], blob.get("encoder_weights")
+    save_model(model_path, state, model_kwargs(p.model), p, size, members=k_folds,
+               encoder_weights=source)
+    for k in range(k_folds):
+        (folds_dir / f"fold_{k}.pt").unlink()
+    seconds = sum(s["seconds"] for s in summaries)
+    images = sum(s["seconds"] * (s["images_per_s"] or 0) for s in summaries)
+    return {
+        "folds": k_folds,
+        "epochs_run": sum(s["epochs_run"] for s in summaries),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 2) if seconds else None,
+        "device": summaries[0]["device"],
+        "processes": summaries[0]["processes"],
+        "threads": summaries[0]["threads"],
+        "n_params": summaries[0]["n_params"],
+        **{f"fold_{k}_{key}": s[key] for k, s in enumerate(summaries)
+           for key in ("kept_val_dice", "epochs_run", "seconds")},
+    }
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

