@@ -313,3 +313,17 @@ def test_burned_marks_can_be_painted_over_instead(small_busi: Path):
     # the painted pixels look like their surroundings, not like the bright mark
     assert abs(int(painted[2:4, 2:12].mean()) - int(grey[:8, :16].mean())) < 25
     assert load_image(path)[2, 2] > painted[2, 2]
+
+
+def test_class_folders_are_read_in_any_case_by_the_one_scanner(small_busi: Path):
+    """BUSI's layout and the others share one scanner, so they agree: Benign/ is benign/."""
+    from busiseg.data.layouts import scan
+    from busiseg.params import LayoutParams
+
+    (small_busi / "benign").rename(small_busi / "Benign")
+    result = ingest(small_busi)
+    assert result.metrics["n_images_benign"] == 4 and result.metrics["n_problems"] == 0
+    assert {r["class"] for r in result.rows} == {"benign", "malignant", "normal"}
+    found, problems, _ = scan(small_busi, LayoutParams(layout="flat", classes="folders",
+                                                       mask_name="{id}_mask"))
+    assert problems == [] and sum(f.cls == "benign" for f in found) == 4
