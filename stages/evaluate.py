@@ -14,17 +14,20 @@ METRICS = Path("metrics/eval.json")
 PER_IMAGE = Path("plots/evaluate/per_image.csv")
 CV_PER_IMAGE = Path("plots/evaluate/cv_per_image.csv")  # header only without folds
 SWEEP = Path("plots/evaluate/threshold.csv")
+RELIABILITY = Path("plots/evaluate/reliability.csv")  # the lesion score's calibration
 PREDICTIONS = Path("data/predictions.pt")
 
 
 def main() -> None:
-    remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, PREDICTIONS)
+    remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, RELIABILITY, PREDICTIONS)
     result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv")
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(PER_IMAGE, index=False)
     cv = result.get("cv_per_image", pd.DataFrame(columns=[*result["per_image"].columns, "fold"]))
     cv.to_csv(CV_PER_IMAGE, index=False)
     result["threshold_sweep"].to_csv(SWEEP, index=False)
+    pd.DataFrame(result["reliability"], columns=["bin", "confidence", "lesion_rate",
+                                                 "images"]).to_csv(RELIABILITY, index=False)
     saved = {"test_idx": result["test_idx"],
              "pred": torch.from_numpy(result["test_pred"]).to(torch.uint8),
              "cv_idx": result.get("cv_idx", []),
@@ -36,6 +39,10 @@ def main() -> None:
     print(f"evaluate: test Dice {m['dice']} [{m['dice_ci_low']}, {m['dice_ci_high']}] (lesion "
           f"images, per-image mean), pooled Dice {m['dice_pooled']}, normal empty rate "
           f"{m['normal_empty_rate']}")
+    print(f"evaluate: all images (normals too) Dice {m['dice_all']} [{m['dice_all_ci_low']}, "
+          f"{m['dice_all_ci_high']}], detection sensitivity {m['detect_sensitivity']}, "
+          f"specificity {m['detect_specificity']}, AUROC {m['detect_auroc']}; presence threshold "
+          f"{m['presence_threshold'] if m['presence_threshold'] is not None else 'off'}")
     if "cv_dice" in m:
         print(f"evaluate: cross-validation Dice {m['cv_dice']} [{m['cv_dice_ci_low']}, "
               f"{m['cv_dice_ci_high']}]; single fold models {m['dice_single_mean']}, ensemble "

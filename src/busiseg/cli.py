@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
+    pr.add_argument("--presence-threshold", type=float, default=None,
+                    help="empty the mask of an image whose lesion score is below this")
     pr.add_argument("--device", default="cpu",
                     help="auto, cpu, cuda or mps (.pt models; default cpu)")
     pr.add_argument("--mask-marks", action="store_true",
@@ -58,13 +60,15 @@ def predict(args, parser) -> int:
     from busiseg.inference.predict import predict_paths
     from busiseg.inference.segment import MaskSettings
 
-    flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
+    flags = (args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
+             or args.presence_threshold is not None)
     if args.from_eval and flags:
-        parser.error("--from-eval sets the threshold, --tta, --largest-cc and --fill-holes; "
-                     "give either it or them")
+        parser.error("--from-eval sets the threshold, --tta, --largest-cc, --fill-holes and "
+                     "--presence-threshold; give either it or them")
     if flags:
         settings = MaskSettings(0.5 if args.threshold is None else args.threshold, args.tta,
-                                args.largest_cc, args.fill_holes).checked("--threshold")
+                                args.largest_cc, args.fill_holes,
+                                args.presence_threshold).checked("--threshold")
         source = "options"
     elif args.from_eval or args.model.suffix.lower() != ".onnx":
         path = args.from_eval or EVAL_JSON

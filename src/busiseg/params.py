@@ -180,6 +180,8 @@ class TrainParams:
     # charges normal images for their most confident pixels (the mean of their top logits)
     empty_weight: float = 0.0  # 0 = off
     empty_topk: float = 0.01  # share of an image's pixels pooled into its lesion logit
+    # a presence head (is there a lesion at all?) trained with this weight; 0 = no head
+    presence_weight: float = 0.0
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -211,6 +213,7 @@ class TrainParams:
         _require(self.empty_weight >= 0, "train.empty_weight", "must be ≥ 0 (0 = off)")
         _require(0 < self.empty_topk <= 1, "train.empty_topk",
                  "must be in (0, 1]: the share of pixels pooled into each image's lesion logit")
+        _require(self.presence_weight >= 0, "train.presence_weight", "must be ≥ 0 (0 = off)")
         _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
         _require(self.processes >= 1, "train.processes", "must be ≥ 1 (1 = no torchrun)")
 
@@ -254,9 +257,17 @@ class EvaluateParams:
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on a GPU, off on CPU
     bootstrap: int = 1000  # resamples of the test images for the 95 % intervals; 0 = none
     bootstrap_seed: int = 0
+    # images whose lesion score is below it get an empty mask: off | auto (chosen on held-out
+    # data for the best dice_all) | a probability
+    presence_threshold: str | float | bool = "off"  # false: off, as YAML 1.1 tools write it
 
     def check(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
+        if self.presence_threshold is False:  # `off` unquoted, read by a YAML 1.1 tool
+            object.__setattr__(self, "presence_threshold", "off")
+        t = self.presence_threshold
+        _require(not isinstance(t, bool) and t in ("off", "auto") or (isinstance(t, float) and 0 < t < 1),
+                 "evaluate.presence_threshold", f"is {t!r}; choose off, auto or a number in (0, 1)")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be ≥ 1")
         _require(self.bootstrap >= 0, "evaluate.bootstrap", "must be ≥ 0 (0 = no intervals)")
 
@@ -309,10 +320,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                                + ", ".join(map(str, allowed)))
         return value
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if arg is type(None) and value is None:
-                return None
-        return _coerce(key, value, next(a for a in typing.get_args(hint) if a is not type(None)))
+        args = typing.get_args(hint)
+        if type(None) in args and value is None:
+            return None
+        if float in args and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)  # `str | float`: a number is the float, whatever its spelling
+        options = [a for a in args if a is not type(None)]
+        for arg in options[1:]:
+            try:
+                return _coerce(key, value, arg)
+            except BusisegError:
+                pass
+        return _coerce(key, value, options[0])  # none fits: the first option's message
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -382,7 +401,15 @@ def _build_external(raw: Any) -> dict[str, LayoutParams]:
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 (PyYAML's) reads `1e-4` and `5e-05`, which DVC writes for `-S train.lr=5e-5`, as
     strings: it wants a dot and a signed exponent. This loader also takes YAML 1.2's floats
-    (`1e-4`, `5E-5`, `1.0e+3`, `.5`, `-.5e3`); ints stay ints."""
+    (`1e-4`, `5E-5`, `1.0e+3`, `.5`, `-.5e3`); ints stay ints. Booleans are YAML 1.2's too
+    (true/false), as DVC reads them: `off` is the word, not False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 _Loader.add_implicit_resolver(

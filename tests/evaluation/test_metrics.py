@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,31 @@ def test_summarize_without_normals_or_lesions_gives_null_not_nan_in_json():
     m, _ = summarize(true, true, ["normal", "normal"])
     out = rounded(m)
     assert out["dice"] is None and out["normal_empty_rate"] == 1.0
+
+
+def test_auroc_by_hand_with_ties_and_a_missing_class():
+    from busiseg.evaluation.metrics import auroc
+
+    labels = np.array([1, 1, 0, 0], bool)
+    assert auroc(labels, np.array([0.9, 0.8, 0.1, 0.2])) == 1.0
+    assert auroc(labels, np.array([0.1, 0.2, 0.9, 0.8])) == 0.0
+    assert auroc(labels, np.array([0.5, 0.9, 0.5, 0.1])) == 0.875  # (1 + 1 + 0.5 + 1) / 4
+    assert math.isnan(auroc(np.array([1, 1], bool), np.array([0.1, 0.2])))
+
+
+def test_whole_population_figures_score_emptiness_as_the_public_benchmark_does():
+    """Two lesion images (one hit at Dice 0.8, one missed) and two normals (one left empty, one
+    given a false lesion): dice_all = (0.8 + 0 + 1 + 0) / 4."""
+    target = np.zeros((4, 1, 10), bool)
+    pred = np.zeros((4, 1, 10), bool)
+    target[0, 0, :5], pred[0, 0, 1:6] = True, True  # tp 4, fp 1, fn 1: Dice 0.8
+    target[1, 0, :3] = True  # missed
+    pred[3, 0, :2] = True  # a lesion drawn on a normal image
+    scores = np.array([0.9, 0.3, 0.2, 0.6])
+    m, _ = summarize(pred, target, ["benign", "malignant", "normal", "normal"], scores)
+    assert m["dice_all"] == pytest.approx((0.8 + 0 + 1 + 0) / 4)
+    assert m["iou_all"] == pytest.approx((4 / 6 + 0 + 1 + 0) / 4)
+    assert m["detect_sensitivity"] == 0.5 and m["detect_specificity"] == 0.5
+    assert m["detect_auroc"] == 0.75  # 0.9 beats both normals, 0.3 beats one
+    assert m["dice"] == pytest.approx(0.4)  # the lesion-only key keeps its meaning
+    assert "detect_auroc" not in summarize(pred, target, ["benign"] * 2 + ["normal"] * 2)[0]

@@ -65,7 +65,7 @@ def test_config_rebuilds_the_same_smp_model() -> None:
     model = build_model("smp_deeplabv3plus", encoder="resnet18")
     config = json.loads(json.dumps(model.config))
     assert config == {"arch": "smp_deeplabv3plus", "in_channels": 1, "out_channels": 1,
-                      "encoder": "resnet18"}
+                      "encoder": "resnet18", "presence": False}
     rebuilt = build_model(**config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
         {k: v.shape for k, v in model.state_dict().items()}

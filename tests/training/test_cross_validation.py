@@ -17,7 +17,7 @@ from busiseg.data.cache import load_cache
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds
 from busiseg.evaluation.metrics import bootstrap_ci
 from busiseg.evaluation.plots import read_live_runs
-from busiseg.inference.segment import binarize, probabilities
+from busiseg.inference.segment import binarize, lesion_scores, probabilities
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model, save_model
 from busiseg.modeling.registry import build_model
@@ -60,8 +60,12 @@ def loaded(members: list[nn.Module], cache_path: Path, split_path: Path) -> Load
         return probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25, CPU, 4,
                              tta=tta)[:, 0].numpy()
 
+    def predict(forward, idx, tta):
+        prob = probs(forward, idx, tta)
+        return prob, lesion_scores(prob, None)
+
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    return Loaded(FoldEnsemble(members), members, cache, split, probs)
+    return Loaded(FoldEnsemble(members), members, cache, split, probs, predict)
 
 
 def test_each_out_of_fold_prediction_comes_from_the_model_that_never_saw_the_case(tmp_path):

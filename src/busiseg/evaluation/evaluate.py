@@ -24,16 +24,19 @@ import torch
 
 from busiseg.data.cache import Cache, load_cache
 from busiseg.errors import BusisegError
+from busiseg.evaluation import presence
 from busiseg.evaluation.metrics import (
+    POPULATION_STATS,
     bootstrap_ci,
     confusion,
     dice_iou,
     lesion_dice_iou,
     lesion_dice_per_image,
+    population_rows,
     rounded,
     summarize,
 )
-from busiseg.inference.segment import binarize, probabilities
+from busiseg.inference.segment import binarize, gate, lesion_scores, predict_probabilities
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
 from busiseg.runtime.device import amp_dtype, place
@@ -79,6 +82,8 @@ class Loaded:
     cache: Cache
     split: pd.DataFrame
     probs: Callable[[torch.nn.Module, list[int], bool], np.ndarray]
+    # probability maps and each image's lesion score (lesion_scores), in one forward pass
+    predict: Callable[[torch.nn.Module, list[int], bool], tuple[np.ndarray, np.ndarray]]
 
     def truth(self, idx: list[int]) -> np.ndarray:
         return self.cache.masks[torch.tensor(idx, dtype=torch.long)][:, 0].numpy() > 0
@@ -92,13 +97,17 @@ def load(p: Params, model_path, cache_path, split_path) -> Loaded:
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     pre = blob["preprocess"]
 
-    def probs(forward: torch.nn.Module, idx: list[int], tta: bool) -> np.ndarray:
-        return probabilities(forward, cache.images[torch.tensor(idx, dtype=torch.long)],
-                             pre["input_mean"], pre["input_std"], device, p.evaluate.batch_size,
-                             dtype, tta=tta)[:, 0].numpy()
+    def predict(forward: torch.nn.Module, idx: list[int],
+                tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        prob, pres = predict_probabilities(
+            forward, cache.images[torch.tensor(idx, dtype=torch.long)], pre["input_mean"],
+            pre["input_std"], device, p.evaluate.batch_size, dtype, tta=tta)
+        prob = prob[:, 0].numpy()
+        return prob, lesion_scores(prob, None if pres is None else pres.numpy())
 
     members = list(model.members) if blob.get("members") else []
-    return Loaded(model, members, cache, split, probs)
+    return Loaded(model, members, cache, split, lambda f, idx, tta: predict(f, idx, tta)[0],
+                  predict)
 
 
 @dataclass
@@ -155,7 +164,7 @@ def choose(settings: list[Params], probs: dict[bool, np.ndarray],
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
-                    counts: np.ndarray) -> pd.DataFrame:
+                    counts: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
     dice, iou = dice_iou(counts)
     return pd.DataFrame({
         "case_id": rows["case_id"].tolist(),
@@ -164,11 +173,36 @@ def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
         "iou": np.round(iou, 6),
         "lesion_area": true.reshape(len(true), -1).mean(axis=1).round(6),
         "pred_area": pred.reshape(len(pred), -1).mean(axis=1).round(6),
+        "image_score": np.round(scores, 6),
     })
 
 
 def interval(p: Params, rows: np.ndarray, stat) -> tuple[float, float]:
     return bootstrap_ci(rows, stat, p.evaluate.bootstrap, p.evaluate.bootstrap_seed)
+
+
+def population_intervals(p: Params, counts: np.ndarray, scores: np.ndarray,
+                         prefix: str = "") -> dict:
+    """Bootstrap 95 % intervals of every whole-population figure (`dice_all`, ...)."""
+    rows = population_rows(counts, scores)
+    out = {}
+    for key, stat in POPULATION_STATS.items():
+        low, high = interval(p, rows, stat)
+        out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = low, high
+    return out
+
+
+def presence_choice(p: Params, masks: np.ndarray, truth: np.ndarray,
+                    scores: np.ndarray) -> float | None:
+    """evaluate.presence_threshold: off (None), a number, or auto: chosen on these held-out
+    images for the best dice_all."""
+    if p.evaluate.presence_threshold == "auto":
+        return presence.choose_threshold(masks, truth, scores)
+    return presence.setting(p.evaluate.presence_threshold)
+
+
+def has_lesion(truth: np.ndarray) -> np.ndarray:
+    return truth.reshape(len(truth), -1).any(axis=1)
 
 
 def mean_of_first(rows: np.ndarray) -> float:
@@ -186,33 +220,47 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
         return evaluate_folds(p, m)
     settings = candidates(p)
     va_idx, _ = _subset(m.cache, m.split, "val")
-    va_probs = {tta: m.probs(m.model, va_idx, tta) for tta in {q.evaluate.tta for q in settings}}
-    q, sweep, threshold, val_dice = choose(settings, va_probs, m.truth(va_idx))
-    result = score_test(p, m, q, threshold, val_dice)
+    va = {tta: m.predict(m.model, va_idx, tta) for tta in {q.evaluate.tta for q in settings}}
+    va_true = m.truth(va_idx)
+    q, sweep, threshold, val_dice = choose(settings, {t: v[0] for t, v in va.items()}, va_true)
+    va_prob, va_scores = va[q.evaluate.tta]
+    gate_at = presence_choice(p, binarize_as(va_prob, threshold, q), va_true, va_scores)
+    temperature = presence.fit_temperature(va_scores, has_lesion(va_true))
+    result = score_test(p, m, q, threshold, val_dice, gate_at, temperature)
     result["threshold_sweep"] = sweep
     return result
 
 
-def score_test(p: Params, m: Loaded, q: Params, threshold: float, val_dice: float) -> dict:
-    """The model file's model on the test split with the chosen setting, and its 95 % interval."""
+def score_test(p: Params, m: Loaded, q: Params, threshold: float, val_dice: float,
+               presence_threshold: float | None = None, temperature: float = 1.0) -> dict:
+    """The model file's model on the test split with the chosen setting (pixel threshold,
+    pieces, presence threshold), its 95 % intervals, and the calibration of its lesion score
+    (temperature fitted on held-out data)."""
     te_idx, te_rows = _subset(m.cache, m.split, "test")
     te_true = m.truth(te_idx)
-    te_pred = binarize_as(m.probs(m.model, te_idx, q.evaluate.tta), threshold, q)
-    metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist())
+    te_prob, scores = m.predict(m.model, te_idx, q.evaluate.tta)
+    te_pred = gate(binarize_as(te_prob, threshold, q), scores, presence_threshold)
+    metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
+    ece, table = presence.reliability(presence.calibrate(scores, temperature), has_lesion(te_true))
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     metrics = rounded({
         **metrics,
         "dice_ci_low": low,
         "dice_ci_high": high,
+        **population_intervals(p, counts, scores),
         "threshold": threshold,
+        "presence_threshold": presence_threshold,  # null: off
+        "presence_temperature": temperature,
+        "detect_ece": ece,
         "val_dice": val_dice,
         "n_test": len(te_idx),
         # what was applied to test (0/1), which select_on_val may have narrowed from the params
         **{f"used_{k}": int(getattr(q.evaluate, k)) for k in PIECES},
     })
-    return {"metrics": metrics, "per_image": per_image_table(te_rows, te_pred, te_true, counts),
+    return {"metrics": metrics,
+            "per_image": per_image_table(te_rows, te_pred, te_true, counts, scores),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
-            "test_rows": te_rows}
+            "test_rows": te_rows, "reliability": table}
 
 
 def evaluate_folds(p: Params, m: Loaded) -> dict:
@@ -224,30 +272,44 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
     oof_idx = m.cache.indices(cv_rows["case_id"].tolist())
     settings = candidates(p)
     # out of fold: every non-test case predicted by the one fold model that never trained on it
-    oof_prob = {}
+    oof_prob, oof_scores = {}, {}
     for tta in {q.evaluate.tta for q in settings}:
-        parts = [m.probs(member, [i for i, f in zip(oof_idx, fold) if f == k], tta)
+        parts = [m.predict(member, [i for i, f in zip(oof_idx, fold) if f == k], tta)
                  for k, member in enumerate(m.members)]
-        oof_prob[tta] = np.concatenate(parts)
+        oof_prob[tta] = np.concatenate([prob for prob, _ in parts])
+        oof_scores[tta] = np.concatenate([score for _, score in parts])
     oof_true = m.truth(oof_idx)
+    labels = has_lesion(oof_true)
 
     # the cross-validation score: fold k with the setting chosen on the other folds
+    # (and the presence threshold and the score's temperature, chosen there the same way)
     cv_pred = np.zeros_like(oof_true)
+    cv_scores, cv_calibrated = np.zeros(len(cv_pred)), np.zeros(len(cv_pred))
     for k in range(len(m.members)):
         mine, rest = fold == k, fold != k
         qk, _, tk, _ = choose(settings, {t: v[rest] for t, v in oof_prob.items()}, oof_true[rest])
-        cv_pred[mine] = binarize_as(oof_prob[qk.evaluate.tta][mine], tk, qk)
-    cv_metrics, cv_counts = summarize(cv_pred, oof_true, cv_rows["class"].tolist())
+        prob, scores = oof_prob[qk.evaluate.tta], oof_scores[qk.evaluate.tta]
+        gate_k = presence_choice(p, binarize_as(prob[rest], tk, qk), oof_true[rest], scores[rest])
+        cv_pred[mine] = gate(binarize_as(prob[mine], tk, qk), scores[mine], gate_k)
+        cv_scores[mine] = scores[mine]
+        cv_calibrated[mine] = presence.calibrate(
+            scores[mine], presence.fit_temperature(scores[rest], labels[rest]))
+    cv_ece, cv_table_reliability = presence.reliability(cv_calibrated, labels)
+    cv_metrics, cv_counts = summarize(cv_pred, oof_true, cv_rows["class"].tolist(), cv_scores)
     cv_low, cv_high = interval(p, lesion_dice_per_image(cv_counts)[:, None], mean_of_first)
 
     # the test split: the setting chosen on all out-of-fold predictions, applied to the ensemble
     q, sweep, threshold, oof_dice = choose(settings, oof_prob, oof_true)
-    result = score_test(p, m, q, threshold, oof_dice)
+    prob, scores = oof_prob[q.evaluate.tta], oof_scores[q.evaluate.tta]
+    gate_at = presence_choice(p, binarize_as(prob, threshold, q), oof_true, scores)
+    temperature = presence.fit_temperature(scores, labels)
+    result = score_test(p, m, q, threshold, oof_dice, gate_at, temperature)
     te_idx, te_true = result["test_idx"], result["test_true"]
     classes = result["test_rows"]["class"].tolist()
     singles = []
     for member in m.members:  # each fold model alone, on the same images
-        pred = binarize_as(m.probs(member, te_idx, q.evaluate.tta), threshold, q)
+        member_prob, member_scores = m.predict(member, te_idx, q.evaluate.tta)
+        pred = gate(binarize_as(member_prob, threshold, q), member_scores, gate_at)
         singles.append(lesion_dice_per_image(summarize(pred, te_true, classes)[1]))
     ensemble = lesion_dice_per_image(result["counts"])
     paired = np.column_stack([ensemble, *singles])
@@ -258,6 +320,8 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
         **{f"cv_{k}": v for k, v in cv_metrics.items()},
         "cv_dice_ci_low": cv_low,
         "cv_dice_ci_high": cv_high,
+        **population_intervals(p, cv_counts, cv_scores, "cv_"),
+        "cv_detect_ece": cv_ece,
         "dice_single_mean": single_mean,
         **{f"dice_single_{k}": float(s.mean()) if len(s) else float("nan")
            for k, s in enumerate(singles)},
@@ -266,7 +330,8 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
         "dice_ensemble_gain_ci_high": gain_high,
     }
     result["metrics"].update(rounded(extra))
-    cv_table = per_image_table(cv_rows, cv_pred, oof_true, cv_counts)
+    cv_table = per_image_table(cv_rows, cv_pred, oof_true, cv_counts, cv_scores)
     cv_table.insert(2, "fold", fold)
-    result.update(threshold_sweep=sweep, cv_per_image=cv_table, cv_pred=cv_pred, cv_idx=oof_idx)
+    result.update(threshold_sweep=sweep, cv_per_image=cv_table, cv_pred=cv_pred, cv_idx=oof_idx,
+                  reliability=cv_table_reliability)  # out of fold: the calibration to trust
     return result

@@ -45,7 +45,9 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
                                         largest_cc=bool(chosen["used_largest_cc"]),
                                         fill_holes=bool(chosen["used_fill_holes"])))
         m = load(q, model_path, cache, split)
-        result = score_test(q, m, q, chosen["threshold"], chosen["val_dice"])
+        result = score_test(q, m, q, chosen["threshold"], chosen["val_dice"],
+                            chosen.get("presence_threshold"),
+                            chosen.get("presence_temperature") or 1.0)
     result["metrics"].update(n_problems=found.metrics["n_problems"])
     result["problems"] = [pr.message for pr in found.problems]
     result["report"] = report_dict(found, ext.raw_dir)  # what was skipped, converted, ignored

@@ -45,8 +45,67 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str]) -> tuple[dict, np.ndarray]:
-    """Test-set figures: Dice/IoU over lesion images only; normals scored by false positives."""
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for boolean `labels` (Mann-Whitney, ties halved);
+    NaN when one class is absent."""
+    labels = np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=float)
+    sorted_scores = np.asarray(scores)[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    for start, n in zip(first, counts):  # ties share their mean rank
+        ranks[order[start:start + n]] = start + (n + 1) / 2
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def detection(labels: np.ndarray, decisions: np.ndarray,
+              scores: np.ndarray | None = None) -> dict:
+    """Image level, lesion vs normal: sensitivity (lesion images given a mask), specificity
+    (normal images left empty) and, with a per-image score, the AUROC."""
+    labels, decisions = np.asarray(labels, bool), np.asarray(decisions, bool)
+    out = {"detect_sensitivity": float(decisions[labels].mean()) if labels.any() else np.nan,
+           "detect_specificity": float((~decisions[~labels]).mean()) if (~labels).any()
+           else np.nan}
+    if scores is not None:
+        out["detect_auroc"] = auroc(labels, scores)
+    return out
+
+
+def population_rows(counts: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    """One row per image for the whole-population figures and their bootstrap: Dice and IoU with
+    emptiness scored (1 for an empty prediction on an empty truth, 0 for any disagreement),
+    lesion label, non-empty prediction, score."""
+    dice, iou = dice_iou(counts)
+    labels = (counts[:, 0] + counts[:, 2]) > 0
+    decisions = (counts[:, 0] + counts[:, 1]) > 0
+    score = np.full(len(counts), np.nan) if scores is None else np.asarray(scores, float)
+    return np.column_stack([dice, iou, labels, decisions, score])
+
+
+POPULATION_STATS = {  # key -> statistic of population_rows
+    "dice_all": lambda r: float(r[:, 0].mean()),
+    "iou_all": lambda r: float(r[:, 1].mean()),
+    "detect_sensitivity": lambda r: detection(r[:, 2], r[:, 3])["detect_sensitivity"],
+    "detect_specificity": lambda r: detection(r[:, 2], r[:, 3])["detect_specificity"],
+    "detect_auroc": lambda r: auroc(r[:, 2].astype(bool), r[:, 4]),
+}
+
+
+def population(counts: np.ndarray, scores: np.ndarray | None = None) -> dict:
+    """Whole-population figures over every image, normals included: `dice_all` / `iou_all`
+    (the public BUS benchmark's per-image convention) and image-level detection."""
+    rows = population_rows(counts, scores)
+    keys = [k for k in POPULATION_STATS if scores is not None or k != "detect_auroc"]
+    return {k: POPULATION_STATS[k](rows) if len(rows) else float("nan") for k in keys}
+
+
+def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str],
+              scores: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
+    """Test-set figures: Dice/IoU over lesion images only; normals scored by false positives;
+    and the whole population (`population`), with `scores` (per image) for the AUROC."""
     counts = confusion(pred, target)
     dice, iou = dice_iou(counts)
     classes_arr = np.asarray(classes)
@@ -73,6 +132,7 @@ def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str]) -> tuple
                                 else float("nan"))
     out["normal_fp_area"] = (float(pred_area[normal].mean() / n_pixels) if normal.any()
                              else float("nan"))
+    out.update(population(counts, scores))
     return out, counts
 
 
@@ -103,5 +163,8 @@ def bootstrap_ci(rows: np.ndarray, stat, n_boot: int = 1000, seed: int = 0,
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(rows), size=(n_boot, len(rows)))
     stats = np.array([stat(rows[d]) for d in draws])
+    stats = stats[~np.isnan(stats)]  # a resample without normals has no specificity
+    if len(stats) == 0:
+        return float("nan"), float("nan")
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)

@@ -17,6 +17,7 @@ import torch
 
 from busiseg.errors import BusisegError, first_line
 from busiseg.inference.segment import MaskSettings
+from busiseg.modeling.archs import split_output
 from busiseg.modeling.registry import is_smp
 
 OPSET = 18  # the opset the parity tests verify
@@ -36,11 +37,14 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     # minutes; predict always feeds the training size, so smp models export at that size only
     spatial = {} if is_smp(blob["model"]["arch"]) else {2: height, 3: width}
     probe = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        has_presence = split_output(model(probe))[1] is not None
+    outputs = ["logits", "presence"] if has_presence else ["logits"]
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates every step
             torch.onnx.export(model, (probe,), str(out), input_names=["image"],
-                              output_names=["logits"], opset_version=OPSET, dynamo=True,
+                              output_names=outputs, opset_version=OPSET, dynamo=True,
                               external_data=False,
                               dynamic_shapes={"x": {0: batch, **spatial}})
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; report one line
@@ -49,7 +53,7 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     meta = {"format": FORMAT, "version": VERSION, "opset": OPSET, "size": size,
             "input_mean": float(pre["input_mean"]), "input_std": float(pre["input_std"]),
             **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"],
-            "any_size": bool(spatial)}
+            "any_size": bool(spatial), "outputs": outputs}
     import onnx
 
     proto = onnx.load(str(out))
@@ -73,8 +77,9 @@ def _check_parity(model: torch.nn.Module, path: Path, probe: torch.Tensor,
         probes.append(torch.nn.functional.interpolate(probe, size=(other, other))[:1])
     for x in probes:
         with torch.inference_mode():
-            want = torch.sigmoid(model(x))
-        diff = float((torch.sigmoid(forward(x)) - want).abs().max())
+            want = [torch.sigmoid(t) for t in split_output(model(x)) if t is not None]
+        got = [torch.sigmoid(t) for t in split_output(forward(x)) if t is not None]
+        diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
         if diff > TOLERANCE:
             path.unlink(missing_ok=True)
             raise BusisegError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} "
@@ -82,14 +87,17 @@ def _check_parity(model: torch.nn.Module, path: Path, probe: torch.Tensor,
 
 
 class OnnxForward:
-    """An ONNX Runtime session behind the call a PyTorch model offers: tensor in, logits out."""
+    """An ONNX Runtime session behind the call a PyTorch model offers: tensor in, logits out
+    (and presence logits, as a tuple, for a model with a presence head)."""
 
     def __init__(self, session) -> None:
         self.session = session
+        self.outputs = [o.name for o in session.get_outputs()]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor):
         x = np.ascontiguousarray(x.detach().cpu().float().numpy())
-        return torch.from_numpy(self.session.run(["logits"], {"image": x})[0])
+        out = [torch.from_numpy(a) for a in self.session.run(self.outputs, {"image": x})]
+        return out[0] if len(out) == 1 else tuple(out)
 
 
 def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
@@ -123,5 +131,6 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
 
 
 def settings_of(meta: dict) -> MaskSettings:
+    presence = meta.get("presence_threshold")  # absent in exports from before it existed
     return MaskSettings(float(meta["threshold"]), bool(meta["tta"]), bool(meta["largest_cc"]),
-                        bool(meta["fill_holes"]))
+                        bool(meta["fill_holes"]), None if presence is None else float(presence))

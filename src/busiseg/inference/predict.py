@@ -14,7 +14,7 @@ from PIL import Image
 from busiseg.data.images import load_image
 from busiseg.errors import BusisegError
 from busiseg.inference.onnx_model import load_onnx, settings_of
-from busiseg.inference.segment import Forward, MaskSettings, segment
+from busiseg.inference.segment import Forward, MaskSettings, segment_with_score
 from busiseg.modeling.model_file import load_model
 from busiseg.runtime.device import place
 
@@ -103,7 +103,7 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
     settings = settings or predictor.own_settings or MaskSettings()
     files, failures = collect_inputs(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, rows = [], []
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -113,10 +113,31 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
         except BusisegError as exc:
             failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
             continue
-        mask = segment(predictor.forward, gray, predictor.size, predictor.input_mean,
-                       predictor.input_std, settings, predictor.device)
+        mask, score = segment_with_score(predictor.forward, gray, predictor.size,
+                                         predictor.input_mean, predictor.input_std, settings,
+                                         predictor.device)
         stem = path.stem
         Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
         overlay(gray, mask).save(out_dir / f"{stem}_overlay.png")
         written.append(out_dir / f"{stem}_mask.png")
+        rows.append({"image": str(path), "mask": f"{stem}_mask.png",
+                     "lesion_score": round(score, 6), "lesion": int(mask.any())})
+    write_scores(out_dir / SCORES, rows, settings)
     return written, failures
+
+
+SCORES = "predictions.csv"
+
+
+def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
+    """Beside the masks, per image: its lesion score (the presence head's probability, or the
+    most confident pixel for a model without one), the decision (1: a lesion was drawn) and the
+    presence threshold that made it (empty: off)."""
+    import csv
+
+    gate_at = "" if settings.presence_threshold is None else settings.presence_threshold
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["image", "mask", "lesion_score", "lesion",
+                                     "presence_threshold"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({**r, "presence_threshold": gate_at} for r in rows)

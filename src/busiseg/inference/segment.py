@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from busiseg.data.images import resize_image
 from busiseg.errors import BusisegError
+from busiseg.modeling.archs import split_output
 from busiseg.runtime.device import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # normalised N×1×H×W float → logits
@@ -37,21 +38,57 @@ def input_batches(images: torch.Tensor, mean: float, std: float, device: torch.d
 
 
 @torch.inference_mode()
+def predict_probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
+                          device: torch.device, batch_size: int,
+                          dtype: torch.dtype | None = None, tta: bool = False,
+                          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sigmoid probabilities (float32, CPU, N×1×H×W) and, for a model with a presence head, each
+    image's lesion-presence probability (N); with `tta` both averaged with the prediction of the
+    horizontally flipped image (the map flipped back)."""
+    if isinstance(forward, torch.nn.Module):
+        forward.eval()
+    maps, presences = [], []
+    for x in input_batches(images, mean, std, device, batch_size, channels_last):
+        with autocast(device, dtype):
+            logits, presence = split_output(forward(x))
+            prob = torch.sigmoid(logits.float())
+            pres = None if presence is None else torch.sigmoid(presence.float()[:, 0])
+            if tta:
+                flipped, flipped_presence = split_output(forward(x.flip(-1)))
+                prob = 0.5 * (prob + torch.sigmoid(flipped.float()).flip(-1))
+                if pres is not None:
+                    pres = 0.5 * (pres + torch.sigmoid(flipped_presence.float()[:, 0]))
+        maps.append(prob.cpu())
+        if pres is not None:
+            presences.append(pres.cpu())
+    if not maps:
+        return torch.zeros(0), None
+    return torch.cat(maps), torch.cat(presences) if presences else None
+
+
 def probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
                   device: torch.device, batch_size: int, dtype: torch.dtype | None = None,
                   tta: bool = False, channels_last: bool = False) -> torch.Tensor:
-    """Sigmoid probabilities (float32, CPU, N×1×H×W); with `tta` averaged with the prediction of
-    the horizontally flipped image, flipped back."""
-    if isinstance(forward, torch.nn.Module):
-        forward.eval()
-    out = []
-    for x in input_batches(images, mean, std, device, batch_size, channels_last):
-        with autocast(device, dtype):
-            prob = torch.sigmoid(forward(x).float())
-            if tta:
-                prob = 0.5 * (prob + torch.sigmoid(forward(x.flip(-1)).float()).flip(-1))
-        out.append(prob.cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    """The probability maps of `predict_probabilities` alone."""
+    return predict_probabilities(forward, images, mean, std, device, batch_size, dtype, tta,
+                                 channels_last)[0]
+
+
+def lesion_scores(probs: np.ndarray, presence: np.ndarray | None) -> np.ndarray:
+    """How sure the model is that each image holds a lesion, the one score the presence decision
+    thresholds: the presence head's probability, or for a model without one its most confident
+    pixel."""
+    if presence is not None:
+        return np.asarray(presence, dtype=np.float64)
+    return probs.reshape(len(probs), -1).max(axis=1) if len(probs) else np.zeros(0)
+
+
+def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None) -> np.ndarray:
+    """Empty the masks of images whose lesion score is below the presence threshold (None: off)."""
+    if presence_threshold is None or not len(masks):
+        return masks
+    keep = np.asarray(scores) >= presence_threshold
+    return masks & keep.reshape(-1, *([1] * (masks.ndim - 1)))
 
 
 @dataclass(frozen=True)
@@ -64,6 +101,7 @@ class MaskSettings:
     tta: bool = False
     largest_cc: bool = False
     fill_holes: bool = False
+    presence_threshold: float | None = None  # lesion score below it: empty mask (None: off)
 
     @classmethod
     def from_eval(cls, path: str | Path) -> MaskSettings:
@@ -71,9 +109,11 @@ class MaskSettings:
         path = Path(path)
         try:
             m = json.loads(path.read_text())
+            presence = m.get("presence_threshold")  # absent in files from before it existed
             settings = cls(threshold=float(m["threshold"]), tta=bool(m["used_tta"]),
                            largest_cc=bool(m["used_largest_cc"]),
-                           fill_holes=bool(m["used_fill_holes"]))
+                           fill_holes=bool(m["used_fill_holes"]),
+                           presence_threshold=None if presence is None else float(presence))
         except FileNotFoundError:
             raise BusisegError(f"{path}: not found; run `dvc repro evaluate` first, or give "
                                "--threshold") from None
@@ -86,6 +126,9 @@ class MaskSettings:
     def checked(self, source: str) -> MaskSettings:
         if not 0 < self.threshold < 1:
             raise BusisegError(f"{source}: threshold must be in (0, 1), got {self.threshold}")
+        if self.presence_threshold is not None and not 0 <= self.presence_threshold <= 1:
+            raise BusisegError(f"{source}: presence threshold must be in [0, 1], got "
+                               f"{self.presence_threshold}")
         return self
 
     def as_dict(self) -> dict:
@@ -115,13 +158,23 @@ def binarize(probs: np.ndarray, threshold: float, largest_cc: bool = False,
 
 def segment(forward: Forward, gray: np.ndarray, size: int, mean: float, std: float,
             settings: MaskSettings, device: torch.device | None = None) -> np.ndarray:
-    """One grey image of any size → bool mask of the same size. The image is resized to the
-    training size exactly as preprocess resized the training images; the probability map, not
-    the mask, is resized back, so the outline stays smooth."""
+    """One grey image of any size → bool mask of the same size (see `segment_with_score`)."""
+    return segment_with_score(forward, gray, size, mean, std, settings, device)[0]
+
+
+def segment_with_score(forward: Forward, gray: np.ndarray, size: int, mean: float, std: float,
+                       settings: MaskSettings,
+                       device: torch.device | None = None) -> tuple[np.ndarray, float]:
+    """One grey image of any size → bool mask of the same size, and its lesion score. The image
+    is resized to the training size exactly as preprocess resized the training images; the
+    probability map, not the mask, is resized back, so the outline stays smooth. An image whose
+    score is below the presence threshold gets an empty mask."""
     small = torch.from_numpy(resize_image(gray, size))[None, None]
-    prob = probabilities(forward, small, mean, std, device or torch.device("cpu"), 1,
-                         tta=settings.tta)
+    prob, presence = predict_probabilities(forward, small, mean, std,
+                                           device or torch.device("cpu"), 1, tta=settings.tta)
+    score = lesion_scores(prob[:, 0].numpy(), None if presence is None else presence.numpy())
     full = torch.nn.functional.interpolate(prob, size=gray.shape, mode="bilinear",
                                            align_corners=False)
-    return binarize(full[:, 0].numpy(), settings.threshold, settings.largest_cc,
-                    settings.fill_holes)[0]
+    mask = binarize(full[:, 0].numpy(), settings.threshold, settings.largest_cc,
+                    settings.fill_holes)
+    return gate(mask, score, settings.presence_threshold)[0], float(score[0])

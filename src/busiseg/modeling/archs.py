@@ -19,6 +19,7 @@ from busiseg.errors import BusisegError, first_line
 from busiseg.modeling.blocks import (
     AttentionGate,
     DoubleConv,
+    PresenceHead,
     ResidualBlock,
     Up,
     check_bool,
@@ -31,6 +32,14 @@ from busiseg.modeling.blocks import (
 BlockFn = Callable[[int, int, float], nn.Module]  # (in_ch, out_ch, dropout) -> block
 
 
+
+
+def split_output(out):
+    """(mask logits, presence logits N×1 or None) of any model's output: a model built with
+    `presence` returns both, others the mask logits (or a list of them, deep supervision)."""
+    if isinstance(out, tuple):
+        return out
+    return out, None
 
 
 class SegModel(nn.Module):
@@ -75,6 +84,7 @@ class UNet(SegModel):
         up: str = "transpose",
         block: str = "double",
         attention: bool = False,
+        presence: bool = False,
     ) -> None:
         super().__init__()
         check_common(in_channels, out_channels, base, depth, norm, dropout, up)
@@ -92,6 +102,7 @@ class UNet(SegModel):
             ups.append(Up(chs[i + 1], chs[i], chs[i], up=up, block=fuse, gate=gate))
         self.decoder = nn.ModuleList(ups)
         self.head = nn.Conv2d(chs[0], out_channels, 1)
+        self.presence = PresenceHead(chs[-1]) if check_bool("presence", presence) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(self, x.shape[-2], x.shape[-1])
@@ -100,9 +111,10 @@ class UNet(SegModel):
             x = level(x)
             skips.append(x)
         x = skips.pop()
+        presence = self.presence(x) if self.presence is not None else None
         for step in self.decoder:
             x = step(x, skips.pop())
-        return self.head(x)
+        return self.head(x) if presence is None else (self.head(x), presence)
 
 
 class UNetPlusPlus(SegModel):
@@ -123,6 +135,7 @@ class UNetPlusPlus(SegModel):
         dropout: float = 0.0,
         up: str = "transpose",
         deep_supervision: bool = False,
+        presence: bool = False,
     ) -> None:
         super().__init__()
         check_common(in_channels, out_channels, base, depth, norm, dropout, up)
@@ -141,6 +154,7 @@ class UNetPlusPlus(SegModel):
         # heads[k] reads X[0][depth - k]: the final node first, as the loss expects.
         n_heads = depth if self.deep_supervision else 1
         self.heads = nn.ModuleList(nn.Conv2d(chs[0], out_channels, 1) for _ in range(n_heads))
+        self.presence = PresenceHead(chs[-1]) if check_bool("presence", presence) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         check_input_size(self, x.shape[-2], x.shape[-1])
@@ -154,8 +168,10 @@ class UNetPlusPlus(SegModel):
                 coarse = self.ups[key](grid[i + 1][j - 1])
                 grid[i].append(self.nodes[key](torch.cat([*grid[i], coarse], dim=1)))
         if self.deep_supervision and self.training:
-            return [head(grid[0][self.depth - k]) for k, head in enumerate(self.heads)]
-        return self.heads[0](grid[0][self.depth])
+            out = [head(grid[0][self.depth - k]) for k, head in enumerate(self.heads)]
+        else:
+            out = self.heads[0](grid[0][self.depth])
+        return out if self.presence is None else (out, self.presence(grid[self.depth][0]))
 
 
 class CompactNet(SegModel):
@@ -169,7 +185,8 @@ class CompactNet(SegModel):
     size_divisor = 8
 
     def __init__(
-        self, in_channels: int = 1, out_channels: int = 1, *, base: int = 64, dropout: float = 0.2
+        self, in_channels: int = 1, out_channels: int = 1, *, base: int = 64, dropout: float = 0.2,
+        presence: bool = False,
     ) -> None:
         super().__init__()
         check_int("in_channels", in_channels, 1)
@@ -195,13 +212,14 @@ class CompactNet(SegModel):
             nn.ConvTranspose2d(c2, c1, 2, stride=2), conv2(c1, c_out), drop(),
         )  # fmt: skip
         self.head = nn.Conv2d(c_out, out_channels, 1)
+        self.presence = PresenceHead(c3) if check_bool("presence", presence) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(self, x.shape[-2], x.shape[-1])
         size = x.shape[-2:]
-        y = self.decoder(self.bottleneck(self.encoder(x)))
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return self.head(y)
+        deep = self.bottleneck(self.encoder(x))
+        y = F.interpolate(self.decoder(deep), size=size, mode="bilinear", align_corners=False)
+        return self.head(y) if self.presence is None else (self.head(y), self.presence(deep))
 
 
 SMP_DECODERS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3",
@@ -218,7 +236,7 @@ class SmpModel(SegModel):
     size_divisor = 32  # five 2x down-samplings in every smp encoder at depth 5
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, decoder: str = "unet",
-                 encoder: str = "tu-tf_efficientnet_lite0") -> None:
+                 encoder: str = "tu-tf_efficientnet_lite0", presence: bool = False) -> None:
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("out_channels", out_channels, 1)
@@ -236,8 +254,12 @@ class SmpModel(SegModel):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # smp's note on timm- names
             try:
+                # presence: smp's own classification head on the encoder's deepest features
+                aux = ({"classes": 1, "pooling": "avg", "dropout": 0.2}
+                       if check_bool("presence", presence) else None)
                 self.net = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None,
-                                            in_channels=in_channels, classes=out_channels)
+                                            in_channels=in_channels, classes=out_channels,
+                                            aux_params=aux)
             except Exception as exc:  # noqa: BLE001 - smp/timm refuse combinations in many ways
                 raise BusisegError(f"model.encoder {encoder!r} does not build with "
                                    f"segmentation_models_pytorch {decoder!r}: "
@@ -259,9 +281,16 @@ class FoldEnsemble(nn.Module):
         self.config = {**members[0].config, "members": len(members)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
-        prob = prob.clamp(1e-7, 1 - 1e-7)  # finite logits; 1e-7 is far from any threshold
-        return torch.log(prob) - torch.log1p(-prob)
+        outs = [split_output(m(x)) for m in self.members]
+        mask = _mean_logit([o[0] for o in outs])
+        return mask if outs[0][1] is None else (mask, _mean_logit([o[1] for o in outs]))
+
+
+def _mean_logit(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The logit of the members' mean probability."""
+    prob = torch.stack([torch.sigmoid(t.float()) for t in logits]).mean(0)
+    prob = prob.clamp(1e-7, 1 - 1e-7)  # finite logits; 1e-7 is far from any threshold
+    return torch.log(prob) - torch.log1p(-prob)
 
 
 def check_input_size(model: nn.Module, height: int, width: int) -> None:

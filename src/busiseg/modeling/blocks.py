@@ -206,3 +206,17 @@ class Up(nn.Module):
         if self.gate is not None:
             skip = self.gate(x, skip)
         return self.block(torch.cat([skip, self.up(x)], dim=1))
+
+
+class PresenceHead(nn.Module):
+    """Is there a lesion at all? One logit per image from the deepest features, pooled: the
+    question a pixel map answers only indirectly, and normal breasts need answered."""
+
+    def __init__(self, channels: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(torch.flatten(self.pool(x), 1)))

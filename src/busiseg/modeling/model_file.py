@@ -24,11 +24,12 @@ FORMAT = "busiseg-model"
 VERSION = 1
 
 
-def model_kwargs(m: ModelParams) -> dict:
-    """The model section minus what this arch does not take (e.g. `compact` has no depth)."""
+def model_kwargs(m: ModelParams, presence: bool = False) -> dict:
+    """The model section minus what this arch does not take (e.g. `compact` has no depth), and
+    the presence head when training asks for one (train.presence_weight > 0)."""
     accepted = arch_settings(m.arch)  # an unknown arch fails here with a one-line error
     fields = {k: v for k, v in asdict(m).items() if k in accepted}
-    return {"arch": m.arch, **fields}
+    return {"arch": m.arch, **fields, **({"presence": True} if presence else {})}
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

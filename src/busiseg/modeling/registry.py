@@ -67,12 +67,13 @@ def build_model(arch: str, in_channels: int = 1, out_channels: int = 1, **kw: An
     naming the key, and ``model.config`` always round-trips through ``build_model(**config)``."""
     params = arch_settings(arch)
     allowed = [p for p in params if p not in ("in_channels", "out_channels")]
+    settable = [p for p in allowed if p != "presence"]  # presence: train.presence_weight
     unknown = sorted(k for k in kw if k not in allowed)
     if unknown:
         names = ", ".join(f"model.{k}" for k in unknown)
         verb = "is not a parameter" if len(unknown) == 1 else "are not parameters"
         raise BusisegError(
-            f"{names} {verb} of model.arch {arch!r}; choose from: {', '.join(allowed)}"
+            f"{names} {verb} of model.arch {arch!r}; choose from: {', '.join(settable)}"
         )
     row = ARCHS[arch]
     model = row.model(in_channels=in_channels, out_channels=out_channels, **row.fixed, **kw)

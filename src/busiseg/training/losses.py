@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from busiseg.modeling.archs import split_output
+
 SMOOTH = 1.0
 REDUCTIONS = ("batch", "image")
 
@@ -86,7 +88,8 @@ def empty_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch
 class SegLoss(torch.nn.Module):
     def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
                  focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
-                 reduction: str = "batch", empty_weight: float = 0.0, empty_topk: float = 0.01):
+                 reduction: str = "batch", empty_weight: float = 0.0, empty_topk: float = 0.01,
+                 presence_weight: float = 0.0):
         super().__init__()
         if reduction not in REDUCTIONS:  # fail at construction, not at the first batch
             raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
@@ -96,6 +99,7 @@ class SegLoss(torch.nn.Module):
         if empty_weight < 0 or not 0 < empty_topk <= 1:
             raise ValueError("empty_weight must be ≥ 0 and empty_topk in (0, 1]")
         self.empty_weight, self.empty_topk = empty_weight, empty_topk
+        self.presence_weight = presence_weight
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()
@@ -116,8 +120,19 @@ class SegLoss(torch.nn.Module):
             loss = loss + self.empty_weight * empty_loss(logits, target, self.empty_topk)
         return loss
 
-    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):
-        """A list (deep supervision) averages the heads, the final head counting double."""
+    def forward(self, outputs, target: torch.Tensor):
+        """A list (deep supervision) averages the heads, the final head counting double. A model
+        with a presence head returns (masks, presence logits): BCE against "the image has a
+        lesion" is added with `presence_weight`."""
+        outputs, presence = split_output(outputs)
+        loss = self.masks(outputs, target)
+        if presence is not None and self.presence_weight:
+            label = (target.reshape(len(target), -1).amax(dim=1) > 0).float()
+            loss = loss + self.presence_weight * F.binary_cross_entropy_with_logits(
+                presence.float()[:, 0], label)
+        return loss
+
+    def masks(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor):
         if isinstance(outputs, list | tuple):
             weights = [2.0] + [1.0] * (len(outputs) - 1)
             total = sum(w * self.single(o, target) for w, o in zip(weights, outputs))

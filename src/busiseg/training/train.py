@@ -24,7 +24,7 @@ from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.inference.segment import input_batches
-from busiseg.modeling.archs import check_input_size
+from busiseg.modeling.archs import check_input_size, split_output
 from busiseg.modeling.model_file import model_kwargs, save_model
 from busiseg.modeling.pretrained import init_encoder, input_normalisation, weights_files
 from busiseg.modeling.registry import build_model
@@ -67,7 +67,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         return done["summary"]
 
     data = load_data(cache_path, split_path, p.preprocess.size, device, fold)
-    kwargs = model_kwargs(p.model)
+    kwargs = model_kwargs(p.model, presence=cfg.presence_weight > 0)
     model = build_model(**kwargs)
     check_input_size(model, data.size, data.size)
     if cfg.sync_bn and ranks.world > 1:
@@ -80,7 +80,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
     loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
                       cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
-                      cfg.empty_weight, cfg.empty_topk)
+                      cfg.empty_weight, cfg.empty_topk, cfg.presence_weight)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     # resume only a checkpoint of this exact run that did not finish
@@ -249,9 +249,10 @@ def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
     with torch.inference_mode():
         for x, y in zip(batches, data.val_masks.split(bs)):
             with autocast(device, dtype):
-                logits = model(x)
+                out = model(x)
             y = y.float()
-            total += loss_fn(logits, y).item() * len(x)
+            total += loss_fn(out, y).item() * len(x)
+            logits = split_output(out)[0]
             pred = (logits.float() > 0).cpu().numpy()  # sigmoid > 0.5
             counts.append(confusion(pred, y.cpu().numpy() > 0))
     c = np.concatenate(counts)
@@ -348,7 +349,8 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
         blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
         state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
         size, source = blob["preprocess"]["size"], blob.get("encoder_weights")
-    save_model(model_path, state, model_kwargs(p.model), p, size, members=k_folds,
+    kwargs = model_kwargs(p.model, presence=p.train.presence_weight > 0)
+    save_model(model_path, state, kwargs, p, size, members=k_folds,
                encoder_weights=source)
     for k in range(k_folds):
         (folds_dir / f"fold_{k}.pt").unlink()

@@ -1,0 +1,81 @@
+"""Whether an image holds a lesion at all: choosing the presence threshold, and calibrating the
+lesion score into a probability one can read.
+
+A normal breast given a "lesion" costs a healthy woman a biopsy discussion, and the lesion-only
+Dice never sees it. `evaluate.presence_threshold` empties the masks of images whose lesion score
+(the presence head's probability, or a model without one its most confident pixel) is below
+it; `auto` chooses it, like the pixel threshold, on held-out data only (val, or the other folds)
+for the best whole-population Dice (`dice_all`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from busiseg.evaluation.metrics import confusion, dice_iou
+from busiseg.inference.segment import gate
+
+GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate presence thresholds
+BINS = 10  # reliability bins of equal width
+
+
+def setting(value: str | float) -> float | None:
+    """evaluate.presence_threshold as a number, None for off (auto is chosen elsewhere)."""
+    return None if value in ("off", "auto") else float(value)
+
+
+def dice_all(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float(dice_iou(confusion(pred, truth))[0].mean()) if len(pred) else float("nan")
+
+
+def choose_threshold(masks: np.ndarray, truth: np.ndarray, scores: np.ndarray) -> float | None:
+    """The presence threshold with the best dice_all on these (held-out) images; None (off) when
+    no threshold beats leaving every mask as it is (ties keep it off, the simpler rule)."""
+    best, best_dice = None, dice_all(masks, truth)
+    for t in GRID:
+        d = dice_all(gate(masks, scores, float(t)), truth)
+        if d > best_dice + 1e-12:
+            best, best_dice = float(t), d
+    return best
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling: the T minimising the log loss of sigmoid(logit(score) / T)."""
+    z, y = _logit(scores), np.asarray(labels, dtype=np.float64)
+    if len(z) == 0 or y.min() == y.max():
+        return 1.0
+
+    def nll(t: float) -> float:
+        p = np.clip(1 / (1 + np.exp(-z / t)), 1e-12, 1 - 1e-12)
+        return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 121))
+    t = float(grid[np.argmin([nll(g) for g in grid])])
+    for step in (0.5, 0.25, 0.1, 0.05):  # refine around the grid's best, in log space
+        t = min((t * np.exp(d) for d in (-step, 0, step)), key=nll)
+    # separable scores drive T to 0 (every probability to 0 or 1): keep it in the grid's range
+    return float(np.clip(t, grid[0], grid[-1]))
+
+
+def calibrate(scores: np.ndarray, temperature: float) -> np.ndarray:
+    return 1 / (1 + np.exp(-_logit(scores) / temperature))
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray) -> tuple[float, list[dict]]:
+    """Expected calibration error over BINS equal-width bins, and the table behind the plot."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, float)
+    rows, ece = [], 0.0
+    for b in range(BINS):
+        lo, hi = b / BINS, (b + 1) / BINS
+        sel = (probs >= lo) & ((probs < hi) if b < BINS - 1 else (probs <= hi))
+        if sel.any():
+            conf, acc = float(probs[sel].mean()), float(labels[sel].mean())
+            ece += sel.sum() / len(probs) * abs(conf - acc)
+            rows.append({"bin": round((lo + hi) / 2, 3), "confidence": round(conf, 6),
+                         "lesion_rate": round(acc, 6), "images": int(sel.sum())})
+    return (float(ece) if len(probs) else float("nan")), rows
