@@ -259,14 +259,15 @@ class EvaluateParams:
     bootstrap_seed: int = 0
     # images whose lesion score is below it get an empty mask: off | auto (chosen on held-out
     # data for the best dice_all) | a probability
-    presence_threshold: str | float | bool = "off"  # false: off, as YAML 1.1 tools write it
+    presence_threshold: str | float | bool | None = "off"  # false / null: off
 
     def check(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
-        if self.presence_threshold is False:  # `off` unquoted, read by a YAML 1.1 tool
+        if self.presence_threshold is False or self.presence_threshold is None:  # YAML 1.1's off
             object.__setattr__(self, "presence_threshold", "off")
         t = self.presence_threshold
-        _require(not isinstance(t, bool) and t in ("off", "auto") or (isinstance(t, float) and 0 < t < 1),
+        word = isinstance(t, str) and t in ("off", "auto")
+        _require(word or (isinstance(t, float) and 0 < t < 1),
                  "evaluate.presence_threshold", f"is {t!r}; choose off, auto or a number in (0, 1)")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be ≥ 1")
         _require(self.bootstrap >= 0, "evaluate.bootstrap", "must be ≥ 0 (0 = no intervals)")

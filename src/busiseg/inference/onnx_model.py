@@ -79,6 +79,10 @@ def _check_parity(model: torch.nn.Module, path: Path, probe: torch.Tensor,
         with torch.inference_mode():
             want = [torch.sigmoid(t) for t in split_output(model(x)) if t is not None]
         got = [torch.sigmoid(t) for t in split_output(forward(x)) if t is not None]
+        if len(got) != len(want):
+            path.unlink(missing_ok=True)
+            raise BusisegError(f"{path}: ONNX Runtime gives {len(got)} outputs, PyTorch "
+                               f"{len(want)}; file removed")
         diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
         if diff > TOLERANCE:
             path.unlink(missing_ok=True)
@@ -121,8 +125,7 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
         meta = json.loads(raw)
         if meta["format"] != FORMAT or meta["version"] != VERSION:
             raise ValueError(f"format {meta['format']} version {meta['version']}")
-        MaskSettings(meta["threshold"], meta["tta"], meta["largest_cc"],
-                     meta["fill_holes"]).checked(str(path))
+        settings_of(meta).checked(str(path))
         int(meta["size"]), float(meta["input_mean"]), float(meta["input_std"])
     except (TypeError, ValueError, KeyError) as exc:
         raise BusisegError(f"{path}: not a busiseg ONNX export (metadata: {exc}); export it "

@@ -37,7 +37,7 @@ BlockFn = Callable[[int, int, float], nn.Module]  # (in_ch, out_ch, dropout) -> 
 def split_output(out):
     """(mask logits, presence logits N×1 or None) of any model's output: a model built with
     `presence` returns both, others the mask logits (or a list of them, deep supervision)."""
-    if isinstance(out, tuple):
+    if isinstance(out, tuple) and len(out) == 2 and out[1].ndim == 2:
         return out
     return out, None
 
