@@ -182,6 +182,9 @@ class TrainParams:
     empty_topk: float = 0.01  # share of an image's pixels pooled into its lesion logit
     # a presence head (is there a lesion at all?) trained with this weight; 0 = no head
     presence_weight: float = 0.0
+    # the head learns from the segmentation's features without changing them (stop-gradient):
+    # the masks stay those of presence_weight 0
+    presence_detach: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
@@ -214,6 +217,8 @@ class TrainParams:
         _require(0 < self.empty_topk <= 1, "train.empty_topk",
                  "must be in (0, 1]: the share of pixels pooled into each image's lesion logit")
         _require(self.presence_weight >= 0, "train.presence_weight", "must be ≥ 0 (0 = off)")
+        _require(not self.presence_detach or self.presence_weight > 0, "train.presence_detach",
+                 "needs a presence head: set train.presence_weight > 0 too")
         _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
         _require(self.processes >= 1, "train.processes", "must be ≥ 1 (1 = no torchrun)")
 

@@ -13,6 +13,7 @@ import torch
 from conftest import run_train, tiny_data, tiny_params, write_png
 from PIL import Image
 
+from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.inference.onnx_model import export_onnx, load_onnx
@@ -34,6 +35,37 @@ def test_every_arch_grows_a_presence_head_on_request_only(arch: str):
     masks, logits = split_output(headed(x))
     assert masks.shape == (2, 1, 64, 64) and logits.shape == (2, 1)
     assert headed.config["presence"] is True and plain.config["presence"] is False
+
+
+@pytest.mark.parametrize("arch", ["unet", "unet_plus_plus", "compact", "smp_unet"])
+def test_a_presence_head_leaves_every_other_initial_weight_as_it_was(arch: str):
+    kw = {} if arch in ("compact", "smp_unet") else {"base": 4, "depth": 2}
+    torch.manual_seed(0)
+    plain = build_model(arch, **kw).state_dict()
+    torch.manual_seed(0)
+    headed = build_model(arch, presence=True, **kw).state_dict()
+    assert set(plain) < set(headed)
+    assert all(torch.equal(plain[k], headed[k]) for k in plain)
+
+
+def test_a_detached_head_learns_without_changing_the_segmentation(tmp_path: Path):
+    def trained(tag: str, **train) -> dict:
+        run_train(tmp_path, tiny_params(epochs=3, **train), tag)
+        model, _ = load_model(tmp_path / tag / "model.pt")
+        return model.state_dict()
+
+    plain = trained("plain")
+    detached = trained("detached", presence_weight=1.0, presence_detach=True)
+    joint = trained("joint", presence_weight=1.0)
+    head = [k for k in detached if k not in plain]
+    assert head and not any(torch.equal(detached[k], joint[k]) for k in head if "weight" in k)
+    assert all(torch.equal(plain[k], detached[k]) for k in plain)  # bit for bit
+    assert not all(torch.equal(plain[k], joint[k]) for k in plain)  # the joint loss moves them
+
+
+def test_presence_detach_without_a_head_is_refused():
+    with pytest.raises(BusisegError, match="train.presence_detach.*presence_weight"):
+        tiny_params(presence_detach=True)
 
 
 def test_the_presence_loss_is_bce_on_whether_the_image_has_a_lesion():

@@ -254,19 +254,36 @@ class SmpModel(SegModel):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # smp's note on timm- names
             try:
-                # presence: smp's own classification head on the encoder's deepest features
-                aux = ({"classes": 1, "pooling": "avg", "dropout": 0.2}
-                       if check_bool("presence", presence) else None)
                 self.net = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None,
-                                            in_channels=in_channels, classes=out_channels,
-                                            aux_params=aux)
+                                            in_channels=in_channels, classes=out_channels)
             except Exception as exc:  # noqa: BLE001 - smp/timm refuse combinations in many ways
                 raise BusisegError(f"model.encoder {encoder!r} does not build with "
                                    f"segmentation_models_pytorch {decoder!r}: "
                                    f"{first_line(exc, 200)}") from None
+        if check_bool("presence", presence):
+            from segmentation_models_pytorch.base.heads import ClassificationHead
+            from segmentation_models_pytorch.base.initialization import initialize_head
+
+            # smp's own classification head (what aux_params builds, same weight names), drawn
+            # from a forked generator: with or without it, every other weight starts the same
+            with torch.random.fork_rng(devices=[]):
+                head = ClassificationHead(self.net.encoder.out_channels[-1], 1, "avg", 0.2)
+                initialize_head(head)
+            self.net.classification_head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+def presence_head(model: nn.Module) -> nn.Module | None:
+    """The module that turns the deepest features into the presence logit (None without one):
+    what training hooks to keep that head from changing the segmentation."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    head = getattr(model, "presence", None)
+    net = getattr(model, "net", None)
+    if head is None and net is not None:
+        head = getattr(net, "classification_head", None)
+    return head
 
 
 class FoldEnsemble(nn.Module):

@@ -24,7 +24,7 @@ from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.inference.segment import input_batches
-from busiseg.modeling.archs import check_input_size, split_output
+from busiseg.modeling.archs import check_input_size, presence_head, split_output
 from busiseg.modeling.model_file import model_kwargs, save_model
 from busiseg.modeling.pretrained import init_encoder, input_normalisation, weights_files
 from busiseg.modeling.registry import build_model
@@ -73,6 +73,8 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     if cfg.sync_bn and ranks.world > 1:
         model = distributed.sync_batchnorm(model)
     encoder_source = init_encoder(model, p.model)
+    if cfg.presence_detach:
+        detach_presence(model)
     model = model.to(device, memory_format=memory_format)
     bs = min(cfg.batch_size, len(data.train_idx))
     distributed.check_batch(bs, ranks)
@@ -141,6 +143,12 @@ class TrainingData:
     val_images: torch.Tensor
     val_masks: torch.Tensor
     size: int
+
+
+def detach_presence(model: torch.nn.Module) -> None:
+    """Stop-gradient in front of the presence head: it learns to read the segmentation's features
+    while the presence loss leaves them, and so the masks, as without a head."""
+    presence_head(model).register_forward_pre_hook(lambda _, args: tuple(a.detach() for a in args))
 
 
 def load_data(cache_path: Path, split_path: Path, size: int, device: torch.device,
