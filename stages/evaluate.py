@@ -7,6 +7,7 @@ import pandas as pd
 import torch
 
 from busiseg.evaluation.evaluate import evaluate
+from busiseg.evaluation.plots import risk_coverage_table
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run, write_json
 
@@ -15,11 +16,13 @@ PER_IMAGE = Path("plots/evaluate/per_image.csv")
 CV_PER_IMAGE = Path("plots/evaluate/cv_per_image.csv")  # header only without folds
 SWEEP = Path("plots/evaluate/threshold.csv")
 RELIABILITY = Path("plots/evaluate/reliability.csv")  # the lesion score's calibration
+RISK_COVERAGE = Path("plots/evaluate/risk_coverage.csv")  # how well the confidence ranks images
 PREDICTIONS = Path("data/predictions.pt")
 
 
 def main() -> None:
-    remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, RELIABILITY, PREDICTIONS)
+    remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, RELIABILITY, RISK_COVERAGE,
+                   PREDICTIONS)
     result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv")
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(PER_IMAGE, index=False)
@@ -28,6 +31,8 @@ def main() -> None:
     result["threshold_sweep"].to_csv(SWEEP, index=False)
     pd.DataFrame(result["reliability"], columns=["bin", "confidence", "lesion_rate",
                                                  "images"]).to_csv(RELIABILITY, index=False)
+    risk_coverage_table({"test": result["per_image"], "out-of-fold": cv}).to_csv(RISK_COVERAGE,
+                                                                                 index=False)
     saved = {"test_idx": result["test_idx"],
              "pred": torch.from_numpy(result["test_pred"]).to(torch.uint8),
              "cv_idx": result.get("cv_idx", []),
@@ -43,6 +48,11 @@ def main() -> None:
           f"{m['dice_all_ci_high']}], detection sensitivity {m['detect_sensitivity']}, "
           f"specificity {m['detect_specificity']}, AUROC {m['detect_auroc']}; presence threshold "
           f"{m['presence_threshold'] if m['presence_threshold'] is not None else 'off'}")
+    flags = (f"; flagged {m['flagged_fraction']} for review: Dice of the rest {m['dice_kept']} "
+             f"[{m['dice_kept_ci_low']}, {m['dice_kept_ci_high']}], of the flagged "
+             f"{m['dice_flagged']}" if "dice_kept" in m else "")
+    print(f"evaluate: confidence ({m['confidence']}) AURC {m['aurc']} [{m['aurc_ci_low']}, "
+          f"{m['aurc_ci_high']}], random {m['aurc_random']}, oracle {m['aurc_optimal']}{flags}")
     if "cv_dice" in m:
         print(f"evaluate: cross-validation Dice {m['cv_dice']} [{m['cv_dice_ci_low']}, "
               f"{m['cv_dice_ci_high']}]; single fold models {m['dice_single_mean']}, ensemble "

@@ -1,5 +1,5 @@
-"""Stage plot: training curves, the per-image Dice distribution, a test montage and the worst
-test cases (and, with folds, the worst out-of-fold cases) as PNGs."""
+"""Stage plot: training curves, the per-image Dice distribution, risk–coverage, a test montage
+and the worst test cases (and, with folds, the worst out-of-fold cases) as PNGs."""
 
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from busiseg.evaluation.plots import (
     plot_cases,
     plot_curves,
     plot_dice_distribution,
+    plot_risk_coverage,
     read_live_runs,
 )
 from busiseg.params import load_params
@@ -36,6 +37,7 @@ def main() -> None:
     test = pd.read_csv("plots/evaluate/per_image.csv", dtype={"case_id": str})
     cv = pd.read_csv("plots/evaluate/cv_per_image.csv", dtype={"case_id": str})
     plot_dice_distribution({"test": test, "out-of-fold": cv}, OUT / "dice_distribution.png")
+    plot_risk_coverage({"test": test, "out-of-fold": cv}, OUT / "risk_coverage.png")
     cache = load_cache("data/cache.npz")
     saved = torch.load("data/predictions.pt", weights_only=True)
     test_cases = saved["test_idx"], saved["pred"]

@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
-    pr.add_argument("--presence-threshold", type=float, default=None,
-                    help="empty the mask of an image whose lesion score is below this")
+    pr.add_argument("--presence-threshold", type=_gate, default=argparse.SUPPRESS,
+                    metavar="P|off",
+                    help="empty the mask of an image whose lesion score is below P; off: no "
+                         "gate (either one replaces the gate of the evaluate file or export)")
+    pr.add_argument("--save-probabilities", action="store_true",
+                    help="also write each image's probability map as NAME_prob.png, 16-bit "
+                         "(p = value / 65535)")
     pr.add_argument("--device", default="cpu",
                     help="auto, cpu, cuda or mps (.pt models; default cpu)")
     pr.add_argument("--mask-marks", action="store_true",
@@ -56,19 +61,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _gate(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor off"
+                                         ) from None
+
+
 def predict(args, parser) -> int:
     from busiseg.inference.predict import predict_paths
     from busiseg.inference.segment import MaskSettings
 
-    flags = (args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
-             or args.presence_threshold is not None)
+    flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
     if args.from_eval and flags:
-        parser.error("--from-eval sets the threshold, --tta, --largest-cc, --fill-holes and "
-                     "--presence-threshold; give either it or them")
+        parser.error("--from-eval sets the threshold, --tta, --largest-cc and --fill-holes; "
+                     "give either it or them")
     if flags:
         settings = MaskSettings(0.5 if args.threshold is None else args.threshold, args.tta,
-                                args.largest_cc, args.fill_holes,
-                                args.presence_threshold).checked("--threshold")
+                                args.largest_cc, args.fill_holes).checked("--threshold")
         source = "options"
     elif args.from_eval or args.model.suffix.lower() != ".onnx":
         path = args.from_eval or EVAL_JSON
@@ -76,7 +89,10 @@ def predict(args, parser) -> int:
     else:
         settings, source = None, f"{args.model} metadata"
     written, failures = predict_paths(args.model, args.inputs, args.out, settings,
-                                      device=args.device, mask_marks=args.mask_marks)
+                                      device=args.device, mask_marks=args.mask_marks,
+                                      presence_threshold=getattr(args, "presence_threshold",
+                                                                 "keep"),
+                                      save_probabilities=args.save_probabilities)
     for f in failures:
         print(f"skipped: {f.path}: {f.reason}", file=sys.stderr)
     print(f"predict: wrote {len(written)} mask(s) and overlay(s) to {args.out} (settings from "

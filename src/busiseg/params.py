@@ -265,9 +265,15 @@ class EvaluateParams:
     # images whose lesion score is below it get an empty mask: off | auto (chosen on held-out
     # data for the best dice_all) | a probability
     presence_threshold: str | float | bool | None = "off"  # false / null: off
+    # the per-image trust score (busiseg.inference.confidence) and the share of images, chosen
+    # on held-out data, whose score is low enough to flag them for review (0 = none)
+    confidence: Literal["entropy", "presence", "combined"] = "entropy"
+    review_fraction: float = 0.0
 
     def check(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
+        _require(0.0 <= self.review_fraction < 1.0, "evaluate.review_fraction",
+                 "must be in [0, 1): the share of images to flag for review (0 = none)")
         if self.presence_threshold is False or self.presence_threshold is None:  # YAML 1.1's off
             object.__setattr__(self, "presence_threshold", "off")
         t = self.presence_threshold

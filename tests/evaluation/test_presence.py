@@ -13,9 +13,11 @@ import torch
 from conftest import run_train, tiny_data, tiny_params, write_png
 from PIL import Image
 
+from busiseg.cli import main
 from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.evaluate import evaluate
+from busiseg.inference.confidence import calibrate
 from busiseg.inference.onnx_model import export_onnx, load_onnx
 from busiseg.inference.predict import predict_paths
 from busiseg.inference.segment import MaskSettings, gate, predict_probabilities
@@ -103,8 +105,17 @@ def test_temperature_scaling_and_the_reliability_table():
     t = presence.fit_temperature(overconfident, labels)
     assert t > 1  # it softens an overconfident score
     ece_raw, _ = presence.reliability(overconfident, labels)
-    ece_cal, table = presence.reliability(presence.calibrate(overconfident, t), labels)
+    ece_cal, table = presence.reliability(calibrate(overconfident, t), labels)
     assert ece_cal < ece_raw and sum(r["images"] for r in table) == 400
+
+
+def test_separable_held_out_scores_do_not_drive_the_temperature_to_certainty():
+    labels = np.r_[np.ones(60, bool), np.zeros(20, bool)]
+    scores = np.where(labels, 0.8, 0.3)  # a perfect ranking on 80 images
+    t = presence.fit_temperature(scores, labels)
+    calibrated = calibrate(scores, t)
+    assert 0.05 < t < 20  # inside the search range, not pinned to its bound
+    assert 0.95 < calibrated[0] < 0.99 and 0.01 < calibrated[-1] < 0.1  # about 61/62 and 1/22
 
 
 def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decision(tmp_path: Path):
@@ -147,7 +158,39 @@ def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decisio
     probe = torch.randn(2, 1, 32, 32)
     got, want = split_output(forward(probe)), split_output(model(probe))
     assert torch.allclose(torch.sigmoid(got[1]), torch.sigmoid(want[1]), atol=1e-4)
-    assert loaded["presence_threshold"] == 0.4
+    assert loaded["presence_threshold"] == 0.4 and loaded["version"] == 2
+
+    # the command line replaces the export's gate, with a number or with off
+    for flag, gate_at in (("1", "1.0"), ("off", "")):
+        out = tmp_path / f"cli-{flag}"
+        assert main(["predict", str(image), "--model", str(onnx_path), "--out", str(out),
+                     "--presence-threshold", flag]) == 0
+        with open(out / "predictions.csv") as fh:
+            row = next(csv.DictReader(fh))
+        assert row["presence_threshold"] == gate_at
+        assert row["lesion"] == "0" or flag == "off"
+
+
+def test_onnx_exports_of_format_version_1_still_load_and_unknown_versions_do_not(tmp_path: Path):
+    import json
+
+    import onnx
+
+    model = build_model("unet", base=4, depth=2).eval()
+    blob = {"model": model.config, "digest": "0" * 64,
+            "preprocess": {"size": 32, "input_mean": 0.5, "input_std": 0.25}}
+    path = tmp_path / "m.onnx"
+    export_onnx(model, blob, MaskSettings(), path)
+    for version, loads in ((1, True), (3, False)):
+        proto = onnx.load(str(path))
+        entry = next(e for e in proto.metadata_props if e.key == "busiseg")
+        entry.value = json.dumps({**json.loads(entry.value), "version": version})
+        onnx.save(proto, str(tmp_path / f"v{version}.onnx"))
+        if loads:
+            assert load_onnx(tmp_path / f"v{version}.onnx")[1]["version"] == 1
+        else:
+            with pytest.raises(BusisegError, match="not a busiseg ONNX export"):
+                load_onnx(tmp_path / f"v{version}.onnx")
 
 
 def test_a_model_file_from_before_the_presence_head_still_loads(tmp_path: Path):

@@ -23,7 +23,7 @@ from conftest import (
 from PIL import Image
 
 from busiseg.data.cache import load_cache
-from busiseg.inference.onnx_model import load_onnx
+from busiseg.inference.onnx_model import load_onnx, settings_of
 from busiseg.inference.segment import MaskSettings, binarize, probabilities
 from busiseg.modeling.model_file import load_model
 
@@ -48,7 +48,7 @@ def test_repro_writes_every_output(pipeline):
     for key in ("dice", "iou", "dice_pooled", "iou_pooled", "precision", "recall", "dice_benign",
                 "dice_malignant", "normal_empty_rate", "normal_fp_area", "threshold"):
         assert key in metrics["eval.json"]
-    for name in ("curves.png", "montage.png", "worst.png"):
+    for name in ("curves.png", "montage.png", "worst.png", "risk_coverage.png"):
         assert (repo / "plots" / "figures" / name).stat().st_size > 1000
     assert (repo / "plots" / "evaluate" / "per_image.csv").read_text().startswith(
         "case_id,class,dice,iou,lesion_area,pred_area")
@@ -84,7 +84,8 @@ def _cache_size(repo: Path) -> int:
 
 def test_editing_a_module_marks_exactly_the_stages_that_run_it(pipeline, python_env):
     """dvc status after a one-line edit: the Dice in evaluation/metrics.py picks train's kept
-    epoch and scores evaluate, so both change; data/split.py runs in the split stage alone."""
+    epoch, scores evaluate and draws plot's risk–coverage curve, so all three change;
+    data/split.py runs in the split stage alone."""
     import json
 
     repo, _, _ = pipeline
@@ -94,7 +95,7 @@ def test_editing_a_module_marks_exactly_the_stages_that_run_it(pipeline, python_
 
     assert changed() == set()
     try:
-        for module, stages in (("evaluation/metrics.py", {"train", "evaluate"}),
+        for module, stages in (("evaluation/metrics.py", {"train", "evaluate", "plot"}),
                                ("data/split.py", {"split"})):
             path = repo / "src" / "busiseg" / module
             original = path.read_text()
@@ -139,8 +140,7 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
                str(onnx_path)], repo, python_env)
     forward, meta = load_onnx(onnx_path)
     settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
-    assert MaskSettings(meta["threshold"], meta["tta"], meta["largest_cc"],
-                        meta["fill_holes"]) == settings
+    assert settings_of(meta) == settings  # every setting, the gate and the flag's included
     model, blob = load_model(repo / "models" / "model.pt")
     assert (meta["size"], meta["input_mean"], meta["input_std"]) == (
         blob["preprocess"]["size"], blob["preprocess"]["input_mean"],

@@ -17,7 +17,7 @@ from busiseg.data.cache import load_cache
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds
 from busiseg.evaluation.metrics import bootstrap_ci
 from busiseg.evaluation.plots import read_live_runs
-from busiseg.inference.segment import binarize, lesion_scores, probabilities
+from busiseg.inference.segment import binarize, predict_probabilities, probabilities
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model, save_model
 from busiseg.modeling.registry import build_model
@@ -56,13 +56,13 @@ class MarksItsFold(nn.Module):
 def loaded(members: list[nn.Module], cache_path: Path, split_path: Path) -> Loaded:
     cache = load_cache(cache_path)
 
-    def probs(forward, idx, tta):
-        return probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25, CPU, 4,
-                             tta=tta)[:, 0].numpy()
-
     def predict(forward, idx, tta):
-        prob = probs(forward, idx, tta)
-        return prob, lesion_scores(prob, None)
+        prob, score = predict_probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25,
+                                            CPU, 4, tta=tta)
+        return prob[:, 0].numpy(), score.numpy()
+
+    def probs(forward, idx, tta):
+        return predict(forward, idx, tta)[0]
 
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     return Loaded(FoldEnsemble(members), members, cache, split, probs, predict)
@@ -163,3 +163,18 @@ def test_a_run_killed_in_a_later_fold_retrains_only_that_fold(tmp_path, monkeypa
         pd.testing.assert_frame_equal(curves[name], ref_curves[name])
     # the finished run leaves no member file behind: a later run trains afresh
     assert not list((out / "checkpoints").glob("fold_*.pt"))
+
+
+def test_an_ensembles_lesion_score_is_the_mean_of_its_members_scores():
+    """Without presence heads each member's score is its most confident pixel; the ensemble's
+    must be their mean (what the out-of-fold presence threshold was chosen on), not the maximum
+    of the averaged map, which sits lower."""
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model("unet", base=4, depth=2).eval())
+    images = torch.randint(0, 255, (5, 1, 32, 32), dtype=torch.uint8)
+    singles = [predict_probabilities(m, images, 0.5, 0.25, CPU, 4, tta=True)[1] for m in members]
+    prob, score = predict_probabilities(FoldEnsemble(members), images, 0.5, 0.25, CPU, 4, tta=True)
+    assert torch.allclose(score, torch.stack(singles).mean(0), atol=1e-5)
+    assert (score > prob.flatten(1).amax(1) + 1e-4).any()

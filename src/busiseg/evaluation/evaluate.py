@@ -27,6 +27,8 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.metrics import (
     POPULATION_STATS,
+    aurc,
+    aurc_baselines,
     bootstrap_ci,
     confusion,
     dice_iou,
@@ -36,7 +38,8 @@ from busiseg.evaluation.metrics import (
     rounded,
     summarize,
 )
-from busiseg.inference.segment import binarize, gate, lesion_scores, predict_probabilities
+from busiseg.inference.confidence import calibrate, confidence, flag
+from busiseg.inference.segment import binarize, gate, predict_probabilities
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
 from busiseg.runtime.device import amp_dtype, place
@@ -82,7 +85,7 @@ class Loaded:
     cache: Cache
     split: pd.DataFrame
     probs: Callable[[torch.nn.Module, list[int], bool], np.ndarray]
-    # probability maps and each image's lesion score (lesion_scores), in one forward pass
+    # probability maps and each image's lesion score (segment.lesion_score), in one forward pass
     predict: Callable[[torch.nn.Module, list[int], bool], tuple[np.ndarray, np.ndarray]]
 
     def truth(self, idx: list[int]) -> np.ndarray:
@@ -99,11 +102,10 @@ def load(p: Params, model_path, cache_path, split_path) -> Loaded:
 
     def predict(forward: torch.nn.Module, idx: list[int],
                 tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        prob, pres = predict_probabilities(
+        prob, score = predict_probabilities(
             forward, cache.images[torch.tensor(idx, dtype=torch.long)], pre["input_mean"],
             pre["input_std"], device, p.evaluate.batch_size, dtype, tta=tta)
-        prob = prob[:, 0].numpy()
-        return prob, lesion_scores(prob, None if pres is None else pres.numpy())
+        return prob[:, 0].numpy(), score.numpy().astype(np.float64)
 
     members = list(model.members) if blob.get("members") else []
     return Loaded(model, members, cache, split, lambda f, idx, tta: predict(f, idx, tta)[0],
@@ -164,7 +166,8 @@ def choose(settings: list[Params], probs: dict[bool, np.ndarray],
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
-                    counts: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+                    counts: np.ndarray, scores: np.ndarray, trust: np.ndarray,
+                    flagged: np.ndarray) -> pd.DataFrame:
     dice, iou = dice_iou(counts)
     return pd.DataFrame({
         "case_id": rows["case_id"].tolist(),
@@ -174,6 +177,8 @@ def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
         "lesion_area": true.reshape(len(true), -1).mean(axis=1).round(6),
         "pred_area": pred.reshape(len(pred), -1).mean(axis=1).round(6),
         "image_score": np.round(scores, 6),
+        "confidence": np.round(trust, 6),
+        "flagged": np.asarray(flagged, dtype=int),
     })
 
 
@@ -201,6 +206,62 @@ def presence_choice(p: Params, masks: np.ndarray, truth: np.ndarray,
     return presence.setting(p.evaluate.presence_threshold)
 
 
+def trust_of(p: Params, probs: np.ndarray, scores: np.ndarray, temperature: float,
+             threshold: float) -> np.ndarray:
+    """Each image's confidence (evaluate.confidence), as `busiseg predict` computes it."""
+    return confidence(probs, calibrate(scores, temperature), threshold, p.evaluate.confidence)
+
+
+def review_choice(p: Params, trust: np.ndarray) -> float | None:
+    """evaluate.review_fraction: the confidence below which that share of these held-out images
+    falls (None: flag nothing)."""
+    fraction = p.evaluate.review_fraction
+    if fraction <= 0 or not len(trust):
+        return None
+    return float(np.sort(trust)[min(len(trust) - 1, int(round(fraction * len(trust))))])
+
+
+def _kept(rows: np.ndarray) -> float:
+    keep = rows[:, 2] == 0
+    return float(rows[keep, 0].mean()) if keep.any() else float("nan")
+
+
+def _flagged(rows: np.ndarray) -> float:
+    flagged = rows[:, 2] == 1
+    return float(rows[flagged, 0].mean()) if flagged.any() else float("nan")
+
+
+def _kept_gain(rows: np.ndarray) -> float:
+    return _kept(rows) - float(rows[:, 0].mean())
+
+
+TRUST_STATS = {  # key -> statistic of rows (per-image Dice over all images, confidence, flag)
+    "aurc": lambda r: aurc(1 - r[:, 0], r[:, 1]),
+    "dice_kept": _kept,
+    "dice_flagged": _flagged,
+    "dice_kept_gain": _kept_gain,
+}
+
+
+def trust_figures(p: Params, counts: np.ndarray, trust: np.ndarray, flagged: np.ndarray,
+                  prefix: str = "") -> dict:
+    """How well the confidence ranks the predictions: the area under the risk–coverage curve
+    (risk = 1 − per-image Dice, every image, normals scored as in dice_all) beside its random
+    and oracle values; with a review threshold, the Dice of the kept and the flagged images and
+    what flagging gains the kept ones, each with its 95 % interval. Out of fold each fold is
+    flagged at the threshold chosen on the other folds."""
+    rows = np.column_stack([population_rows(counts)[:, 0], trust, flagged])
+    flagging = p.evaluate.review_fraction > 0
+    keys = ["aurc", *(["dice_kept", "dice_flagged", "dice_kept_gain"] if flagging else [])]
+    out = aurc_baselines(1 - rows[:, 0])
+    for key in keys:
+        out[key] = TRUST_STATS[key](rows) if len(rows) else float("nan")
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = interval(p, rows, TRUST_STATS[key])
+    if flagging:
+        out["flagged_fraction"] = float(np.mean(flagged)) if len(flagged) else float("nan")
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
 def has_lesion(truth: np.ndarray) -> np.ndarray:
     return truth.reshape(len(truth), -1).any(axis=1)
 
@@ -226,22 +287,27 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     va_prob, va_scores = va[q.evaluate.tta]
     gate_at = presence_choice(p, binarize_as(va_prob, threshold, q), va_true, va_scores)
     temperature = presence.fit_temperature(va_scores, has_lesion(va_true))
-    result = score_test(p, m, q, threshold, val_dice, gate_at, temperature)
+    review_at = review_choice(p, trust_of(p, va_prob, va_scores, temperature, threshold))
+    result = score_test(p, m, q, threshold, val_dice, gate_at, temperature, review_at)
     result["threshold_sweep"] = sweep
     return result
 
 
 def score_test(p: Params, m: Loaded, q: Params, threshold: float, val_dice: float,
-               presence_threshold: float | None = None, temperature: float = 1.0) -> dict:
+               presence_threshold: float | None = None, temperature: float = 1.0,
+               review_at: float | None = None) -> dict:
     """The model file's model on the test split with the chosen setting (pixel threshold,
-    pieces, presence threshold), its 95 % intervals, and the calibration of its lesion score
-    (temperature fitted on held-out data)."""
+    pieces, presence threshold), its 95 % intervals, the calibration of its lesion score
+    (temperature fitted on held-out data), and how well each image's confidence tells good
+    predictions from bad (the review threshold chosen on held-out data)."""
     te_idx, te_rows = _subset(m.cache, m.split, "test")
     te_true = m.truth(te_idx)
     te_prob, scores = m.predict(m.model, te_idx, q.evaluate.tta)
     te_pred = gate(binarize_as(te_prob, threshold, q), scores, presence_threshold)
     metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
-    ece, table = presence.reliability(presence.calibrate(scores, temperature), has_lesion(te_true))
+    ece, table = presence.reliability(calibrate(scores, temperature), has_lesion(te_true))
+    trust = trust_of(p, te_prob, scores, temperature, threshold)
+    flagged = flag(trust, review_at)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     metrics = rounded({
         **metrics,
@@ -252,13 +318,17 @@ def score_test(p: Params, m: Loaded, q: Params, threshold: float, val_dice: floa
         "presence_threshold": presence_threshold,  # null: off
         "presence_temperature": temperature,
         "detect_ece": ece,
+        **trust_figures(p, counts, trust, flagged),
+        "confidence": p.evaluate.confidence,
+        "review_threshold": review_at,  # null: nothing flagged
         "val_dice": val_dice,
         "n_test": len(te_idx),
         # what was applied to test (0/1), which select_on_val may have narrowed from the params
         **{f"used_{k}": int(getattr(q.evaluate, k)) for k in PIECES},
     })
     return {"metrics": metrics,
-            "per_image": per_image_table(te_rows, te_pred, te_true, counts, scores),
+            "per_image": per_image_table(te_rows, te_pred, te_true, counts, scores, trust,
+                                         flagged),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
             "test_rows": te_rows, "reliability": table}
 
@@ -285,6 +355,7 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
     # (and the presence threshold and the score's temperature, chosen there the same way)
     cv_pred = np.zeros_like(oof_true)
     cv_scores, cv_calibrated = np.zeros(len(cv_pred)), np.zeros(len(cv_pred))
+    cv_trust, cv_flagged = np.zeros(len(cv_pred)), np.zeros(len(cv_pred), dtype=bool)
     for k in range(len(m.members)):
         mine, rest = fold == k, fold != k
         qk, _, tk, _ = choose(settings, {t: v[rest] for t, v in oof_prob.items()}, oof_true[rest])
@@ -292,8 +363,11 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
         gate_k = presence_choice(p, binarize_as(prob[rest], tk, qk), oof_true[rest], scores[rest])
         cv_pred[mine] = gate(binarize_as(prob[mine], tk, qk), scores[mine], gate_k)
         cv_scores[mine] = scores[mine]
-        cv_calibrated[mine] = presence.calibrate(
-            scores[mine], presence.fit_temperature(scores[rest], labels[rest]))
+        t_k = presence.fit_temperature(scores[rest], labels[rest])
+        cv_calibrated[mine] = calibrate(scores[mine], t_k)
+        cv_trust[mine] = trust_of(p, prob[mine], scores[mine], t_k, tk)
+        cv_flagged[mine] = flag(cv_trust[mine], review_choice(
+            p, trust_of(p, prob[rest], scores[rest], t_k, tk)))
     cv_ece, cv_table_reliability = presence.reliability(cv_calibrated, labels)
     cv_metrics, cv_counts = summarize(cv_pred, oof_true, cv_rows["class"].tolist(), cv_scores)
     cv_low, cv_high = interval(p, lesion_dice_per_image(cv_counts)[:, None], mean_of_first)
@@ -303,7 +377,8 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
     prob, scores = oof_prob[q.evaluate.tta], oof_scores[q.evaluate.tta]
     gate_at = presence_choice(p, binarize_as(prob, threshold, q), oof_true, scores)
     temperature = presence.fit_temperature(scores, labels)
-    result = score_test(p, m, q, threshold, oof_dice, gate_at, temperature)
+    review_at = review_choice(p, trust_of(p, prob, scores, temperature, threshold))
+    result = score_test(p, m, q, threshold, oof_dice, gate_at, temperature, review_at)
     te_idx, te_true = result["test_idx"], result["test_true"]
     classes = result["test_rows"]["class"].tolist()
     singles = []
@@ -322,6 +397,7 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
         "cv_dice_ci_high": cv_high,
         **population_intervals(p, cv_counts, cv_scores, "cv_"),
         "cv_detect_ece": cv_ece,
+        **trust_figures(p, cv_counts, cv_trust, cv_flagged, "cv_"),
         "dice_single_mean": single_mean,
         **{f"dice_single_{k}": float(s.mean()) if len(s) else float("nan")
            for k, s in enumerate(singles)},
@@ -330,7 +406,8 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
         "dice_ensemble_gain_ci_high": gain_high,
     }
     result["metrics"].update(rounded(extra))
-    cv_table = per_image_table(cv_rows, cv_pred, oof_true, cv_counts, cv_scores)
+    cv_table = per_image_table(cv_rows, cv_pred, oof_true, cv_counts, cv_scores, cv_trust,
+                               cv_flagged)
     cv_table.insert(2, "fold", fold)
     result.update(threshold_sweep=sweep, cv_per_image=cv_table, cv_pred=cv_pred, cv_idx=oof_idx,
                   reliability=cv_table_reliability)  # out of fold: the calibration to trust

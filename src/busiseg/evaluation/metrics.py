@@ -168,3 +168,35 @@ def bootstrap_ci(rows: np.ndarray, stat, n_boot: int = 1000, seed: int = 0,
         return float("nan"), float("nan")
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def risk_coverage(risk: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage k/n and the mean risk of the k most confident images, k = 1..n. Images with equal
+    confidence cannot be told apart, so each tied group contributes its mean risk (the expected
+    curve over every order of the ties), never the order they happen to be listed in."""
+    risk, conf = np.asarray(risk, dtype=np.float64), np.asarray(confidence, dtype=np.float64)
+    n = len(risk)
+    if n == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(-conf, kind="stable")
+    risk, conf = risk[order], conf[order]
+    _, start, counts = np.unique(-conf, return_index=True, return_counts=True)
+    group_mean = np.add.reduceat(risk, start) / counts
+    smoothed = np.repeat(group_mean, counts)
+    k = np.arange(1, n + 1)
+    return k / n, np.cumsum(smoothed) / k
+
+
+def aurc(risk: np.ndarray, confidence: np.ndarray) -> float:
+    """Area under the risk–coverage curve (the mean selective risk over coverages 1/n..1): low
+    when the confident images are the good ones. Risk is 1 − per-image Dice, all images."""
+    return float(risk_coverage(risk, confidence)[1].mean()) if len(risk) else float("nan")
+
+
+def aurc_baselines(risk: np.ndarray) -> dict:
+    """What `aurc` means: a random order scores the mean risk, an oracle that ranks by the risk
+    itself the least any score can."""
+    risk = np.asarray(risk, dtype=np.float64)
+    if not len(risk):
+        return {"aurc_random": float("nan"), "aurc_optimal": float("nan")}
+    return {"aurc_random": float(risk.mean()), "aurc_optimal": aurc(risk, -risk)}

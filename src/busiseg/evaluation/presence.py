@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from busiseg.evaluation.metrics import confusion, dice_iou
+from busiseg.inference.confidence import logit
 from busiseg.inference.segment import gate
 
 GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate presence thresholds
@@ -39,16 +40,16 @@ def choose_threshold(masks: np.ndarray, truth: np.ndarray, scores: np.ndarray) -
     return best
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
-
-
 def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature scaling: the T minimising the log loss of sigmoid(logit(score) / T)."""
-    z, y = _logit(scores), np.asarray(labels, dtype=np.float64)
-    if len(z) == 0 or y.min() == y.max():
+    """Temperature scaling: the T minimising the log loss of sigmoid(logit(score) / T), against
+    Platt's smoothed targets ((n₊ + 1) / (n₊ + 2) for lesions, 1 / (n₋ + 2) for normals): with
+    hard 0/1 targets, held-out scores that happen to separate the classes drive T towards 0 and
+    every probability to 0 or 1, a certainty no finite sample supports."""
+    z, labels = logit(scores), np.asarray(labels, dtype=bool)
+    if len(z) == 0 or labels.all() or not labels.any():
         return 1.0
+    n1, n0 = int(labels.sum()), int((~labels).sum())
+    y = np.where(labels, (n1 + 1) / (n1 + 2), 1 / (n0 + 2))
 
     def nll(t: float) -> float:
         p = np.clip(1 / (1 + np.exp(-z / t)), 1e-12, 1 - 1e-12)
@@ -58,12 +59,7 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
     t = float(grid[np.argmin([nll(g) for g in grid])])
     for step in (0.5, 0.25, 0.1, 0.05):  # refine around the grid's best, in log space
         t = min((t * np.exp(d) for d in (-step, 0, step)), key=nll)
-    # separable scores drive T to 0 (every probability to 0 or 1): keep it in the grid's range
     return float(np.clip(t, grid[0], grid[-1]))
-
-
-def calibrate(scores: np.ndarray, temperature: float) -> np.ndarray:
-    return 1 / (1 + np.exp(-_logit(scores) / temperature))
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray) -> tuple[float, list[dict]]:

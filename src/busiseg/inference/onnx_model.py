@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from busiseg.errors import BusisegError, first_line
-from busiseg.inference.segment import MaskSettings
+from busiseg.inference.segment import MaskSettings, optional_settings
 from busiseg.modeling.archs import split_output
 from busiseg.modeling.registry import is_smp
 
 OPSET = 18  # the opset the parity tests verify
 FORMAT = "busiseg-onnx"
-VERSION = 1
+VERSION = 2  # 2: a second output, "presence", where the model answers it
+READS = (1, 2)  # the versions this code loads
 METADATA_KEY = "busiseg"
 TOLERANCE = 1e-4  # largest probability difference ONNX Runtime may show against PyTorch
 
@@ -123,7 +124,7 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
     raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
     try:
         meta = json.loads(raw)
-        if meta["format"] != FORMAT or meta["version"] != VERSION:
+        if meta["format"] != FORMAT or meta["version"] not in READS:
             raise ValueError(f"format {meta['format']} version {meta['version']}")
         settings_of(meta).checked(str(path))
         int(meta["size"]), float(meta["input_mean"]), float(meta["input_std"])
@@ -134,6 +135,5 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
 
 
 def settings_of(meta: dict) -> MaskSettings:
-    presence = meta.get("presence_threshold")  # absent in exports from before it existed
     return MaskSettings(float(meta["threshold"]), bool(meta["tta"]), bool(meta["largest_cc"]),
-                        bool(meta["fill_holes"]), None if presence is None else float(presence))
+                        bool(meta["fill_holes"]), **optional_settings(meta))

@@ -4,7 +4,7 @@ and an overlay. The prediction itself is `inference.segment`, the path evaluate 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +94,20 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
                   settings: MaskSettings | None = None, device: str = "cpu",
-                  progress: bool | None = None,
-                  mask_marks: bool = False) -> tuple[list[Path], list[Failure]]:
+                  progress: bool | None = None, mask_marks: bool = False,
+                  presence_threshold: float | None | str = "keep",
+                  save_probabilities: bool = False) -> tuple[list[Path], list[Failure]]:
     """Masks and overlays for every readable input. Without `settings`, an ONNX export's own
-    (evaluate's choice at export time), else the params defaults. `mask_marks`: paint burned-in
-    colour marks over first, as a model trained with data.burned_marks: mask saw its images."""
+    (evaluate's choice at export time), else the params defaults. `presence_threshold` (a number,
+    or None for off) replaces whatever gate those settings carry. `save_probabilities`: each
+    image's probability map beside its mask, as a 16-bit PNG (`save_probability_png`).
+    `mask_marks`: paint burned-in colour marks over first, as a model trained with
+    data.burned_marks: mask saw its images."""
     predictor = load_predictor(model_path, device)
     settings = settings or predictor.own_settings or MaskSettings()
+    if presence_threshold != "keep":
+        settings = replace(settings, presence_threshold=presence_threshold).checked(
+            "--presence-threshold")
     files, failures = collect_inputs(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
@@ -113,15 +120,17 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
         except BusisegError as exc:
             failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
             continue
-        mask, score = segment_with_score(predictor.forward, gray, predictor.size,
-                                         predictor.input_mean, predictor.input_std, settings,
-                                         predictor.device)
+        seg = segment_with_score(predictor.forward, gray, predictor.size, predictor.input_mean,
+                                 predictor.input_std, settings, predictor.device)
         stem = path.stem
-        Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
-        overlay(gray, mask).save(out_dir / f"{stem}_overlay.png")
+        Image.fromarray(seg.mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
+        overlay(gray, seg.mask).save(out_dir / f"{stem}_overlay.png")
+        if save_probabilities:
+            save_probability_png(seg.probability, out_dir / f"{stem}_prob.png")
         written.append(out_dir / f"{stem}_mask.png")
         rows.append({"image": str(path), "mask": f"{stem}_mask.png",
-                     "lesion_score": round(score, 6), "lesion": int(mask.any())})
+                     "lesion_score": round(seg.score, 6), "lesion": int(seg.mask.any()),
+                     "confidence": round(seg.confidence, 6), "flagged": int(seg.flagged)})
     write_scores(out_dir / SCORES, rows, settings)
     return written, failures
 
@@ -132,12 +141,24 @@ SCORES = "predictions.csv"
 def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
     """Beside the masks, per image: its lesion score (the presence head's probability, or the
     most confident pixel for a model without one), the decision (1: a lesion was drawn) and the
-    presence threshold that made it (empty: off)."""
+    presence threshold that made it (empty: off); its confidence (`settings.confidence`), the
+    review flag (1: a reader should look) and the threshold that set it (empty: none)."""
     import csv
 
-    gate_at = "" if settings.presence_threshold is None else settings.presence_threshold
+    def blank(value: float | None) -> float | str:
+        return "" if value is None else value
+
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, ["image", "mask", "lesion_score", "lesion",
-                                     "presence_threshold"], lineterminator="\n")
+                                     "presence_threshold", "confidence", "flagged",
+                                     "review_threshold"], lineterminator="\n")
         writer.writeheader()
-        writer.writerows({**r, "presence_threshold": gate_at} for r in rows)
+        writer.writerows({**r, "presence_threshold": blank(settings.presence_threshold),
+                          "review_threshold": blank(settings.review_threshold)} for r in rows)
+
+
+def save_probability_png(probability: np.ndarray, path: Path) -> None:
+    """A probability map as a 16-bit grey PNG: value = round(p × 65535), so p = value / 65535
+    to within 8e-6, lossless and readable by any image tool (numpy, PIL, ITK, ImageJ)."""
+    scaled = np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16)
+    Image.fromarray(scaled).save(path)

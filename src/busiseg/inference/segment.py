@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from scipy import ndimage
 
 from busiseg.data.images import resize_image
 from busiseg.errors import BusisegError
+from busiseg.inference.confidence import KINDS, calibrate, confidence, flag
 from busiseg.modeling.archs import split_output
 from busiseg.runtime.device import autocast
 
@@ -41,29 +43,38 @@ def input_batches(images: torch.Tensor, mean: float, std: float, device: torch.d
 def predict_probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
                           device: torch.device, batch_size: int,
                           dtype: torch.dtype | None = None, tta: bool = False,
-                          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sigmoid probabilities (float32, CPU, N×1×H×W) and, for a model with a presence head, each
-    image's lesion-presence probability (N); with `tta` both averaged with the prediction of the
-    horizontally flipped image (the map flipped back)."""
+                          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid probabilities (float32, CPU, N×1×H×W) and each image's lesion score (N, see
+    `lesion_score`); with `tta` both averaged with those of the horizontally flipped image (the
+    map flipped back)."""
     if isinstance(forward, torch.nn.Module):
         forward.eval()
-    maps, presences = [], []
+    maps, scores = [], []
     for x in input_batches(images, mean, std, device, batch_size, channels_last):
         with autocast(device, dtype):
-            logits, presence = split_output(forward(x))
-            prob = torch.sigmoid(logits.float())
-            pres = None if presence is None else torch.sigmoid(presence.float()[:, 0])
+            prob, score = lesion_score(forward(x))
             if tta:
-                flipped, flipped_presence = split_output(forward(x.flip(-1)))
-                prob = 0.5 * (prob + torch.sigmoid(flipped.float()).flip(-1))
-                if pres is not None:
-                    pres = 0.5 * (pres + torch.sigmoid(flipped_presence.float()[:, 0]))
+                flipped, flipped_score = lesion_score(forward(x.flip(-1)))
+                prob = 0.5 * (prob + flipped.flip(-1))
+                score = 0.5 * (score + flipped_score)
         maps.append(prob.cpu())
-        if pres is not None:
-            presences.append(pres.cpu())
+        scores.append(score.cpu())
     if not maps:
-        return torch.zeros(0), None
-    return torch.cat(maps), torch.cat(presences) if presences else None
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(maps), torch.cat(scores)
+
+
+def lesion_score(output) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability maps, lesion scores) of one forward pass. The score is how sure the model is
+    that the image holds a lesion, the one number the presence decision thresholds: the presence
+    head's probability, or for a model without one its most confident pixel. Taken per pass and
+    averaged over TTA passes (and, in a fold ensemble, over members), so an ensemble's score is
+    the mean of its members' scores, the same scores its presence threshold was chosen on."""
+    logits, presence = split_output(output)
+    prob = torch.sigmoid(logits.float())
+    if presence is not None:
+        return prob, torch.sigmoid(presence.float()[:, 0])
+    return prob, prob.flatten(1).amax(1)
 
 
 def probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
@@ -72,15 +83,6 @@ def probabilities(forward: Forward, images: torch.Tensor, mean: float, std: floa
     """The probability maps of `predict_probabilities` alone."""
     return predict_probabilities(forward, images, mean, std, device, batch_size, dtype, tta,
                                  channels_last)[0]
-
-
-def lesion_scores(probs: np.ndarray, presence: np.ndarray | None) -> np.ndarray:
-    """How sure the model is that each image holds a lesion, the one score the presence decision
-    thresholds: the presence head's probability, or for a model without one its most confident
-    pixel."""
-    if presence is not None:
-        return np.asarray(presence, dtype=np.float64)
-    return probs.reshape(len(probs), -1).max(axis=1) if len(probs) else np.zeros(0)
 
 
 def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None) -> np.ndarray:
@@ -102,6 +104,11 @@ class MaskSettings:
     largest_cc: bool = False
     fill_holes: bool = False
     presence_threshold: float | None = None  # lesion score below it: empty mask (None: off)
+    # the per-image trust score: its kind, the lesion score's calibration it reads, and the
+    # value below which an image is flagged for review (None: none)
+    confidence: str = "entropy"
+    temperature: float = 1.0
+    review_threshold: float | None = None
 
     @classmethod
     def from_eval(cls, path: str | Path) -> MaskSettings:
@@ -109,11 +116,9 @@ class MaskSettings:
         path = Path(path)
         try:
             m = json.loads(path.read_text())
-            presence = m.get("presence_threshold")  # absent in files from before it existed
             settings = cls(threshold=float(m["threshold"]), tta=bool(m["used_tta"]),
                            largest_cc=bool(m["used_largest_cc"]),
-                           fill_holes=bool(m["used_fill_holes"]),
-                           presence_threshold=None if presence is None else float(presence))
+                           fill_holes=bool(m["used_fill_holes"]), **optional_settings(m))
         except FileNotFoundError:
             raise BusisegError(f"{path}: not found; run `dvc repro evaluate` first, or give "
                                "--threshold") from None
@@ -124,6 +129,11 @@ class MaskSettings:
         return settings.checked(str(path))
 
     def checked(self, source: str) -> MaskSettings:
+        if self.confidence not in KINDS:
+            raise BusisegError(f"{source}: confidence {self.confidence!r} is not one of "
+                               f"{', '.join(KINDS)}")
+        if not self.temperature > 0:
+            raise BusisegError(f"{source}: temperature must be > 0, got {self.temperature}")
         if not 0 < self.threshold < 1:
             raise BusisegError(f"{source}: threshold must be in (0, 1), got {self.threshold}")
         if self.presence_threshold is not None and not 0 <= self.presence_threshold <= 1:
@@ -133,6 +143,20 @@ class MaskSettings:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def optional_settings(m: dict) -> dict:
+    """The settings an evaluate file or export may lack (written before they existed): each
+    absent one keeps its default, which changes nothing (no gate, no flag)."""
+    out = {}
+    for key in ("presence_threshold", "review_threshold"):
+        if m.get(key) is not None:
+            out[key] = float(m[key])
+    if m.get("presence_temperature", m.get("temperature")) is not None:
+        out["temperature"] = float(m.get("presence_temperature", m.get("temperature")))
+    if m.get("confidence") is not None:
+        out["confidence"] = str(m["confidence"])
+    return out
 
 
 def postprocess(mask: np.ndarray, largest_cc: bool, fill_holes: bool) -> np.ndarray:
@@ -159,22 +183,33 @@ def binarize(probs: np.ndarray, threshold: float, largest_cc: bool = False,
 def segment(forward: Forward, gray: np.ndarray, size: int, mean: float, std: float,
             settings: MaskSettings, device: torch.device | None = None) -> np.ndarray:
     """One grey image of any size → bool mask of the same size (see `segment_with_score`)."""
-    return segment_with_score(forward, gray, size, mean, std, settings, device)[0]
+    return segment_with_score(forward, gray, size, mean, std, settings, device).mask
+
+
+class Segmentation(NamedTuple):
+    mask: np.ndarray  # bool, the image's size
+    score: float  # the lesion score the presence threshold gates
+    confidence: float  # how far to trust this prediction (busiseg.inference.confidence)
+    flagged: bool  # confidence below the review threshold: a reader should look
+    probability: np.ndarray  # float32 map, the image's size
 
 
 def segment_with_score(forward: Forward, gray: np.ndarray, size: int, mean: float, std: float,
                        settings: MaskSettings,
-                       device: torch.device | None = None) -> tuple[np.ndarray, float]:
-    """One grey image of any size → bool mask of the same size, and its lesion score. The image
-    is resized to the training size exactly as preprocess resized the training images; the
-    probability map, not the mask, is resized back, so the outline stays smooth. An image whose
-    score is below the presence threshold gets an empty mask."""
+                       device: torch.device | None = None) -> Segmentation:
+    """One grey image of any size → its mask, lesion score, confidence and probability map. The
+    image is resized to the training size exactly as preprocess resized the training images;
+    the probability map, not the mask, is resized back, so the outline stays smooth. An image
+    whose score is below the presence threshold gets an empty mask. The confidence is taken at
+    the training size, as evaluate takes it."""
     small = torch.from_numpy(resize_image(gray, size))[None, None]
     prob, presence = predict_probabilities(forward, small, mean, std,
                                            device or torch.device("cpu"), 1, tta=settings.tta)
-    score = lesion_scores(prob[:, 0].numpy(), None if presence is None else presence.numpy())
+    score = presence.numpy().astype(np.float64)
+    trust = confidence(prob[:, 0].numpy(), calibrate(score, settings.temperature),
+                       settings.threshold, settings.confidence)
     full = torch.nn.functional.interpolate(prob, size=gray.shape, mode="bilinear",
-                                           align_corners=False)
-    mask = binarize(full[:, 0].numpy(), settings.threshold, settings.largest_cc,
-                    settings.fill_holes)
-    return gate(mask, score, settings.presence_threshold)[0], float(score[0])
+                                           align_corners=False)[:, 0].numpy()
+    mask = binarize(full, settings.threshold, settings.largest_cc, settings.fill_holes)
+    return Segmentation(gate(mask, score, settings.presence_threshold)[0], float(score[0]),
+                        float(trust[0]), bool(flag(trust, settings.review_threshold)[0]), full[0])

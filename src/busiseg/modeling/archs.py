@@ -289,7 +289,10 @@ def presence_head(model: nn.Module) -> nn.Module | None:
 class FoldEnsemble(nn.Module):
     """The fold models of a cross-validation run as one model: the mean of the members'
     probabilities, returned as logits, so TTA, evaluate, predict and ONNX export treat it like
-    any single model."""
+    any single model. It always answers "is there a lesion?" too, as the mean of the members'
+    answers: their presence heads', or without heads their most confident pixels' (the score
+    each member's presence threshold was chosen on out of fold; the maximum of the averaged
+    map would sit lower)."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
@@ -300,7 +303,9 @@ class FoldEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [split_output(m(x)) for m in self.members]
         mask = _mean_logit([o[0] for o in outs])
-        return mask if outs[0][1] is None else (mask, _mean_logit([o[1] for o in outs]))
+        if outs[0][1] is None:  # no heads: each member's most confident pixel
+            return mask, _mean_logit([o[0].flatten(1).amax(1, keepdim=True) for o in outs])
+        return mask, _mean_logit([o[1] for o in outs])
 
 
 def _mean_logit(logits: list[torch.Tensor]) -> torch.Tensor:
