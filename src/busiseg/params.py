@@ -58,6 +58,9 @@ class LayoutParams:
     classes_csv: str = ""
     mask_kind: Literal["region", "outline"] = "region"
     ignore: str = ""  # other layouts: comma-separated file-name patterns to ignore, e.g. '*.csv'
+    # a regular expression on the case id whose first group names the patient (or pregnancy):
+    # that patient's cases share one split, e.g. HC18's '^(\d+)_' for 010_, 010_2, 010_3
+    patient_id: str = ""
 
     def check_layout(self, section: str) -> None:
         _require(bool(self.raw_dir.strip()), f"{section}.raw_dir", "must not be empty")
@@ -80,6 +83,15 @@ class LayoutParams:
         _require(self.layout not in ("flat", "per_case") or self.image_name != self.mask_name,
                  f"{section}.mask_name", f"must differ from {section}.image_name when images "
                  "and masks share a folder")
+
+        if self.patient_id:
+            try:
+                groups = re.compile(self.patient_id).groups
+            except re.error as exc:
+                groups = -1
+                _require(False, f"{section}.patient_id", f"is not a regular expression ({exc})")
+            _require(groups >= 1, f"{section}.patient_id", "needs a (group) that captures the "
+                     "patient's part of the case id, e.g. '^(\\d+)_'")
 
     def check(self) -> None:
         """Checked by check_layout, which knows the section's name."""

@@ -14,7 +14,7 @@ from PIL import Image
 
 from busiseg.data.cache import preprocess
 from busiseg.data.demo_layouts import PARAMS, generate_layout_demo
-from busiseg.data.images import load_mask_union
+from busiseg.data.images import close_outline, load_mask_union
 from busiseg.data.ingest import IngestError, ingest
 from busiseg.data.layouts import Layout
 from busiseg.data.manifest import mask_list
@@ -230,3 +230,83 @@ def test_external_problems_name_the_external_params(tmp_path: Path, demos):
         assert "data." not in text.replace(str(demos["flat"]), "")
     finally:
         (demos["flat"] / "notes.txt").unlink()
+
+
+def _ellipse_outline(shape, cy, cx, ry, rx) -> tuple[np.ndarray, np.ndarray]:
+    """(1-px outline, filled region) of an ellipse, both clipped to the frame."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    from scipy.ndimage import binary_erosion
+
+    return inside & ~binary_erosion(inside, border_value=1), inside
+
+
+@pytest.mark.parametrize("centre", [(60, 50), (95, 50), (60, 10), (110, 110)])
+def test_an_outline_cut_by_the_frame_is_closed_along_the_edge(centre):
+    outline, truth = _ellipse_outline((120, 120), *centre, 30, 40)
+    region, how = close_outline(outline)
+    assert how == ("closed" if centre == (60, 50) else "edge")
+    iou = (region & truth).sum() / (region | truth).sum()
+    assert iou > 0.99
+
+
+def test_an_outline_that_encloses_nothing_is_a_named_problem(tmp_path: Path):
+    raw = tmp_path / "hc"
+    gray = np.full((80, 100), 90, np.uint8)
+    cut, _ = _ellipse_outline((80, 100), 75, 50, 20, 30)  # closed by the bottom edge
+    arc = np.zeros((80, 100), bool)
+    arc[40, 10:60] = True  # a stroke: no region on either side
+    for name, mask in (("001_", cut), ("002_", arc), ("003_", _ellipse_outline((80, 100), 40, 50,
+                                                                                15, 20)[0])):
+        write_png(raw / f"{name}HC.png", gray)
+        write_png(raw / f"{name}HC_Annotation.png", mask.astype(np.uint8) * 255)
+    layout = Layout(layout="flat", image_name="{id}HC", mask_name="{id}HC_Annotation",
+                    classes="none", mask_kind="outline")
+    with pytest.raises(IngestError, match="002_HC_Annotation.png: the outline encloses no region"):
+        ingest(raw, workers=1, layout=layout)
+    result = ingest(raw, on_problem="skip", workers=1, layout=layout)
+    m = result.metrics
+    assert m["n_images"] == 2 and m["audit_open_outlines"] == 1 and m["n_problems"] == 1
+    assert {r["case_id"] for r in result.rows} == {"001_", "003_"}
+    assert all(r["class"] == "lesion" for r in result.rows)  # both filled, none left empty
+
+
+HC18 = Path(__file__).resolve().parents[3] / "shared" / "data" / "HC18" / "training_set"
+
+
+@pytest.mark.skipif(not HC18.is_dir(), reason="HC18 not present in ../shared/data")
+def test_every_real_hc18_head_comes_out_filled(tmp_path: Path):
+    layout = Layout(layout="flat", image_name="{id}HC", mask_name="{id}HC_Annotation",
+                    classes="none", mask_kind="outline")
+    result = ingest(HC18, workers=2, layout=layout)
+    m = result.metrics
+    assert m["n_problems"] == 0 and m["n_images"] == m["n_images_lesion"] == len(result.rows)
+    assert m["audit_open_outlines"] >= 1  # 186_: the frame cuts the head
+    preprocess(result.rows, HC18, 64, tmp_path / "c.npz", 2, outline=True)
+    masks = np.load(tmp_path / "c.npz")["masks"]
+    from scipy.ndimage import binary_erosion
+
+    interior = [binary_erosion(m[0]).sum() / max(1, m[0].sum()) for m in masks > 0]
+    assert min(interior) > 0.7  # every head a filled region at the cache size, none a bare curve
+
+
+def test_a_patient_rule_keeps_one_pregnancys_scans_in_one_split_group(tmp_path: Path):
+    raw = tmp_path / "hc"
+    rng = np.random.default_rng(0)
+    outline = _ellipse_outline((64, 64), 32, 32, 12, 16)[0].astype(np.uint8) * 255
+    for name in ("010_", "010_2", "010_3", "011_", "012_"):
+        write_png(raw / f"{name}HC.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+        write_png(raw / f"{name}HC_Annotation.png", outline)
+    layout = Layout(layout="flat", image_name="{id}HC", mask_name="{id}HC_Annotation",
+                    classes="none", mask_kind="outline", patient_id=r"^(\d+)_")
+    rows = pd.DataFrame(ingest(raw, workers=1, layout=layout).rows).set_index("case_id")
+    group = rows["dup_group"]
+    assert group["010_"] == group["010_2"] == group["010_3"]
+    assert len({group["010_"], group["011_"], group["012_"]}) == 3
+
+
+@pytest.mark.parametrize("rule, needle", [("^(\\d+", "not a regular expression"),
+                                          ("^\\d+_", "needs a \\(group\\)")])
+def test_a_bad_patient_rule_is_one_line(rule: str, needle: str):
+    with pytest.raises(BusisegError, match=f"data.patient_id.*{needle}"):
+        parse_params({"data": {"layout": "flat", "patient_id": rule}})

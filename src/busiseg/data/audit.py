@@ -21,7 +21,8 @@ class Finding:
 
     case_id: str
     file: str
-    kind: str  # label_mismatch | cross_class_duplicate | burned_marks | converted | binarised
+    # label_mismatch | cross_class_duplicate | burned_marks | converted | binarised | open_outline
+    kind: str
     detail: str
     action: str = "kept"  # kept | skipped | masked
 
@@ -95,6 +96,7 @@ AUDIT_KINDS = {  # finding kind -> (metrics key, the AuditPolicy field that deci
     "burned_marks": ("audit_burned_marks", "burned_marks"),
     "converted": ("audit_converted_images", None),
     "binarised": ("audit_binarised_masks", None),
+    "open_outline": ("audit_open_outlines", None),  # closed along the image edge
 }
 
 

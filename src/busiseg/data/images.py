@@ -201,10 +201,48 @@ def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None,
 
 
 def fill_outline(mask: np.ndarray) -> np.ndarray:
-    """A closed contour drawn on black (HC18's annotations) -> the region it encloses."""
-    from scipy.ndimage import binary_fill_holes
+    """A contour drawn on black (HC18's annotations) -> the region it encloses (`close_outline`)."""
+    return close_outline(mask)[0]
 
-    return binary_fill_holes(mask)
+
+def close_outline(mask: np.ndarray) -> tuple[np.ndarray, str]:
+    """(region, how) of a contour drawn on black: ``closed`` when it encloses a region by itself;
+    ``edge`` when it runs out of the frame and encloses one only together with the image edge
+    (HC18's heads cut by the frame), closed along the edge; ``empty`` when nothing is drawn (an
+    image without a lesion); ``nothing`` (the curve alone is
+    returned) when neither encloses more than a sliver (`sliver`): an open or scribbled outline,
+    never silently taken as a region.
+
+    Closing along the edge: cut by the frame, the curve splits the rest of the image into
+    pieces; the inside is the piece holding the curve's centroid, which for a convex outline
+    (an ellipse, most lesions) always lies inside, since the convex hull of any arc of a convex
+    curve lies within the region it bounds."""
+    from scipy import ndimage
+
+    curve = np.asarray(mask, dtype=bool)
+    n_curve = int(curve.sum())
+    if n_curve == 0:
+        return curve, "empty"  # no outline drawn: an image without a lesion
+    filled = ndimage.binary_fill_holes(curve)
+    if not sliver(int(filled.sum()) - n_curve, n_curve):
+        return filled, "closed"
+    pieces, n = ndimage.label(~curve)  # 4-connected: an 8-connected 1-px curve separates them
+    if n >= 2:
+        cy, cx = (int(round(v)) for v in ndimage.center_of_mass(curve))
+        if curve[cy, cx]:  # on the curve itself: take the nearest pixel off it
+            _, (iy, ix) = ndimage.distance_transform_edt(curve, return_indices=True)
+            cy, cx = int(iy[cy, cx]), int(ix[cy, cx])
+        inside = pieces == pieces[cy, cx]
+        # the piece must be cut off by the curve, not be the open rest of the image
+        if not sliver(int(inside.sum()), n_curve) and int(inside.sum()) < 0.9 * curve.size:
+            return inside | curve, "edge"
+    return curve, "nothing"
+
+
+def sliver(interior: int, curve: int) -> bool:
+    """Fewer enclosed pixels than a quarter of the curve's: a stroke or a broken curve, not an
+    outline (the smallest lesion outlines drawn 1 px wide enclose about half their length)."""
+    return interior * 4 < curve
 
 
 def resize_image(gray: np.ndarray, size: int) -> np.ndarray:

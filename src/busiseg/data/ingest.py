@@ -28,8 +28,8 @@ from busiseg.data.audit import (
 from busiseg.data.classes import ALL_CLASSES, CLASSES
 from busiseg.data.images import (
     burned_marks,
+    close_outline,
     conversion_note,
-    fill_outline,
     image_to_gray,
     mask_to_bool,
     open_image,
@@ -125,12 +125,20 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
         notes: list[str] = []
         try:
             mask = mask_to_bool(open_image(mp), mp, notes)
-            if outline:
-                mask = fill_outline(mask)
         except BusisegError as exc:
             case.problems.append(Problem(m, "bad_mask", str(exc)))
             continue
         case.notes += [Problem(m, "binarised", note) for note in notes]
+        if outline:
+            mask, how = close_outline(mask)
+            if how == "edge":
+                case.notes.append(Problem(m, "open_outline", "outline runs out of the frame; "
+                                          "closed along the image edge and filled"))
+            elif how == "nothing":
+                case.problems.append(Problem(
+                    m, "unfillable_outline", f"{mp}: the outline encloses no region, not even "
+                    "closed along the image edge (an open or broken curve); redraw it closed"))
+                continue
         if mask.shape != gray.shape:
             case.problems.append(Problem(
                 m, "mask_size", f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "

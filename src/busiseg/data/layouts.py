@@ -198,6 +198,11 @@ def scan(raw: Path, lay: Layout, section: str = "data") -> tuple[list[Found], li
             found += _pair(raw, cls, patient, images, masks, image_rule, mask_rule, lay, trouble)
     if lay.classes == "csv":
         found = _classes_from_csv(raw, lay, found, trouble, section)
+    if lay.patient_id:
+        rule = re.compile(lay.patient_id)
+        for f in found:  # a case id the rule does not match stays a patient of its own
+            if (m := rule.search(f.case_id)) is not None and m.group(1):
+                f.patient = f"{f.patient}/{m.group(1)}" if f.patient else m.group(1)
     return found, troubles, ignored
 
 
