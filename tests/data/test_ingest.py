@@ -285,6 +285,53 @@ def test_sixteen_bit_and_palette_images_are_converted_and_stated(small_busi: Pat
     assert (load_image(b / "benign (3).png") == grey).all()  # a grey palette keeps its values
 
 
+def _modes() -> dict[str, tuple[Image.Image, str | None]]:
+    """Every storage a downloaded image may come in -> (the image, words its note must hold)."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (24, 32), dtype=np.uint8)
+    colour = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    alpha = np.full((24, 32), 255, np.uint8)
+    alpha[0, 0] = 0
+    return {
+        "L": (Image.fromarray(grey), None),
+        "RGB grey": (Image.fromarray(np.stack([grey] * 3, -1)), None),
+        "RGB colour": (Image.fromarray(colour), "colour image"),
+        "LA": (Image.fromarray(np.stack([grey, alpha], -1), "LA"), "alpha channel ignored"),
+        "RGBA opaque": (Image.fromarray(np.stack([grey] * 3 + [alpha * 0 + 255], -1)), None),
+        "1": (Image.fromarray(grey > 127), "read as 0 and 255"),
+        "P": (Image.fromarray(grey).convert("P"), "palette"),
+        "I;16": (Image.fromarray(grey.astype(np.uint16) * 257), "v / 257"),
+        "I small": (Image.fromarray(grey.astype(np.int32) * 257), "v / 257"),
+        "I wide": (Image.fromarray(grey.astype(np.int32) * 1000 - 5000), "own range"),
+        "F unit": (Image.fromarray(grey.astype(np.float32) / 255), "scaled by 255"),
+        "F wide": (Image.fromarray(grey.astype(np.float32) * 3.5 - 100), "own range"),
+        "CMYK": (Image.fromarray(np.stack([grey] * 3, -1)).convert("CMYK"), "CMYK"),
+        "YCbCr": (Image.fromarray(np.stack([grey] * 3, -1)).convert("YCbCr"), "YCbCr"),
+        "HSV": (Image.fromarray(np.stack([grey] * 3, -1)).convert("HSV"), "HSV"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_modes()))
+def test_every_image_mode_is_converted_by_a_stated_rule(name: str):
+    from busiseg.data.images import to_gray
+
+    img, words = _modes()[name]
+    gray, note = to_gray(img, Path(f"{name}.png"))
+    assert gray.dtype == np.uint8 and gray.shape == (24, 32)
+    assert (note is None) if words is None else (words in note)
+    if name not in ("RGB colour", "1", "CMYK", "YCbCr", "HSV"):  # value-preserving rules
+        want = np.asarray(_modes()["L"][0])
+        assert np.abs(gray.astype(int) - want).max() <= 1, name
+
+
+def test_an_image_mode_without_a_rule_is_one_line():
+    from busiseg.data.images import to_gray
+
+    lab = Image.new("LAB", (8, 8))
+    with pytest.raises(BusisegError, match=r"x.png: image mode LAB is not supported; save it"):
+        to_gray(lab, Path("x.png"))
+
+
 def test_audit_report_lists_every_finding(small_busi: Path):
     from busiseg.data.ingest import report_dict
 

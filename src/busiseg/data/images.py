@@ -57,29 +57,66 @@ def open_image(path: Path) -> Image.Image:
 
 
 def image_to_gray(img: Image.Image, path: Path) -> np.ndarray:
-    """Ultrasound is single-channel. RGB copies (some with coloured marks) become luma; palette
-    images go through their RGB colours; 16-bit grey keeps its top 8 bits' worth (v / 257,
-    rounded, so 0 and 65535 stay black and white)."""
-    if img.mode in SIXTEEN_BIT:
-        wide = np.asarray(img, dtype=np.int64)
-        return np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8)
-    if img.mode == "P":
+    """The image as 8-bit grey, by the rules of `to_gray`."""
+    return to_gray(img, path)[0]
+
+
+COLOUR_SHARE = 0.05  # an RGB image with this share of coloured pixels is colour, not grey
+
+
+def to_gray(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
+    """(8-bit grey pixels, what was done to get them). Ultrasound is single-channel; every other
+    storage is converted by one stated rule, or refused with the fix:
+
+    - 8-bit grey: as is;
+    - RGB whose channels agree (BUSI's grey frames stored as RGB; a few coloured marks aside):
+      luma, which is the grey value; colour RGB (≥ 5 % coloured pixels): luma, and said;
+    - an alpha channel: ignored (the image taken as opaque), and said when some pixel is not;
+    - palette: through its RGB colours, then as RGB;
+    - 1-bit: black and white as 0 and 255;
+    - 16-bit, or 32-bit integers within 0–65535: round(v / 257), so 0 and 65535 stay black and
+      white; 32-bit integers outside that range, and floats: their own range [min, max]
+      stretched to 0–255, except floats within [0, 1], scaled by 255;
+    - CMYK, YCbCr, HSV: to RGB by PIL's conversion, then luma;
+    - anything else (LAB, multi-frame oddities): refused."""
+    mode, name = img.mode, _mode_name(img.mode)
+    if mode == "L":
+        return np.asarray(img, dtype=np.uint8), None
+    if mode == "1":
+        return np.asarray(img.convert("L"), dtype=np.uint8), f"{name} image read as 0 and 255"
+    if mode in SIXTEEN_BIT or mode == "F":
+        wide = np.asarray(img, dtype=np.float64)
+        low, high = (float(wide.min()), float(wide.max())) if wide.size else (0.0, 0.0)
+        if mode != "F" and low >= 0 and high <= 65535:
+            gray = np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8)
+            return gray, f"{name} image converted to 8-bit grey as round(v / 257)"
+        if mode == "F" and low >= 0 and high <= 1:
+            return np.rint(wide * 255).astype(np.uint8), f"{name} image in [0, 1] scaled by 255"
+        span = high - low if high > low else 1.0
+        gray = np.clip(np.rint((wide - low) / span * 255), 0, 255).astype(np.uint8)
+        return gray, (f"{name} image stretched from its own range [{low:g}, {high:g}] to "
+                      "0-255")
+    notes = []
+    if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append(f"{name} image read through its RGB colours")
+    elif mode in ("CMYK", "YCbCr", "HSV"):
+        img = img.convert("RGB")
+        notes.append(f"{name} image converted to RGB")
     if img.mode not in IMAGE_MODES:
-        raise BusisegError(f"{path}: image mode {_mode_name(img.mode)} is not supported; "
-                           "save it as 8-bit grayscale or RGB PNG")
-    if img.mode != "L":
-        img = img.convert("L")
-    return np.asarray(img, dtype=np.uint8)
-
-
-def conversion_note(img: Image.Image) -> str | None:
-    """What image_to_gray did to a file that was not 8-bit grey or colour, for the audit."""
-    if img.mode in SIXTEEN_BIT:
-        return f"{_mode_name(img.mode)} image converted to 8-bit grey as round(v / 257)"
-    if img.mode == "P":
-        return "palette (P) image converted to 8-bit grey through its RGB colours (luma)"
-    return None
+        raise BusisegError(f"{path}: image mode {name} is not supported; save it as 8-bit "
+                           "grayscale or RGB PNG")
+    if img.mode in ("RGBA", "LA") and int(np.asarray(img.getchannel("A")).min()) < 255:
+        notes.append("alpha channel ignored (image taken as opaque)")
+    if img.mode in ("RGB", "RGBA"):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+        coloured = float(((rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD).mean())
+        if coloured >= COLOUR_SHARE:
+            notes.append(f"colour image ({coloured:.0%} coloured pixels) reduced to grey luma")
+        elif notes:
+            notes.append("then to grey luma")
+    gray = np.asarray(img.convert("L"), dtype=np.uint8)
+    return gray, "; ".join(notes) if notes else None
 
 
 def mask_to_bool(img: Image.Image, path: Path, notes: list[str] | None = None) -> np.ndarray:
@@ -138,8 +175,9 @@ def _is_lesion(value: np.ndarray, mode: str) -> bool:
 
 
 def _mode_name(mode: str) -> str:
-    names = {"P": "palette (P)", "I;16": "16-bit (I;16)", "I": "32-bit integer (I)",
-             "F": "float (F)", "1": "1-bit (1)", "CMYK": "CMYK"}
+    names = {"P": "palette (P)", "I;16": "16-bit (I;16)", "I;16B": "16-bit (I;16B)",
+             "I;16L": "16-bit (I;16L)", "I": "32-bit integer (I)", "F": "float (F)",
+             "1": "1-bit (1)", "CMYK": "CMYK", "YCbCr": "YCbCr", "HSV": "HSV", "LAB": "LAB"}
     return names.get(mode, mode)
 
 

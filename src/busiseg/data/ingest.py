@@ -29,11 +29,10 @@ from busiseg.data.classes import ALL_CLASSES, CLASSES
 from busiseg.data.images import (
     burned_marks,
     close_outline,
-    conversion_note,
-    image_to_gray,
     mask_to_bool,
     open_image,
     process_map,
+    to_gray,
 )
 from busiseg.data.layouts import Layout, Problem, scan
 from busiseg.data.manifest import MASK_SEP
@@ -107,11 +106,11 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
     path = raw / case.image
     try:
         img = open_image(path)
-        gray = image_to_gray(img, path)
+        gray, note = to_gray(img, path)
     except BusisegError as exc:
         case.problems.append(Problem(case.image, "bad_image", str(exc)))
         return case
-    if (note := conversion_note(img)) is not None:
+    if note is not None:
         case.notes.append(Problem(case.image, "converted", note))
     marks = burned_marks(img)
     case.mark_pixels = 0 if marks is None else int(marks.sum())
