@@ -13,9 +13,11 @@ METRICS = "metrics/ingest.json"
 
 def main() -> None:
     remove_outputs(MANIFEST, REPORT, METRICS)
-    p = load_params().data
+    params = load_params()
+    p, channels = params.data, params.preprocess.channels
     audit = AuditPolicy(p.label_mismatch, p.cross_class_duplicates, p.burned_marks)
-    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit, layout=p)
+    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit, layout=p,
+                    channels=channels)
     write_manifest_rows(MANIFEST, result.rows)
     write_json(REPORT, report_dict(result, p.raw_dir))
     write_json(METRICS, result.metrics)
@@ -24,11 +26,13 @@ def main() -> None:
                         if k.startswith("n_images_") and k != "n_images_in_duplicate_groups")
     print(f"ingest: {m['n_images']} images ({classes}), {m['n_masks']} masks, "
           f"{m['n_duplicate_groups']} duplicate groups")
+    marks = (f"{m['audit_burned_marks']} with burned-in colour marks" if channels == 1 else
+             "colour-mark audit off (preprocess.channels 3: colour is signal)")
     print(f"audit: {m['audit_label_mismatch']} label mismatches, "
-          f"{m['audit_cross_class_duplicates']} images duplicated across classes, "
-          f"{m['audit_burned_marks']} with burned-in colour marks, "
+          f"{m['audit_cross_class_duplicates']} images duplicated across classes, {marks}, "
           f"{m['audit_converted_images']} images converted, {m['audit_binarised_masks']} masks "
-          f"binarised; {m['audit_skipped']} skipped (each named in {REPORT})")
+          f"binarised, {m['audit_open_outlines']} outlines closed along the frame; "
+          f"{m['audit_skipped']} skipped (each named in {REPORT})")
     for problem in result.problems:
         print(f"skipped: {problem.message}")
 

@@ -25,7 +25,8 @@ OUT = Path("plots/figures")
 def draw_cases(cache, table: pd.DataFrame, idx, preds, rows: list[int], out: Path,
                heading: str) -> None:
     idx = torch.tensor(list(idx), dtype=torch.long)
-    images, truths = cache.images[idx][:, 0].numpy(), cache.masks[idx][:, 0].numpy()
+    images, truths = cache.images[idx].numpy(), cache.masks[idx][:, 0].numpy()
+    images = images.transpose(0, 2, 3, 1) if images.shape[1] == 3 else images[:, 0]  # colour
     titles = [f"{table.case_id[i]}\nDice {table.dice[i]:.2f}" for i in rows]
     plot_cases(images[rows], truths[rows], preds.numpy()[rows], titles, out, heading)
 

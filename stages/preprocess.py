@@ -23,7 +23,7 @@ def main() -> None:
     start = time.perf_counter()
     info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE,
                       params.preprocess.workers, params.data.mask_kind == "outline",
-                      params.data.burned_marks == "mask")
+                      params.data.burned_marks == "mask", params.preprocess.channels)
     print(f"preprocess: {info['n_images']} images at {info['size']}x{info['size']} "
           f"in {time.perf_counter() - start:.1f}s -> {CACHE}")
 

@@ -117,10 +117,15 @@ class DataParams(LayoutParams):
 class PreprocessParams:
     size: int = 96
     workers: int = 0  # 0 = one process per core
+    # 1: grey (ultrasound); 3: colour kept end to end (endoscopy, dermoscopy, MRI sequences
+    # stored as RGB), grey files repeated into three channels
+    channels: int = 1
 
     def check(self) -> None:
         _require(32 <= self.size <= 2048, "preprocess.size",
                  f"must be in 32..2048, got {self.size}")
+        _require(self.channels in (1, 3), "preprocess.channels",
+                 f"is {self.channels}; 1 (grey) or 3 (colour)")
         _require(self.workers >= 0, "preprocess.workers", "must be ≥ 0 (0 = all cores)")
 
 
@@ -399,6 +404,9 @@ def parse_params(raw: Any) -> Params:
             raise BusisegError(f"params.yaml: unknown section '{key}'" + _suggest(key, sections))
     built = {name: _build(hints[name], name, raw.get(name)) for name in sections
              if name != "external"}
+    _require(built["preprocess"].channels == 1 or built["data"].burned_marks == "warn",
+             "data.burned_marks", "acts on colour marks burned into grey images; with "
+             "preprocess.channels 3 colour is signal and the audit is off: keep warn")
     return Params(**built, external=_build_external(raw.get("external")))
 
 

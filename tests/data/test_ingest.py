@@ -374,3 +374,32 @@ def test_class_folders_are_read_in_any_case_by_the_one_scanner(small_busi: Path)
     found, problems, _ = scan(small_busi, LayoutParams(layout="flat", classes="folders",
                                                        mask_name="{id}_mask"))
     assert problems == [] and sum(f.cls == "benign" for f in found) == 4
+
+
+@pytest.mark.parametrize("name", list(_modes()))
+def test_three_channel_reading_keeps_colour_and_repeats_grey(name: str):
+    from busiseg.data.images import to_rgb
+
+    img, _ = _modes()[name]
+    rgb, note = to_rgb(img, Path(f"{name}.png"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (24, 32, 3)
+    if name == "RGB colour":
+        assert note is None and (rgb == np.asarray(img)).all()  # colour as it is
+    elif img.mode in ("L", "1", "I;16", "I", "F", "LA"):
+        assert "repeated into 3 channels" in note
+        assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def test_colour_marks_are_not_audited_when_colour_is_the_signal(small_busi: Path):
+    from busiseg.params import parse_params
+
+    b = small_busi / "benign"
+    colour = np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(b / "benign (2).png")
+    grey = ingest(small_busi, workers=1).metrics
+    assert grey["audit_burned_marks"] == 1 and grey["audit_converted_images"] == 1
+    kept = ingest(small_busi, workers=1, channels=3)
+    assert "audit_burned_marks" not in kept.metrics  # not checked, so not reported as 0
+    assert not any(f.kind == "burned_marks" for f in kept.findings)
+    with pytest.raises(BusisegError, match="data.burned_marks.*preprocess.channels 3"):
+        parse_params({"preprocess": {"channels": 3}, "data": {"burned_marks": "mask"}})

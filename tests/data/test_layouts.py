@@ -310,3 +310,27 @@ def test_a_patient_rule_keeps_one_pregnancys_scans_in_one_split_group(tmp_path: 
 def test_a_bad_patient_rule_is_one_line(rule: str, needle: str):
     with pytest.raises(BusisegError, match=f"data.patient_id.*{needle}"):
         parse_params({"data": {"layout": "flat", "patient_id": rule}})
+
+
+def test_a_closed_outline_and_one_cut_by_the_frame_in_one_mask_are_both_filled():
+    inner, inner_truth = _ellipse_outline((120, 120), 40, 40, 15, 20)
+    cut, cut_truth = _ellipse_outline((120, 120), 110, 90, 20, 25)
+    region, how = close_outline(inner | cut)
+    assert how == "edge"
+    truth = inner_truth | cut_truth
+    assert (region & truth).sum() / (region | truth).sum() > 0.99
+
+
+def test_a_patient_rule_joins_but_never_splits_a_per_case_folder(tmp_path: Path):
+    raw = tmp_path / "pc"
+    rng = np.random.default_rng(0)
+    mask = _ellipse_outline((64, 64), 32, 32, 12, 16)[1].astype(np.uint8) * 255
+    for folder, name in (("p1", "a_1"), ("p1", "b_1"), ("p2", "c_1"), ("p3", "a_2")):
+        write_png(raw / folder / f"{name}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+        write_png(raw / folder / f"{name}_mask.png", mask)
+    layout = Layout(layout="per_case", image_name="{id}", mask_name="{id}_mask",
+                    classes="none", patient_id=r"^[^/]+/([a-z])_")
+    group = pd.DataFrame(ingest(raw, workers=1, layout=layout).rows).set_index(
+        "case_id")["dup_group"]
+    assert group["p1/a_1"] == group["p1/b_1"] == group["p3/a_2"]  # folder p1, and id a
+    assert group["p2/c_1"] != group["p1/a_1"]

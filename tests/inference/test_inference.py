@@ -88,7 +88,7 @@ def test_the_model_file_holds_no_evaluation_choice(tmp_path: Path):
     save_model(tmp_path / "m.pt", model.state_dict(), model.config, p, 32)
     blob = torch.load(tmp_path / "m.pt", weights_only=True)
     assert "threshold" not in blob and "evaluate" not in blob["params"]
-    assert blob["preprocess"] == {"size": 32, "input_mean": 0.5, "input_std": 0.25}
+    assert blob["preprocess"] == {"size": 32, "input_mean": 0.5, "input_std": 0.25, "channels": 1}
 
 
 def test_inference_never_imports_training_code():

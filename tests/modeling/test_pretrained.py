@@ -19,7 +19,7 @@ from busiseg.errors import BusisegError
 from busiseg.modeling.archs import SMP_DECODERS, FoldEnsemble
 from busiseg.modeling.model_file import load_model, model_kwargs, save_model
 from busiseg.modeling.pretrained import (
-    IMAGENET,
+    IMAGENET_RGB,
     LITE0,
     LITE0_SHA256,
     bundled_lite0_path,
@@ -223,11 +223,16 @@ def test_normalisation_follows_the_encoder_pretraining() -> None:
     assert norm() == (0.5, 0.25)  # the zoo: params
     assert norm(arch="smp_unet") == (0.5, 0.5)  # TensorFlow's [-1, 1], from timm's config
     assert norm(arch="smp_unet", encoder="timm-tf_efficientnet_lite0") == (0.5, 0.5)
-    assert norm(arch="smp_unet", encoder="resnet18") == IMAGENET
-    assert norm(arch="smp_unet", encoder="tu-resnet18") == IMAGENET
+    assert norm(arch="smp_unet", encoder="resnet18") == (0.449, 0.226)
+    assert norm(arch="smp_unet", encoder="tu-resnet18") == (0.449, 0.226)
     assert norm(arch="smp_unet", encoder="tu-tf_efficientnet_b0.ap_in1k") == (0.5, 0.5)
-    assert norm(arch="smp_unet", encoder="tu-inception_next_tiny") == IMAGENET
+    assert norm(arch="smp_unet", encoder="tu-inception_next_tiny") == (0.449, 0.226)
     assert norm(arch="smp_unet", encoder_weights="none") == (0.5, 0.25)
+    # grey input: the means of the RGB statistics; colour input: the statistics per channel
+    assert tuple(round(sum(v) / 3, 4) for v in IMAGENET_RGB) == (0.449, 0.226)
+    rgb = input_normalisation(parse_params({"model": {"arch": "smp_unet",
+                                                      "encoder": "resnet18"}}).model, 3)
+    assert rgb == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
 # ---- trained models ---------------------------------------------------------------------------

@@ -24,28 +24,30 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return resize_image(image, size), (m >= 128).astype(np.uint8)
 
 
-def _one(args: tuple[str, str, list[str], int, bool, bool]) -> tuple[np.ndarray, np.ndarray]:
-    raw, image, masks, size, outline, mask_marks = args
+def _one(args: tuple[str, str, list[str], int, bool, bool, int]) -> tuple[np.ndarray, np.ndarray]:
+    raw, image, masks, size, outline, mask_marks, channels = args
     root = Path(raw)
-    gray = load_image(root / image, mask_marks)
-    union = load_mask_union([root / m for m in masks], gray.shape, outline)
-    return resize_pair(gray, union, size)
+    pixels = load_image(root / image, mask_marks, channels)
+    union = load_mask_union([root / m for m in masks], pixels.shape[:2], outline)
+    return resize_pair(pixels, union, size)
 
 
 def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
-               workers: int = 0, outline: bool = False, mask_marks: bool = False) -> dict:
+               workers: int = 0, outline: bool = False, mask_marks: bool = False,
+               channels: int = 1) -> dict:
     """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns;
     `outline`: masks are closed contours to fill (data.mask_kind: outline); `mask_marks`: paint
-    burned-in colour marks over (data.burned_marks: mask)."""
+    burned-in colour marks over (data.burned_marks: mask); `channels`: 1 grey, 3 colour
+    (preprocess.channels), the images' second axis."""
     if hasattr(manifest, "to_dict"):
         manifest = manifest.to_dict("records")
     n = len(manifest)
-    images = np.zeros((n, 1, size, size), dtype=np.uint8)
+    images = np.zeros((n, channels, size, size), dtype=np.uint8)
     masks = np.zeros((n, 1, size, size), dtype=np.uint8)
-    jobs = [(str(raw_dir), r["image"], mask_list(r), size, outline, mask_marks)
+    jobs = [(str(raw_dir), r["image"], mask_list(r), size, outline, mask_marks, channels)
             for r in manifest]
     for i, (img, m) in enumerate(process_map(_one, jobs, workers)):
-        images[i, 0], masks[i, 0] = img, m
+        images[i], masks[i, 0] = img.transpose(2, 0, 1) if img.ndim == 3 else img, m
     save_cache(out_path, images, masks, [str(r["case_id"]) for r in manifest],
                [str(r["class"]) for r in manifest])
     lesion = masks.reshape(n, -1).mean(axis=1)
@@ -64,7 +66,7 @@ def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
 class Cache:
     """Images and union masks resized to one size, aligned with the manifest order."""
 
-    images: object  # torch.uint8 N×1×S×S
+    images: object  # torch.uint8 N×C×S×S (C: preprocess.channels)
     masks: object  # torch.uint8 N×1×S×S, values 0/1
     case_ids: list[str]
 
@@ -93,8 +95,8 @@ def save_cache(path: str | Path, images: np.ndarray, masks: np.ndarray, case_ids
 
 
 def load_cache(path: str | Path, size: int | None = None) -> Cache:
-    """Tensors for training: uint8 N×1×S×S images and masks, in manifest order. With `size`, a
-    cache of another size is refused: one restored stale would train silently on it."""
+    """Tensors for training: uint8 N×C×S×S images and N×1×S×S masks, in manifest order. With
+    `size`, a cache of another size is refused: one restored stale would train silently on it."""
     import torch
 
     path = Path(path)

@@ -6,7 +6,10 @@ layout:
   `classes.csv`;
 - `flat`: HC18 style, `001_HC.png` beside `001_HC_Annotation.png`, masks drawn as outlines, no
   classes (lesion or normal from the mask);
-- `per_case`: LGG style, one folder per patient holding `P_1.tif` and `P_1_mask.tif`, no classes.
+- `per_case`: LGG style, one folder per patient holding `P_1.tif` and `P_1_mask.tif`, no classes;
+- `per_case_rgb`: the same with three "sequences" stored as the RGB channels of each TIFF, as the
+  LGG download stores them: the lesion stands out in one channel only, so the colour carries the
+  signal and it is read with `preprocess.channels: 3`.
 
     uv run python -m busiseg.data.demo_layouts flat data/demo_flat   # prints the params to use
 """
@@ -35,7 +38,10 @@ PARAMS = {  # the data.* params that read each layout
              "classes": "none", "mask_kind": "outline"},
     "per_case": {"layout": "per_case", "image_name": "{id}", "mask_name": "{id}_mask",
                  "classes": "none"},
+    "per_case_rgb": {"layout": "per_case", "image_name": "{id}", "mask_name": "{id}_mask",
+                     "classes": "none"},
 }
+CHANNELS = {"per_case_rgb": 3}  # preprocess.channels where it is not 1
 
 
 def generate_layout_demo(out_dir: str | Path, layout: str, n_benign: int = 12,
@@ -78,8 +84,16 @@ def _write(out: Path, layout: str, i: int, cls: str, gray: np.ndarray, mask: np.
         patient = f"patient_{(i - 1) // 3 + 1:02d}"  # three frames per patient
         folder = out / patient
         folder.mkdir(exist_ok=True)
-        Image.fromarray(gray).save(folder / f"{patient}_{i}.tif")
+        pixels = _sequences(gray, mask) if layout == "per_case_rgb" else gray
+        Image.fromarray(pixels).save(folder / f"{patient}_{i}.tif")
         binary.save(folder / f"{patient}_{i}_mask.tif")
+
+
+def _sequences(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Three co-registered "sequences" as RGB: the frame, its negative, and one where the lesion
+    is bright against the rest (as FLAIR shows a glioma), so no grey mix keeps all three."""
+    flair = np.where(mask, 200, gray // 3).astype(np.uint8)
+    return np.stack([gray, 255 - gray, flair], axis=-1)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -100,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     params = generate_layout_demo(args[1], args[0])
     flags = " ".join(f"-S \"data.{k}='{v}'\"" if "{" in v else f"-S data.{k}={v}"
                      for k, v in params.items())
+    if args[0] in CHANNELS:
+        flags += f" -S preprocess.channels={CHANNELS[args[0]]}"
     print(f"wrote {args[1]}; run it with:\n  uv run dvc exp run -S data.raw_dir={args[1]} {flags}")
 
 

@@ -181,13 +181,40 @@ def _mode_name(mode: str) -> str:
     return names.get(mode, mode)
 
 
-def load_image(path: Path, mask_marks: bool = False) -> np.ndarray:
-    """8-bit grey; with `mask_marks` (data.burned_marks: mask), burned-in colour marks painted
-    over with the mean of the unmarked pixels around them."""
+def load_image(path: Path, mask_marks: bool = False, channels: int = 1) -> np.ndarray:
+    """8-bit grey (H×W); with `mask_marks` (data.burned_marks: mask), burned-in colour marks
+    painted over with the mean of the unmarked pixels around them. With `channels` 3, 8-bit
+    colour (H×W×3, `to_rgb`)."""
     img = open_image(path)
+    if channels == 3:
+        return to_rgb(img, path)[0]
     gray = image_to_gray(img, path)
     marks = burned_marks(img) if mask_marks else None
     return gray if marks is None else paint_over(gray, marks)
+
+
+def to_rgb(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
+    """(8-bit H×W×3 pixels, what was done) for preprocess.channels 3: RGB as is; palette, CMYK,
+    YCbCr and HSV through PIL's conversion to RGB; an alpha channel ignored (said when some
+    pixel is not opaque); every grey storage converted by `to_gray`'s rule, then repeated into
+    the three channels."""
+    name = _mode_name(img.mode)
+    notes = []
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        notes.append(f"{name} image read through its RGB colours")
+    elif img.mode in ("CMYK", "YCbCr", "HSV"):
+        img = img.convert("RGB")
+        notes.append(f"{name} image converted to RGB")
+    if img.mode in ("RGB", "RGBA"):
+        if img.mode == "RGBA" and int(np.asarray(img.getchannel("A")).min()) < 255:
+            notes.append("alpha channel ignored (image taken as opaque)")
+        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return rgb, "; ".join(notes) if notes else None
+    gray, note = to_gray(img, path)
+    notes = [note] if note else []
+    notes.append("grey image repeated into 3 channels")
+    return np.repeat(gray[..., None], 3, axis=-1), "; ".join(notes)
 
 
 def burned_marks(img: Image.Image) -> np.ndarray | None:
@@ -244,23 +271,36 @@ def fill_outline(mask: np.ndarray) -> np.ndarray:
 
 
 def close_outline(mask: np.ndarray) -> tuple[np.ndarray, str]:
-    """(region, how) of a contour drawn on black: ``closed`` when it encloses a region by itself;
-    ``edge`` when it runs out of the frame and encloses one only together with the image edge
-    (HC18's heads cut by the frame), closed along the edge; ``empty`` when nothing is drawn (an
-    image without a lesion); ``nothing`` (the curve alone is
-    returned) when neither encloses more than a sliver (`sliver`): an open or scribbled outline,
-    never silently taken as a region.
-
-    Closing along the edge: cut by the frame, the curve splits the rest of the image into
-    pieces; the inside is the piece holding the curve's centroid, which for a convex outline
-    (an ellipse, most lesions) always lies inside, since the convex hull of any arc of a convex
-    curve lies within the region it bounds."""
+    """(region, how) of the contours drawn on black, each curve (8-connected piece) on its own:
+    ``closed`` when every curve encloses a region by itself; ``edge`` when some curve runs out
+    of the frame and encloses one only together with the image edge (HC18's heads cut by the
+    frame), closed along the edge; ``empty`` when nothing is drawn (an image without a lesion);
+    ``nothing`` (the curves alone are returned) when some curve encloses no more than a sliver
+    either way (`sliver`): an open or scribbled outline, never silently taken as a region."""
     from scipy import ndimage
 
     curve = np.asarray(mask, dtype=bool)
-    n_curve = int(curve.sum())
-    if n_curve == 0:
+    if not curve.any():
         return curve, "empty"  # no outline drawn: an image without a lesion
+    pieces, n = ndimage.label(curve, structure=np.ones((3, 3), bool))
+    region, hows = np.zeros_like(curve), set()
+    for k in range(1, n + 1):
+        filled, how = _close_one(pieces == k)
+        region |= filled
+        hows.add(how)
+    if "nothing" in hows:
+        return curve, "nothing"
+    return region, "edge" if "edge" in hows else "closed"
+
+
+def _close_one(curve: np.ndarray) -> tuple[np.ndarray, str]:
+    """One connected curve. Closing along the edge: cut by the frame, the curve splits the rest
+    of the image into pieces; the inside is the piece holding the curve's centroid, which for a
+    convex outline (an ellipse, most lesions) always lies inside, since the convex hull of any
+    arc of a convex curve lies within the region it bounds."""
+    from scipy import ndimage
+
+    n_curve = int(curve.sum())
     filled = ndimage.binary_fill_holes(curve)
     if not sliver(int(filled.sum()) - n_curve, n_curve):
         return filled, "closed"

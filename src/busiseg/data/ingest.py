@@ -33,8 +33,9 @@ from busiseg.data.images import (
     open_image,
     process_map,
     to_gray,
+    to_rgb,
 )
-from busiseg.data.layouts import Layout, Problem, scan
+from busiseg.data.layouts import PATIENT_SEP, Layout, Problem, scan
 from busiseg.data.manifest import MASK_SEP
 from busiseg.errors import BusisegError
 
@@ -101,18 +102,21 @@ def _flag_duplicate_ids(raw: Path, cases: list[Case]) -> None:
         seen.setdefault(c.case_id, c)
 
 
-def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
-    """Decode the image and all its masks; record sizes and hashes, or the problems found."""
+def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1) -> Case:
+    """Decode the image and all its masks; record sizes and hashes, or the problems found. With
+    3 channels the conversion stated is to colour, and colour is signal, not a burned-in mark."""
     path = raw / case.image
     try:
         img = open_image(path)
         gray, note = to_gray(img, path)
+        if channels == 3:
+            note = to_rgb(img, path)[1]
     except BusisegError as exc:
         case.problems.append(Problem(case.image, "bad_image", str(exc)))
         return case
     if note is not None:
         case.notes.append(Problem(case.image, "converted", note))
-    marks = burned_marks(img)
+    marks = burned_marks(img) if channels == 1 else None
     case.mark_pixels = 0 if marks is None else int(marks.sum())
     union = np.zeros(gray.shape, dtype=bool)
     case.height, case.width = gray.shape
@@ -150,8 +154,11 @@ def _check_case(raw: Path, case: Case, outline: bool = False) -> Case:
 
 def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
            workers: int = 0, audit: AuditPolicy | None = None,
-           layout: Layout | None = None, section: str = "data") -> IngestResult:
-    """`section` names the params in messages: data, or external.NAME for an external set."""
+           layout: Layout | None = None, section: str = "data",
+           channels: int = 1) -> IngestResult:
+    """`section` names the params in messages: data, or external.NAME for an external set;
+    `channels` is preprocess.channels (3: the colour-mark audit is off, `audit_burned_marks`
+    absent from the metrics)."""
     audit, layout = audit or AuditPolicy(), layout or Layout()
     raw = Path(raw_dir)
     key = f"{section}.raw_dir"
@@ -165,8 +172,8 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
     found, problems, ignored = scan(raw, layout, section)
     cases = [Case(f.case_id, f.cls, f.image, f.masks, patient=f.patient) for f in found]
     _flag_duplicate_ids(raw, cases)
-    cases = process_map(partial(_check_case, raw, outline=layout.mask_kind == "outline"), cases,
-                        workers, chunksize=16)
+    cases = process_map(partial(_check_case, raw, outline=layout.mask_kind == "outline",
+                                channels=channels), cases, workers, chunksize=16)
     for c in cases:
         problems.extend(c.problems)
         if not c.cls:  # data.classes: none
@@ -201,6 +208,8 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
         "n_images_in_duplicate_groups": sum(len(g["cases"]) for g in groups),
         **audit_counts(findings),
     }
+    if channels == 3:  # not measured: saying 0 would claim the images were checked
+        del metrics["audit_burned_marks"]
     return IngestResult(rows, problems, ignored, groups, metrics, findings)
 
 
@@ -218,8 +227,8 @@ def _join_patients(cases: list[Case], groups_of: list[int]) -> list[int]:
 
     first_of: dict[str, int] = {}
     for c, g in zip(cases, groups_of):
-        if c.patient:
-            root, other = find(g), find(first_of.setdefault(c.patient, g))
+        for key in filter(None, c.patient.split(PATIENT_SEP)):  # folder, data.patient_id group
+            root, other = find(g), find(first_of.setdefault(key, g))
             if root != other:
                 parent[max(root, other)] = min(root, other)
     roots = [find(g) for g in groups_of]

@@ -28,6 +28,7 @@ from busiseg.data.classes import CLASSES
 from busiseg.errors import BusisegError
 from busiseg.params import LayoutParams as Layout
 
+PATIENT_SEP = "\x1f"  # between a case's patient keys: its folder, its data.patient_id group
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OS_CLUTTER = {".ds_store", "thumbs.db", "desktop.ini"}  # listed as ignored, never a problem
 
@@ -202,7 +203,8 @@ def scan(raw: Path, lay: Layout, section: str = "data") -> tuple[list[Found], li
         rule = re.compile(lay.patient_id)
         for f in found:  # a case id the rule does not match stays a patient of its own
             if (m := rule.search(f.case_id)) is not None and m.group(1):
-                f.patient = f"{f.patient}/{m.group(1)}" if f.patient else m.group(1)
+                key = f"id:{m.group(1)}"  # joined with the folder's key, never replacing it
+                f.patient = f"{f.patient}{PATIENT_SEP}{key}" if f.patient else key
     return found, troubles, ignored
 
 

@@ -31,23 +31,26 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
         raise BusisegError(f"params.yaml has no external.{name} (external datasets: {known})")
     ext = p.external[name]
     chosen = _chosen(Path(eval_path))
-    size = load_model(model_path)[1]["preprocess"]["size"]  # checked and rebuilt, then dropped
+    pre = load_model(model_path)[1]["preprocess"]  # checked and rebuilt, then dropped
+    size, channels = pre["size"], pre.get("channels", 1)
     found = ingest(ext.raw_dir, ext.on_problem, p.data.near_dup_hamming, p.data.workers,
-                   layout=ext, section=f"external.{name}")
+                   layout=ext, section=f"external.{name}", channels=channels)
     with tempfile.TemporaryDirectory() as tmp:
         cache, split = Path(tmp) / "cache.npz", Path(tmp) / "split.csv"
         preprocess(found.rows, ext.raw_dir, size, cache, p.data.workers,
-                   ext.mask_kind == "outline", p.data.burned_marks == "mask")
+                   ext.mask_kind == "outline", p.data.burned_marks == "mask", channels)
         pd.DataFrame({"case_id": [r["case_id"] for r in found.rows],
                       "class": [r["class"] for r in found.rows],
                       "split": "test"}).to_csv(split, index=False)
         q = replace(p, evaluate=replace(p.evaluate, tta=bool(chosen["used_tta"]),
+                                        confidence=chosen.get("confidence") or "entropy",
                                         largest_cc=bool(chosen["used_largest_cc"]),
                                         fill_holes=bool(chosen["used_fill_holes"])))
         m = load(q, model_path, cache, split)
         result = score_test(q, m, q, chosen["threshold"], chosen["val_dice"],
                             chosen.get("presence_threshold"),
-                            chosen.get("presence_temperature") or 1.0)
+                            chosen.get("presence_temperature") or 1.0,
+                            chosen.get("review_threshold"))
     result["metrics"].update(n_problems=found.metrics["n_problems"])
     result["problems"] = [pr.message for pr in found.problems]
     result["report"] = report_dict(found, ext.raw_dir)  # what was skipped, converted, ignored

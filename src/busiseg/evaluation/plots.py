@@ -80,7 +80,8 @@ def _panel_row(axes, image, truth, pred, title: str) -> None:
 
 def plot_cases(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, titles: list[str],
                out: Path, heading: str) -> None:
-    """One row per case: image | ground truth | prediction | overlay (green truth, red pred)."""
+    """One row per case: image | ground truth | prediction | overlay (green truth, red pred);
+    images grey N×H×W or colour N×H×W×3."""
     n = len(images)
     if n == 0:  # e.g. no lesion image in a tiny test split: say so instead of failing
         fig = Figure(figsize=(6, 1.5))

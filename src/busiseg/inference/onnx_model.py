@@ -22,7 +22,7 @@ from busiseg.modeling.registry import is_smp
 
 OPSET = 18  # the opset the parity tests verify
 FORMAT = "busiseg-onnx"
-VERSION = 2  # 2: a second output, "presence", where the model answers it
+VERSION = 2  # 2: "presence" from every fold ensemble too; confidence, flag, channels metadata
 READS = (1, 2)  # the versions this code loads
 METADATA_KEY = "busiseg"
 TOLERANCE = 1e-4  # largest probability difference ONNX Runtime may show against PyTorch
@@ -37,7 +37,8 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     # timm's TensorFlow-style "same" padding makes a symbolic height/width export run for many
     # minutes; predict always feeds the training size, so smp models export at that size only
     spatial = {} if is_smp(blob["model"]["arch"]) else {2: height, 3: width}
-    probe = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    channels = int(pre.get("channels", 1))
+    probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         has_presence = split_output(model(probe))[1] is not None
     outputs = ["logits", "presence"] if has_presence else ["logits"]
@@ -52,7 +53,7 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
         raise BusisegError(f"{out}: ONNX export failed ({type(exc).__name__}: "
                            f"{first_line(exc, 200)})") from None
     meta = {"format": FORMAT, "version": VERSION, "opset": OPSET, "size": size,
-            "input_mean": float(pre["input_mean"]), "input_std": float(pre["input_std"]),
+            "input_mean": pre["input_mean"], "input_std": pre["input_std"], "channels": channels,
             **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"],
             "any_size": bool(spatial), "outputs": outputs}
     import onnx
@@ -127,7 +128,9 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
         if meta["format"] != FORMAT or meta["version"] not in READS:
             raise ValueError(f"format {meta['format']} version {meta['version']}")
         settings_of(meta).checked(str(path))
-        int(meta["size"]), float(meta["input_mean"]), float(meta["input_std"])
+        int(meta["size"]), int(meta.get("channels", 1))
+        for stat in (meta["input_mean"], meta["input_std"]):
+            [float(v) for v in stat] if isinstance(stat, list) else float(stat)
     except (TypeError, ValueError, KeyError) as exc:
         raise BusisegError(f"{path}: not a busiseg ONNX export (metadata: {exc}); export it "
                            "with busiseg export") from None

@@ -14,7 +14,7 @@ from PIL import Image
 from busiseg.data.images import load_image
 from busiseg.errors import BusisegError
 from busiseg.inference.onnx_model import load_onnx, settings_of
-from busiseg.inference.segment import Forward, MaskSettings, segment_with_score
+from busiseg.inference.segment import Forward, MaskSettings, Stats, segment_with_score
 from busiseg.modeling.model_file import load_model
 from busiseg.runtime.device import place
 
@@ -27,10 +27,11 @@ class Predictor:
 
     forward: Forward
     size: int
-    input_mean: float
-    input_std: float
+    input_mean: Stats
+    input_std: Stats
     device: torch.device
     own_settings: MaskSettings | None  # what an ONNX export carries; a .pt file carries none
+    channels: int = 1  # what the model takes: 1 grey, 3 colour (preprocess.channels)
 
 
 def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
@@ -41,13 +42,19 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
             raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "
                                "provider; use --device cpu, or the .pt model on the GPU")
         forward, meta = load_onnx(model_path)
-        return Predictor(forward, int(meta["size"]), float(meta["input_mean"]),
-                         float(meta["input_std"]), torch.device("cpu"), settings_of(meta))
+        return Predictor(forward, int(meta["size"]), stats(meta["input_mean"]),
+                         stats(meta["input_std"]), torch.device("cpu"), settings_of(meta),
+                         int(meta.get("channels", 1)))
     where, _ = place(device, "--device")
     model, blob = load_model(model_path, where)
     pre = blob["preprocess"]
-    return Predictor(model, int(pre["size"]), float(pre["input_mean"]), float(pre["input_std"]),
-                     where, None)
+    return Predictor(model, int(pre["size"]), stats(pre["input_mean"]), stats(pre["input_std"]),
+                     where, None, int(pre.get("channels", 1)))
+
+
+def stats(value) -> Stats:
+    """A stored mean or std: one number (grey) or one per channel (colour)."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
 
 
 @dataclass
@@ -62,7 +69,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
     for item in map(Path, inputs):
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.is_file()
-                           and p.suffix.lower() in SUFFIXES and "_mask" not in p.stem)
+                           and p.suffix.lower() in SUFFIXES and "_mask" not in p.stem
+                           and not p.stem.endswith(("_overlay", "_prob")))  # predict's own
             if not found:
                 failures.append(Failure(item, "folder holds no images"))
             files.extend(found)
@@ -73,13 +81,10 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure]]
     return files, failures
 
 
-def read_gray(path: Path, mask_marks: bool = False) -> np.ndarray:
-    return load_image(path, mask_marks)
-
-
-def overlay(gray: np.ndarray, mask: np.ndarray) -> Image.Image:
-    """Grey image with the lesion tinted red and its outline drawn."""
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
+def overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
+    """The image (grey, or colour H×W×3) with the lesion tinted red and its outline drawn."""
+    rgb = (image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)).astype(
+        np.float32)
     tint = np.array([255, 40, 40], dtype=np.float32)
     rgb[mask] = 0.65 * rgb[mask] + 0.35 * tint
     edge = mask & ~_erode(mask)
@@ -116,15 +121,15 @@ def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
     show = sys.stderr.isatty() if progress is None else progress
     for path in tqdm(files, desc="predict", disable=not show or len(files) < 2):
         try:
-            gray = read_gray(path, mask_marks)
+            image = load_image(path, mask_marks, predictor.channels)
         except BusisegError as exc:
             failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
             continue
-        seg = segment_with_score(predictor.forward, gray, predictor.size, predictor.input_mean,
+        seg = segment_with_score(predictor.forward, image, predictor.size, predictor.input_mean,
                                  predictor.input_std, settings, predictor.device)
         stem = path.stem
         Image.fromarray(seg.mask.astype(np.uint8) * 255, "L").save(out_dir / f"{stem}_mask.png")
-        overlay(gray, seg.mask).save(out_dir / f"{stem}_overlay.png")
+        overlay(image, seg.mask).save(out_dir / f"{stem}_overlay.png")
         if save_probabilities:
             save_probability_png(seg.probability, out_dir / f"{stem}_prob.png")
         written.append(out_dir / f"{stem}_mask.png")

@@ -27,13 +27,22 @@ from busiseg.runtime.device import autocast
 Forward = Callable[[torch.Tensor], torch.Tensor]  # normalised N×1×H×W float → logits
 
 
-def normalize(x_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    return (x_uint8.float() / 255 - mean) / std
+Stats = float | list[float]  # one value for grey input, one per channel for colour
 
 
-def input_batches(images: torch.Tensor, mean: float, std: float, device: torch.device,
+def normalize(x: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
+    """uint8 images (0–255), or float ones already in [0, 1], N×C×H×W → the model's input:
+    (x − mean) / std, per channel when mean and std are lists."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x
+    if isinstance(mean, (list, tuple)):
+        mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def input_batches(images: torch.Tensor, mean: Stats, std: Stats, device: torch.device,
                   batch_size: int, channels_last: bool = False) -> Iterator[torch.Tensor]:
-    """Normalised batches of uint8 N×1×H×W images, moved to the device one batch at a time."""
+    """Normalised batches of uint8 N×C×H×W images, moved to the device one batch at a time."""
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size].to(device), mean, std)
         yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -134,6 +143,9 @@ class MaskSettings:
                                f"{', '.join(KINDS)}")
         if not self.temperature > 0:
             raise BusisegError(f"{source}: temperature must be > 0, got {self.temperature}")
+        if self.review_threshold is not None and not 0 <= self.review_threshold <= 1:
+            raise BusisegError(f"{source}: review threshold must be in [0, 1], got "
+                               f"{self.review_threshold}")
         if not 0 < self.threshold < 1:
             raise BusisegError(f"{source}: threshold must be in (0, 1), got {self.threshold}")
         if self.presence_threshold is not None and not 0 <= self.presence_threshold <= 1:
@@ -180,10 +192,10 @@ def binarize(probs: np.ndarray, threshold: float, largest_cc: bool = False,
     return pred
 
 
-def segment(forward: Forward, gray: np.ndarray, size: int, mean: float, std: float,
+def segment(forward: Forward, image: np.ndarray, size: int, mean: Stats, std: Stats,
             settings: MaskSettings, device: torch.device | None = None) -> np.ndarray:
-    """One grey image of any size → bool mask of the same size (see `segment_with_score`)."""
-    return segment_with_score(forward, gray, size, mean, std, settings, device).mask
+    """One image of any size → bool mask of the same size (see `segment_with_score`)."""
+    return segment_with_score(forward, image, size, mean, std, settings, device).mask
 
 
 class Segmentation(NamedTuple):
@@ -194,21 +206,23 @@ class Segmentation(NamedTuple):
     probability: np.ndarray  # float32 map, the image's size
 
 
-def segment_with_score(forward: Forward, gray: np.ndarray, size: int, mean: float, std: float,
+def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Stats, std: Stats,
                        settings: MaskSettings,
                        device: torch.device | None = None) -> Segmentation:
-    """One grey image of any size → its mask, lesion score, confidence and probability map. The
+    """One image of any size (grey H×W, or colour H×W×3 for a 3-channel model) → its mask,
+    lesion score, confidence and probability map. The
     image is resized to the training size exactly as preprocess resized the training images;
     the probability map, not the mask, is resized back, so the outline stays smooth. An image
     whose score is below the presence threshold gets an empty mask. The confidence is taken at
     the training size, as evaluate takes it."""
-    small = torch.from_numpy(resize_image(gray, size))[None, None]
+    small = torch.from_numpy(resize_image(image, size))
+    small = (small.permute(2, 0, 1) if small.ndim == 3 else small[None])[None]
     prob, presence = predict_probabilities(forward, small, mean, std,
                                            device or torch.device("cpu"), 1, tta=settings.tta)
     score = presence.numpy().astype(np.float64)
     trust = confidence(prob[:, 0].numpy(), calibrate(score, settings.temperature),
                        settings.threshold, settings.confidence)
-    full = torch.nn.functional.interpolate(prob, size=gray.shape, mode="bilinear",
+    full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",
                                            align_corners=False)[:, 0].numpy()
     mask = binarize(full, settings.threshold, settings.largest_cc, settings.fill_holes)
     return Segmentation(gate(mask, score, settings.presence_threshold)[0], float(score[0]),

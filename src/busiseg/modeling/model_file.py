@@ -24,12 +24,14 @@ FORMAT = "busiseg-model"
 VERSION = 1
 
 
-def model_kwargs(m: ModelParams, presence: bool = False) -> dict:
-    """The model section minus what this arch does not take (e.g. `compact` has no depth), and
-    the presence head when training asks for one (train.presence_weight > 0)."""
+def model_kwargs(m: ModelParams, presence: bool = False, channels: int = 1) -> dict:
+    """The model section minus what this arch does not take (e.g. `compact` has no depth), the
+    presence head when training asks for one (train.presence_weight > 0), and the input
+    channels (preprocess.channels) where they are not 1."""
     accepted = arch_settings(m.arch)  # an unknown arch fails here with a one-line error
     fields = {k: v for k, v in asdict(m).items() if k in accepted}
-    return {"arch": m.arch, **fields, **({"presence": True} if presence else {})}
+    return {"arch": m.arch, **fields, **({"presence": True} if presence else {}),
+            **({"in_channels": channels} if channels != 1 else {})}
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -47,7 +49,7 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
     """Weights plus what inference needs to feed them (size, normalisation). The threshold and
     post-processing are evaluate's choice and live in its metrics/eval.json, not here. With
     `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
-    mean, std = input_normalisation(p.model)
+    mean, std = input_normalisation(p.model, p.preprocess.channels)
     atomic_torch_save({
         "format": FORMAT,
         "version": VERSION,
@@ -55,7 +57,8 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
         "members": members,
         "state_dict": state,
         "digest": weights_digest(state),
-        "preprocess": {"size": size, "input_mean": mean, "input_std": std},
+        "preprocess": {"size": size, "input_mean": mean, "input_std": std,
+                       "channels": p.preprocess.channels},
         "encoder_weights": dict(encoder_weights or {}),
         "params": {k: asdict(getattr(p, k)) for k in ("preprocess", "model", "train", "augment")},
     }, Path(path))

@@ -24,8 +24,9 @@ from busiseg.params import ModelParams
 LITE0 = "tu-tf_efficientnet_lite0"
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 
-IMAGENET = (0.449, 0.226)  # means of ImageNet RGB (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_RGB = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 HALF = (0.5, 0.5)          # TensorFlow-trained encoders scale pixels to [-1, 1]
+Stats = float | list[float]  # one value for grey input, one per channel for colour
 SMP_NORMALISATION = {"timm-tf_efficientnet_lite": HALF, "timm-mobilenetv3": HALF,
                      "inceptionresnetv2": HALF, "inceptionv4": HALF, "xception": HALF}
 """smp's own encoders whose pretraining did not use the ImageNet statistics; `tu-` encoders ask
@@ -36,27 +37,37 @@ def uses_imagenet_weights(m: ModelParams) -> bool:
     return is_smp(m.arch) and m.encoder_weights == "imagenet"
 
 
-def input_normalisation(m: ModelParams) -> tuple[float, float]:
-    """The gray-level mean/std the model is fed. A pretrained encoder learnt its features on
-    inputs normalised its own way, so its statistics replace model.input_mean/input_std. The
-    1-channel first conv is the sum of the RGB kernels, which equals feeding the gray image to all
-    three channels only if the three are normalised alike: hence the means of the RGB ones."""
+def input_normalisation(m: ModelParams, channels: int = 1) -> tuple[Stats, Stats]:
+    """The mean/std the model's input is normalised with: one number each for grey input, one
+    per channel for colour (`channels` 3). A pretrained encoder learnt its features on inputs
+    normalised its own way, so its statistics replace model.input_mean/input_std. With grey
+    input the 1-channel first conv is the sum of the RGB kernels, which equals feeding the grey
+    image to all three channels only if the three are normalised alike: hence the means of the
+    RGB ones. Colour input keeps the RGB kernels and the per-channel statistics."""
     if not uses_imagenet_weights(m):
         return m.input_mean, m.input_std
+    mean, std = _encoder_statistics(m)
+    if channels == 3:
+        return list(mean), list(std)
+    return round(sum(mean) / 3, 4), round(sum(std) / 3, 4)
+
+
+def _encoder_statistics(m: ModelParams) -> tuple[tuple, tuple]:
+    """The RGB mean/std the encoder's pretraining used."""
     if m.encoder.startswith("tu-"):
         try:
             import timm
 
             cfg = timm.get_pretrained_cfg(m.encoder[3:])
             mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
-            if mean and std:
-                return round(sum(mean) / len(mean), 4), round(sum(std) / len(std), 4)
+            if mean and std and len(mean) == len(std) == 3:
+                return tuple(mean), tuple(std)
         except Exception:  # noqa: BLE001 - a name timm has no config for: ImageNet's, as smp
             pass
     for family, stats in SMP_NORMALISATION.items():
         if m.encoder.startswith(family):
-            return stats
-    return IMAGENET
+            return (stats[0],) * 3, (stats[1],) * 3
+    return IMAGENET_RGB
 
 
 def weights_files(m: ModelParams) -> list[Path]:

@@ -58,7 +58,9 @@ def _blur(x: torch.Tensor, mask: torch.Tensor, gen: torch.Generator) -> torch.Te
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, p: AugmentParams,
                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: float images in [0, 1], y: float masks in {0, 1}; both N×1×H×W on any device."""
+    """x: float images in [0, 1], N×C×H×W; y: float masks in {0, 1}, N×1×H×W; on any device.
+    The geometry is shared by every channel and the mask; intensity changes are drawn per
+    image and applied alike to its channels."""
     n = len(x)
     dev = x.device
     warp = p.rotate > 0 or p.scale > 0 or p.shift > 0 or p.elastic > 0

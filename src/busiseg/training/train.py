@@ -23,7 +23,7 @@ import torch
 from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation.metrics import confusion, dice_iou, lesion_dice_iou
-from busiseg.inference.segment import input_batches
+from busiseg.inference.segment import input_batches, normalize
 from busiseg.modeling.archs import check_input_size, presence_head, split_output
 from busiseg.modeling.model_file import model_kwargs, save_model
 from busiseg.modeling.pretrained import init_encoder, input_normalisation, weights_files
@@ -67,7 +67,8 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         return done["summary"]
 
     data = load_data(cache_path, split_path, p.preprocess.size, device, fold)
-    kwargs = model_kwargs(p.model, presence=cfg.presence_weight > 0)
+    kwargs = model_kwargs(p.model, presence=cfg.presence_weight > 0,
+                          channels=p.preprocess.channels)
     model = build_model(**kwargs)
     check_input_size(model, data.size, data.size)
     if cfg.sync_bn and ranks.world > 1:
@@ -147,8 +148,22 @@ class TrainingData:
 
 def detach_presence(model: torch.nn.Module) -> None:
     """Stop-gradient in front of the presence head: it learns to read the segmentation's features
-    while the presence loss leaves them, and so the masks, as without a head."""
-    presence_head(model).register_forward_pre_hook(lambda _, args: tuple(a.detach() for a in args))
+    while the presence loss leaves them, and so the masks, as without a head. The head's dropout
+    draws are taken back afterwards, so every other layer's dropout draws the same numbers."""
+    head, saved = presence_head(model), {}
+
+    def before(_, args):
+        saved["cpu"] = torch.get_rng_state()
+        saved["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        return tuple(a.detach() for a in args)
+
+    def after(*_):
+        torch.set_rng_state(saved["cpu"])
+        if saved["cuda"] is not None:
+            torch.cuda.set_rng_state_all(saved["cuda"])
+
+    head.register_forward_pre_hook(before)
+    head.register_forward_hook(after)
 
 
 def load_data(cache_path: Path, split_path: Path, size: int, device: torch.device,
@@ -217,7 +232,7 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
     torch.manual_seed((cfg.seed * 100_003 + epoch) * ranks.world + ranks.rank)  # dropout RNG
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
     perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
-    mean, std = input_normalisation(p.model)
+    mean, std = input_normalisation(p.model, p.preprocess.channels)
     model.train()
     losses = []
     for step in range(steps_per_epoch):
@@ -226,7 +241,7 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
         y = data.masks[idx].float()
         x, y = augment_batch(x, y, p.augment, gen)
         x, y = distributed.shard(x, ranks), distributed.shard(y, ranks)
-        x = ((x - mean) / std).contiguous(memory_format=memory_format)
+        x = normalize(x, mean, std).contiguous(memory_format=memory_format)
         with autocast(device, dtype):
             out = fwd(x)
         loss = loss_fn(out, y)
@@ -252,7 +267,8 @@ def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
     bs = p.train.val_batch_size
     model.eval()
     total, counts = 0.0, []
-    batches = input_batches(data.val_images, *input_normalisation(p.model), device, bs,
+    mean, std = input_normalisation(p.model, p.preprocess.channels)
+    batches = input_batches(data.val_images, mean, std, device, bs,
                             memory_format == torch.channels_last)
     with torch.inference_mode():
         for x, y in zip(batches, data.val_masks.split(bs)):
@@ -357,7 +373,8 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
         blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
         state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
         size, source = blob["preprocess"]["size"], blob.get("encoder_weights")
-    kwargs = model_kwargs(p.model, presence=p.train.presence_weight > 0)
+    kwargs = model_kwargs(p.model, presence=p.train.presence_weight > 0,
+                          channels=p.preprocess.channels)
     save_model(model_path, state, kwargs, p, size, members=k_folds,
                encoder_weights=source)
     for k in range(k_folds):
