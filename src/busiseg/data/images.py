@@ -96,18 +96,7 @@ def to_gray(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
         gray = np.clip(np.rint((wide - low) / span * 255), 0, 255).astype(np.uint8)
         return gray, (f"{name} image stretched from its own range [{low:g}, {high:g}] to "
                       "0-255")
-    notes = []
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        notes.append(f"{name} image read through its RGB colours")
-    elif mode in ("CMYK", "YCbCr", "HSV"):
-        img = img.convert("RGB")
-        notes.append(f"{name} image converted to RGB")
-    if img.mode not in IMAGE_MODES:
-        raise BusisegError(f"{path}: image mode {name} is not supported; save it as 8-bit "
-                           "grayscale or RGB PNG")
-    if img.mode in ("RGBA", "LA") and int(np.asarray(img.getchannel("A")).min()) < 255:
-        notes.append("alpha channel ignored (image taken as opaque)")
+    img, notes = _stored_colour(img, path)
     if img.mode in ("RGB", "RGBA"):
         rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
         coloured = float(((rgb.max(axis=-1) - rgb.min(axis=-1)) >= MARK_SPREAD).mean())
@@ -193,24 +182,35 @@ def load_image(path: Path, mask_marks: bool = False, channels: int = 1) -> np.nd
     return gray if marks is None else paint_over(gray, marks)
 
 
-def to_rgb(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
-    """(8-bit H×W×3 pixels, what was done) for preprocess.channels 3: RGB as is; palette, CMYK,
-    YCbCr and HSV through PIL's conversion to RGB; an alpha channel ignored (said when some
-    pixel is not opaque); every grey storage converted by `to_gray`'s rule, then repeated into
-    the three channels."""
-    name = _mode_name(img.mode)
-    notes = []
+def _stored_colour(img: Image.Image, path: Path) -> tuple[Image.Image, list[str]]:
+    """The rules `to_gray` and `to_rgb` share: palette through its RGB colours; CMYK, YCbCr and
+    HSV to RGB by PIL's conversion; an alpha channel ignored (said when some pixel is not
+    opaque); any mode still not L, LA, RGB or RGBA refused. Returns the image and the notes."""
+    name, notes = _mode_name(img.mode), []
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         notes.append(f"{name} image read through its RGB colours")
     elif img.mode in ("CMYK", "YCbCr", "HSV"):
         img = img.convert("RGB")
         notes.append(f"{name} image converted to RGB")
-    if img.mode in ("RGB", "RGBA"):
-        if img.mode == "RGBA" and int(np.asarray(img.getchannel("A")).min()) < 255:
-            notes.append("alpha channel ignored (image taken as opaque)")
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-        return rgb, "; ".join(notes) if notes else None
+    if img.mode not in IMAGE_MODES:
+        raise BusisegError(f"{path}: image mode {name} is not supported; save it as 8-bit "
+                           "grayscale or RGB PNG")
+    if img.mode in ("RGBA", "LA") and int(np.asarray(img.getchannel("A")).min()) < 255:
+        notes.append("alpha channel ignored (image taken as opaque)")
+    return img, notes
+
+
+def to_rgb(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
+    """(8-bit H×W×3 pixels, what was done) for preprocess.channels 3: RGB as is; palette, CMYK,
+    YCbCr and HSV through PIL's conversion to RGB; an alpha channel ignored (said when some
+    pixel is not opaque); every grey storage converted by `to_gray`'s rule, then repeated into
+    the three channels."""
+    if img.mode in ("P", "CMYK", "YCbCr", "HSV", "RGB", "RGBA"):
+        img, notes = _stored_colour(img, path)
+        if img.mode in ("RGB", "RGBA"):
+            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return rgb, "; ".join(notes) if notes else None
     gray, note = to_gray(img, path)
     notes = [note] if note else []
     notes.append("grey image repeated into 3 channels")

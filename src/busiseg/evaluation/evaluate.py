@@ -221,25 +221,17 @@ def review_choice(p: Params, trust: np.ndarray) -> float | None:
     return float(np.sort(trust)[min(len(trust) - 1, int(round(fraction * len(trust))))])
 
 
-def _kept(rows: np.ndarray) -> float:
-    keep = rows[:, 2] == 0
-    return float(rows[keep, 0].mean()) if keep.any() else float("nan")
-
-
-def _flagged(rows: np.ndarray) -> float:
-    flagged = rows[:, 2] == 1
-    return float(rows[flagged, 0].mean()) if flagged.any() else float("nan")
-
-
-def _kept_gain(rows: np.ndarray) -> float:
-    return _kept(rows) - float(rows[:, 0].mean())
+def _dice_where(rows: np.ndarray, flagged: int) -> float:
+    """Mean per-image Dice (column 0) of the rows whose flag (column 2) is `flagged`."""
+    sel = rows[:, 2] == flagged
+    return float(rows[sel, 0].mean()) if sel.any() else float("nan")
 
 
 TRUST_STATS = {  # key -> statistic of rows (per-image Dice over all images, confidence, flag)
     "aurc": lambda r: aurc(1 - r[:, 0], r[:, 1]),
-    "dice_kept": _kept,
-    "dice_flagged": _flagged,
-    "dice_kept_gain": _kept_gain,
+    "dice_kept": lambda r: _dice_where(r, 0),
+    "dice_flagged": lambda r: _dice_where(r, 1),
+    "dice_kept_gain": lambda r: _dice_where(r, 0) - float(r[:, 0].mean()),
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from busiseg.errors import BusisegError, first_line
-from busiseg.inference.segment import MaskSettings, optional_settings
+from busiseg.inference.segment import MaskSettings, as_stats, optional_settings
 from busiseg.modeling.archs import split_output
 from busiseg.modeling.registry import is_smp
 
@@ -129,8 +129,7 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
             raise ValueError(f"format {meta['format']} version {meta['version']}")
         settings_of(meta).checked(str(path))
         int(meta["size"]), int(meta.get("channels", 1))
-        for stat in (meta["input_mean"], meta["input_std"]):
-            [float(v) for v in stat] if isinstance(stat, list) else float(stat)
+        as_stats(meta["input_mean"]), as_stats(meta["input_std"])
     except (TypeError, ValueError, KeyError) as exc:
         raise BusisegError(f"{path}: not a busiseg ONNX export (metadata: {exc}); export it "
                            "with busiseg export") from None

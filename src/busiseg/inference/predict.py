@@ -14,7 +14,7 @@ from PIL import Image
 from busiseg.data.images import load_image
 from busiseg.errors import BusisegError
 from busiseg.inference.onnx_model import load_onnx, settings_of
-from busiseg.inference.segment import Forward, MaskSettings, Stats, segment_with_score
+from busiseg.inference.segment import Forward, MaskSettings, Stats, as_stats, segment_with_score
 from busiseg.modeling.model_file import load_model
 from busiseg.runtime.device import place
 
@@ -42,19 +42,14 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
             raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "
                                "provider; use --device cpu, or the .pt model on the GPU")
         forward, meta = load_onnx(model_path)
-        return Predictor(forward, int(meta["size"]), stats(meta["input_mean"]),
-                         stats(meta["input_std"]), torch.device("cpu"), settings_of(meta),
+        return Predictor(forward, int(meta["size"]), as_stats(meta["input_mean"]),
+                         as_stats(meta["input_std"]), torch.device("cpu"), settings_of(meta),
                          int(meta.get("channels", 1)))
     where, _ = place(device, "--device")
     model, blob = load_model(model_path, where)
     pre = blob["preprocess"]
-    return Predictor(model, int(pre["size"]), stats(pre["input_mean"]), stats(pre["input_std"]),
-                     where, None, int(pre.get("channels", 1)))
-
-
-def stats(value) -> Stats:
-    """A stored mean or std: one number (grey) or one per channel (colour)."""
-    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+    return Predictor(model, int(pre["size"]), as_stats(pre["input_mean"]),
+                     as_stats(pre["input_std"]), where, None, int(pre.get("channels", 1)))
 
 
 @dataclass

@@ -22,12 +22,16 @@ from busiseg.data.images import resize_image
 from busiseg.errors import BusisegError
 from busiseg.inference.confidence import KINDS, calibrate, confidence, flag
 from busiseg.modeling.archs import split_output
+from busiseg.modeling.pretrained import Stats
 from busiseg.runtime.device import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # normalised N×1×H×W float → logits
 
 
-Stats = float | list[float]  # one value for grey input, one per channel for colour
+def as_stats(value) -> Stats:
+    """A stored mean or std (model file, ONNX metadata): one number for grey input, one per
+    channel for colour."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
 
 
 def normalize(x: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
@@ -78,7 +82,7 @@ def lesion_score(output) -> tuple[torch.Tensor, torch.Tensor]:
     that the image holds a lesion, the one number the presence decision thresholds: the presence
     head's probability, or for a model without one its most confident pixel. Taken per pass and
     averaged over TTA passes (and, in a fold ensemble, over members), so an ensemble's score is
-    the mean of its members' scores, the same scores its presence threshold was chosen on."""
+    the mean of its members' scores, on the scale its presence threshold was chosen on."""
     logits, presence = split_output(output)
     prob = torch.sigmoid(logits.float())
     if presence is not None:
@@ -164,8 +168,9 @@ def optional_settings(m: dict) -> dict:
     for key in ("presence_threshold", "review_threshold"):
         if m.get(key) is not None:
             out[key] = float(m[key])
-    if m.get("presence_temperature", m.get("temperature")) is not None:
-        out["temperature"] = float(m.get("presence_temperature", m.get("temperature")))
+    temperature = m.get("presence_temperature", m.get("temperature"))  # eval.json, ONNX
+    if temperature is not None:
+        out["temperature"] = float(temperature)
     if m.get("confidence") is not None:
         out["confidence"] = str(m["confidence"])
     return out
@@ -210,11 +215,11 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
                        settings: MaskSettings,
                        device: torch.device | None = None) -> Segmentation:
     """One image of any size (grey H×W, or colour H×W×3 for a 3-channel model) → its mask,
-    lesion score, confidence and probability map. The
-    image is resized to the training size exactly as preprocess resized the training images;
-    the probability map, not the mask, is resized back, so the outline stays smooth. An image
-    whose score is below the presence threshold gets an empty mask. The confidence is taken at
-    the training size, as evaluate takes it."""
+    lesion score, confidence and probability map. The image is resized to the training size
+    exactly as preprocess resized the training images; the probability map, not the mask, is
+    resized back, so the outline stays smooth. An image whose score is below the presence
+    threshold gets an empty mask. The confidence is taken at the training size, as evaluate
+    takes it."""
     small = torch.from_numpy(resize_image(image, size))
     small = (small.permute(2, 0, 1) if small.ndim == 3 else small[None])[None]
     prob, presence = predict_probabilities(forward, small, mean, std,

@@ -290,9 +290,9 @@ class FoldEnsemble(nn.Module):
     """The fold models of a cross-validation run as one model: the mean of the members'
     probabilities, returned as logits, so TTA, evaluate, predict and ONNX export treat it like
     any single model. It always answers "is there a lesion?" too, as the mean of the members'
-    answers: their presence heads', or without heads their most confident pixels' (the score
-    each member's presence threshold was chosen on out of fold; the maximum of the averaged
-    map would sit lower)."""
+    answers: their presence heads', or without heads their most confident pixels' (the scale
+    the presence threshold was chosen on out of fold, one member per image; the maximum of the
+    averaged map would sit lower)."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
