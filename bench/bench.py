@@ -8,6 +8,7 @@
     uv run python bench/bench.py loss --size 128                 # step time with the empty term
     uv run python bench/bench.py predict --sizes 96 128          # PyTorch vs ONNX Runtime
     uv run python bench/bench.py models --sizes 128 256          # step time + memory per model
+    uv run python bench/bench.py levers                          # speed levers of a CV fold
 
 Timings are medians of repeated runs after warm-up; the two training paths are interleaved round
 by round in one process so that both see the same machine state.
@@ -497,6 +498,16 @@ def bench_models(args) -> None:
     save(args.name or "models", {"batch": args.batch, "rounds": args.rounds, "rows": rows})
 
 
+def bench_levers(args) -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    from levers import levers, print_table
+
+    table = levers(args.rounds, args.steps, args.warmup, args.size, args.only)
+    print_table(table)
+    save(args.name or "levers_lite0_128", {"size": args.size, "batch": 8, "steps": args.steps,
+                                           "rounds": args.rounds, "settings": table})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -559,6 +570,13 @@ def main() -> None:
     mo.add_argument("--rounds", type=int, default=4)
     mo.add_argument("--peak-rss-of", default=None, help=argparse.SUPPRESS)
     mo.set_defaults(func=bench_models)
+    lv = sub.add_parser("levers", parents=[common])
+    lv.add_argument("--size", type=int, default=128)
+    lv.add_argument("--steps", type=int, default=15, help="timed steps per process per round")
+    lv.add_argument("--warmup", type=int, default=3)
+    lv.add_argument("--rounds", type=int, default=3)
+    lv.add_argument("--only", nargs="*", default=None, help="settings whose name contains one")
+    lv.set_defaults(func=bench_levers)
     args = ap.parse_args()
     args.func(args)
 

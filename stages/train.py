@@ -7,7 +7,8 @@ import torch
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run, write_json
 from busiseg.runtime import distributed
-from busiseg.training.train import train, train_cross_validation
+from busiseg.training.cross_validation import train_cross_validation
+from busiseg.training.train import train
 
 MODEL = Path("models/model.pt")  # with split.folds = K: one file holding the K fold models
 CHECKPOINTS = Path("models/checkpoints")  # persisted by DVC: a killed run resumes from it
@@ -29,7 +30,8 @@ def main() -> None:
     try:
         if params.split.folds:
             metrics = train_cross_validation(params, *data, MODEL, CHECKPOINTS, LIVE)
-            done = f"{params.split.folds} fold models"
+            done = (f"{params.split.folds} fold models ({metrics.get('fold_workers')} at once) "
+                    f"in {metrics.get('wall_seconds', 0) / 60:.1f} min")
         else:
             metrics = train(params, *data, MODEL, CHECKPOINTS / "run.pt", LIVE)
             done = f"best epoch {metrics['best_epoch']}, val Dice {metrics['best_val_dice']:.4f}"
@@ -37,7 +39,8 @@ def main() -> None:
         distributed.close()
     if ranks.main:
         write_json(METRICS, metrics)
-        print(f"train: {done}, {metrics['images_per_s']} images/s on {metrics['device']} "
+        speed = metrics.get("wall_images_per_s", metrics["images_per_s"])
+        print(f"train: {done}, {speed} images/s on {metrics['device']} "
               f"({metrics['processes']} process(es), torch {torch.__version__}) -> {MODEL}")
 
 

@@ -17,7 +17,8 @@ def test_repo_params_are_valid_and_match_defaults():
     defaults = Params()
     for section, values in raw.items():  # params.yaml spells out every default
         for key, value in values.items():
-            assert getattr(getattr(defaults, section), key) == value, f"{section}.{key}"
+            want = tuple(value) if isinstance(value, list) else value  # YAML lists: tuples
+            assert getattr(getattr(defaults, section), key) == want, f"{section}.{key}"
 
 
 @pytest.mark.parametrize("raw, needle", [

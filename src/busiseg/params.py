@@ -161,6 +161,9 @@ class ModelParams:
     encoder: str = "tu-tf_efficientnet_lite0"
     encoder_weights: Literal["imagenet", "none"] = "imagenet"
     encoder_weights_path: str = ""  # a local weights file; empty = bundled, else smp's download
+    # smp_unet / smp_unetplusplus / smp_manet: widths of the five decoder stages, deepest first;
+    # empty = smp's (256, 128, 64, 32, 16). Narrower is faster on a CPU (docs/performance.md)
+    decoder_channels: tuple[int, ...] = ()
     # input normalisation applied to uint8/255 images; stored in the model file for predict
     input_mean: float = 0.5
     input_std: float = 0.25
@@ -174,6 +177,10 @@ class ModelParams:
                  and self.encoder_weights == "imagenet"), "model.encoder_weights_path",
                  "is read only by smp_* archs with model.encoder_weights: imagenet; "
                  "clear it or set those")
+        _require(not self.decoder_channels or (len(self.decoder_channels) == 5
+                 and all(c >= 1 for c in self.decoder_channels)), "model.decoder_channels",
+                 f"is {list(self.decoder_channels)}; give five widths ≥ 1, deepest first, e.g. "
+                 "[128, 64, 32, 16, 8], or [] for the decoder's own")
 
 
 @dataclass(frozen=True)
@@ -209,15 +216,26 @@ class TrainParams:
     compile: bool = False
     threads: int = 0  # torch intra-op threads; 0 = the cores shared by queue workers, processes
     processes: int = 1  # > 1: DistributedDataParallel over this many processes (torchrun)
+    # with split.folds: fold models trained side by side, each process on its share of the
+    # cores; 0 = chosen by measurement (docs/performance.md), 1 = one fold after another
+    fold_workers: int = 0
+    # CPU kernels (oneDNN's instruction set): native = the CPU's best (or ONEDNN_MAX_CPU_ISA);
+    # avx2 / avx512 pin them, so a record reproduces bit for bit on every CPU of that class
+    cpu_isa: Literal["native", "avx2", "avx512"] = "native"
     sync_bn: bool = False  # with processes > 1 on GPUs: BatchNorm statistics over all processes
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU is always repeatable
     progress: Literal["auto", "on", "off"] = "auto"
     val_batch_size: int = 16  # images per forward pass when validating each epoch
+    val_every: int = 1  # validate every N epochs and at the last (the curve's points)
 
     def check(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be ≥ 1")
         _require(self.batch_size >= 1, "train.batch_size", "must be ≥ 1")
         _require(self.val_batch_size >= 1, "train.val_batch_size", "must be ≥ 1")
+        _require(self.val_every >= 1, "train.val_every", "must be ≥ 1 (1 = every epoch)")
+        _require(self.val_every == 1 or (self.patience == 0 and self.schedule != "plateau"),
+                 "train.val_every", "must be 1 with train.patience > 0 or schedule plateau "
+                 "(both read the validation Dice of every epoch)")
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.weight_decay >= 0, "train.weight_decay", "must be ≥ 0")
         _require(self.warmup_epochs >= 0, "train.warmup_epochs",
@@ -238,6 +256,10 @@ class TrainParams:
                  "needs a presence head: set train.presence_weight > 0 too")
         _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
         _require(self.processes >= 1, "train.processes", "must be ≥ 1 (1 = no torchrun)")
+        _require(self.fold_workers >= 0, "train.fold_workers",
+                 "must be ≥ 0 (0 = chosen for this machine, 1 = one fold after another)")
+        _require(self.fold_workers <= 1 or self.processes == 1, "train.fold_workers",
+                 "and train.processes > 1 both split the cores; set one of them to 1")
 
 
 @dataclass(frozen=True)
@@ -348,6 +370,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise BusisegError(f"params.yaml: {key} is {value!r}; choose one of: "
                                + ", ".join(map(str, allowed)))
         return value
+    if origin is tuple:  # a list in YAML, e.g. model.decoder_channels: [128, 64, 32, 16, 8]
+        if not isinstance(value, list | tuple):
+            raise BusisegError(f"params.yaml: {key} must be a list, e.g. [1, 2], got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, typing.get_args(hint)[0])
+                     for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if type(None) in args and value is None:
@@ -450,6 +477,24 @@ _Loader.add_implicit_resolver(
                   |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[0-9][0-9_]*[eE][-+]?[0-9]+)$""", re.X),
     list("-+0123456789."))
+
+
+_BARE = re.compile(r"^[A-Za-z_./~][A-Za-z0-9_./:@+~-]*$")  # what Hydra reads back as this string
+_NOT_STRINGS = re.compile(r"^(?:true|false|null|nan|inf)$", re.I)
+
+
+def override_value(value: object) -> str:
+    """A value as `dvc exp run -S` takes it. DVC parses each override with Hydra's grammar, which
+    refuses `{`, `(`, `\\` and friends unquoted (`data.image_name={id}HC` stops the run): such
+    strings go in single quotes, lists as `[a,b]`, booleans as true/false."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    if isinstance(value, str) and (not _BARE.match(value) or _NOT_STRINGS.match(value)):
+        quoted = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+        return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, quoted) + "'"
+    return str(value)
 
 
 def read_yaml(text: str):

@@ -65,10 +65,40 @@ def test_config_rebuilds_the_same_smp_model() -> None:
     model = build_model("smp_deeplabv3plus", encoder="resnet18")
     config = json.loads(json.dumps(model.config))
     assert config == {"arch": "smp_deeplabv3plus", "in_channels": 1, "out_channels": 1,
-                      "encoder": "resnet18", "presence": False}
+                      "encoder": "resnet18", "presence": False, "decoder_channels": []}
     rebuilt = build_model(**config)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
         {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_a_narrower_decoder_is_smaller_rebuilds_and_is_refused_where_it_means_nothing() -> None:
+    torch.manual_seed(0)
+    full = build_model("smp_unet", encoder="resnet18")
+    p = parse_params({"model": {"arch": "smp_unet", "encoder": "resnet18",
+                                "decoder_channels": [64, 32, 16, 16, 8]}})
+    narrow = build_model(**model_kwargs(p.model))
+    n = sum(t.numel() for t in narrow.parameters())
+    assert n < sum(t.numel() for t in full.parameters()) - 1_000_000
+    assert narrow.net.decoder.blocks[-1].conv2[0].out_channels == 8
+    config = json.loads(json.dumps(narrow.config))
+    assert config["decoder_channels"] == [64, 32, 16, 16, 8]
+    assert sum(t.numel() for t in build_model(**config).parameters()) == n
+    assert narrow(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+    # the default is smp's own decoder: the same weights as before the param existed
+    torch.manual_seed(0)
+    default = build_model(**model_kwargs(parse_params(
+        {"model": {"arch": "smp_unet", "encoder": "resnet18"}}).model))
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(),
+                                                 full.state_dict().values()))
+    with pytest.raises(BusisegError, match=r"model\.decoder_channels is read by smp_unet.*"
+                                           r"not smp_fpn; set it to \[\]"):
+        build_model("smp_fpn", encoder="resnet18", decoder_channels=(64, 32, 16, 16, 8))
+    with pytest.raises(BusisegError, match=r"model\.decoder_channels is \[64, 32\]; give five"):
+        parse_params({"model": {"decoder_channels": [64, 32]}})
+    with pytest.raises(BusisegError, match=r"model\.decoder_channels must be a list"):
+        parse_params({"model": {"decoder_channels": 64}})
+    with pytest.raises(BusisegError, match=r"model\.decoder_channels\[1\] must be int"):
+        parse_params({"model": {"decoder_channels": [64, "a", 16, 16, 8]}})
 
 
 def test_unknown_encoder_names_the_param_and_suggests() -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 import busiseg.training.train as train_module
 from busiseg.data.cache import load_cache
+from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds
 from busiseg.evaluation.metrics import bootstrap_ci
 from busiseg.evaluation.plots import read_live_runs
@@ -22,6 +23,7 @@ from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model, save_model
 from busiseg.modeling.registry import build_model
 from busiseg.params import parse_params
+from busiseg.training.cross_validation import fold_workers, train_cross_validation
 
 CPU = torch.device("cpu")
 SIZE = 32
@@ -116,19 +118,29 @@ def test_bootstrap_interval_is_seeded_and_contains_the_estimate():
     assert all(np.isnan(bootstrap_ci(values[:0], lambda r: r.mean(), 500)))
 
 
-def cv_params(epochs: int = 4):
+def cv_params(epochs: int = 4, workers: int = 1, folds: int = 3, **train):
     return parse_params({"preprocess": {"size": SIZE}, "model": {"base": 4, "depth": 2},
-                         "split": {"folds": 3},
+                         "split": {"folds": folds},
                          "train": {"epochs": epochs, "batch_size": 6, "lr": 0.01, "threads": 1,
-                                   "warmup_epochs": 0}})
+                                   "warmup_epochs": 0, "fold_workers": workers, **train}})
 
 
-def run_cv(tmp_path: Path, tag: str) -> tuple[dict, Path]:
+def run_cv(tmp_path: Path, tag: str, workers: int = 1, **train) -> tuple[dict, Path]:
     cache, split = fold_data(tmp_path)
     out = tmp_path / tag
-    metrics = train_module.train_cross_validation(cv_params(), cache, split, out / "model.pt",
-                                                  out / "checkpoints", out / "live")
+    metrics = train_cross_validation(cv_params(workers=workers, **train), cache, split,
+                                     out / "model.pt", out / "checkpoints", out / "live")
     return metrics, out
+
+
+TIMING = ("seconds", "images_per_s")
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Equal but for timings and how many folds ran at once."""
+    def keep(m):
+        return {k: v for k, v in m.items() if not k.endswith(TIMING) and k != "fold_workers"}
+    return keep(a) == keep(b)
 
 
 def test_a_run_killed_in_a_later_fold_retrains_only_that_fold(tmp_path, monkeypatch, capsys):
@@ -154,15 +166,140 @@ def test_a_run_killed_in_a_later_fold_retrains_only_that_fold(tmp_path, monkeypa
     assert "fold 2 epoch   1/4" in said  # the fold not reached before the kill trains in full
     digest = torch.load(out / "model.pt", weights_only=True)["digest"]
     assert digest == torch.load(ref_dir / "model.pt", weights_only=True)["digest"]
-    timing = ("seconds", "images_per_s")
-    assert {k: v for k, v in resumed.items() if not k.endswith(timing)} == {
-        k: v for k, v in reference.items() if not k.endswith(timing)}
+    assert same_run(resumed, reference)
     ref_curves, curves = read_live_runs(ref_dir / "live"), read_live_runs(out / "live")
     assert list(curves) == ["fold 0", "fold 1", "fold 2"]
     for name in curves:
         pd.testing.assert_frame_equal(curves[name], ref_curves[name])
     # the finished run leaves no member file behind: a later run trains afresh
     assert not list((out / "checkpoints").glob("fold_*.pt"))
+
+
+def test_folds_side_by_side_are_bit_identical_to_folds_in_turn(tmp_path, capfd):
+    """Each fold in its own process computes what it computes alone with the same thread count:
+    the ensemble's weights and every non-timing figure are the same; each process prints its
+    fold's epochs and DVCLive keeps one folder per fold."""
+    reference, ref_dir = run_cv(tmp_path, "in_turn", workers=1)
+    capfd.readouterr()
+    parallel, out = run_cv(tmp_path, "side_by_side", workers=2)
+    said = capfd.readouterr().out
+    assert "3 folds, 2 side by side with 1 thread(s) each" in said
+    assert all(f"fold {k} epoch   4/4" in said for k in range(3))
+    assert parallel["fold_workers"] == 2 and reference["fold_workers"] == 1
+    assert parallel["threads"] == reference["threads"] == 1
+    assert same_run(parallel, reference)
+    digest = torch.load(out / "model.pt", weights_only=True)["digest"]
+    assert digest == torch.load(ref_dir / "model.pt", weights_only=True)["digest"]
+    ref_curves, curves = read_live_runs(ref_dir / "live"), read_live_runs(out / "live")
+    assert list(curves) == ["fold 0", "fold 1", "fold 2"]
+    for name in curves:
+        pd.testing.assert_frame_equal(curves[name], ref_curves[name])
+
+
+def test_a_run_killed_in_turn_resumes_side_by_side(tmp_path, monkeypatch, capfd):
+    """Checkpoints are per fold and do not depend on how many folds run at once: a run killed
+    in fold 1 resumes it from its last epoch in a process of its own, and ends identical."""
+    reference, ref_dir = run_cv(tmp_path, "uninterrupted")
+    calls = {"n": 0}
+    log_epoch = train_module.log_epoch
+
+    def killed_in_fold_1_epoch_2(live, row):
+        log_epoch(live, row)
+        calls["n"] += 1
+        if calls["n"] == 4 + 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "log_epoch", killed_in_fold_1_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_cv(tmp_path, "killed")
+    monkeypatch.setattr(train_module, "log_epoch", log_epoch)
+    capfd.readouterr()
+    resumed, out = run_cv(tmp_path, "killed", workers=3)
+    said = capfd.readouterr().out
+    assert "fold 0 already trained" in said and "fold 0 epoch" not in said
+    assert "resuming fold 1 from epoch 2 of 4" in said and "fold 1 epoch   3/4" in said
+    assert "fold 2 epoch   1/4" in said
+    assert same_run(resumed, reference)
+    digest = torch.load(out / "model.pt", weights_only=True)["digest"]
+    assert digest == torch.load(ref_dir / "model.pt", weights_only=True)["digest"]
+
+
+def test_validating_fewer_epochs_changes_no_fold_model(tmp_path):
+    """train.val_every 3 of 4 epochs validates epochs 3 and 4 only; fold models are kept at their
+    last epoch, so the ensemble is the same and only the curves have fewer points."""
+    reference, ref_dir = run_cv(tmp_path, "every_epoch")
+    sparse, out = run_cv(tmp_path, "every_third", val_every=3)
+    digest = torch.load(out / "model.pt", weights_only=True)["digest"]
+    assert digest == torch.load(ref_dir / "model.pt", weights_only=True)["digest"]
+    assert all(sparse[f"fold_{k}_kept_val_dice"] == reference[f"fold_{k}_kept_val_dice"]
+               for k in range(3))
+    curves = read_live_runs(out / "live")["fold 0"]
+    assert curves["val_dice"].notna().tolist() == [False, False, True, True]
+    assert curves["train_loss"].notna().all()
+    with pytest.raises(BusisegError, match="train.val_every must be 1 with train.patience"):
+        parse_params({"train": {"val_every": 2, "patience": 3}})
+
+
+def test_a_failing_fold_process_ends_the_run_in_its_one_line(tmp_path):
+    cache, split = fold_data(tmp_path, folds=2)  # folds 0 and 1 only: fold 2 has no cases
+    with pytest.raises(BusisegError, match="fold 2 and the other folds must both be non-empty"):
+        train_cross_validation(cv_params(workers=3), cache, split, tmp_path / "m.pt",
+                               tmp_path / "ck", tmp_path / "live")
+    assert not (tmp_path / "m.pt").exists()
+
+
+KILL_PARENT = """
+import sys
+from pathlib import Path
+from busiseg.params import parse_params
+from busiseg.training.cross_validation import train_cross_validation
+p = parse_params({"preprocess": {"size": 32}, "model": {"base": 4, "depth": 2},
+                  "split": {"folds": 3}, "train": {"epochs": 10000, "batch_size": 6,
+                  "threads": 1, "fold_workers": 2}})
+out = Path(sys.argv[3])
+train_cross_validation(p, Path(sys.argv[1]), Path(sys.argv[2]), out / "m.pt", out / "ck",
+                       out / "live")
+"""
+
+
+def test_fold_processes_die_with_a_killed_parent(tmp_path, python_env):
+    """SIGKILL leaves the parent no time to stop its folds; orphans would go on writing the
+    checkpoints a resumed run reads, so the kernel kills them too."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    cache, split = fold_data(tmp_path)
+    parent = subprocess.Popen([sys.executable, "-c", KILL_PARENT, str(cache), str(split),
+                               str(tmp_path / "out")], env=python_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in parent.stdout:  # wait until both folds train
+        if "epoch   2/10000" in line:
+            break
+    children = psutil.Process(parent.pid).children()
+    assert len(children) >= 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [c.pid for c in alive]
+
+
+def test_fold_workers_default_to_one_per_core_on_a_cpu(monkeypatch):
+    import busiseg.training.cross_validation as cv
+
+    def cfg(**train):
+        return parse_params({"train": {"device": "cpu", **train}}).train
+
+    monkeypatch.setattr(cv, "cpu_cores", lambda: 2)
+    assert fold_workers(cfg(), 5) == 2
+    assert fold_workers(cfg(threads=2), 5) == 1  # two threads a fold fill both cores
+    assert fold_workers(cfg(), 1) == 1
+    assert fold_workers(cfg(fold_workers=4), 3) == 3  # never more than the folds
+    assert fold_workers(cfg(processes=2), 5) == 1  # torchrun's processes already share the cores
+    with pytest.raises(BusisegError, match="train.fold_workers and train.processes"):
+        parse_params({"train": {"processes": 2, "fold_workers": 2}})
 
 
 def test_an_ensembles_lesion_score_is_the_mean_of_its_members_scores():

@@ -17,6 +17,7 @@ layout:
 from __future__ import annotations
 
 import csv
+import shlex
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from busiseg.data.demo import generate_demo
 from busiseg.data.images import load_image, load_mask_union
 from busiseg.data.ingest import ingest
 from busiseg.data.manifest import mask_list
+from busiseg.params import override_value
 
 PARAMS = {  # the data.* params that read each layout
     "paired": {"layout": "paired", "images_dir": "images", "masks_dir": "masks",
@@ -42,6 +44,10 @@ PARAMS = {  # the data.* params that read each layout
                      "classes": "none"},
 }
 CHANNELS = {"per_case_rgb": 3}  # preprocess.channels where it is not 1
+# per-case layouts keep a patient's three frames in one split: 18 patients, 4 of them normal, so
+# the default 80/10/10 split can hold both kinds in each part (9 patients could not)
+SIZES = {"per_case": {"n_benign": 24, "n_malignant": 16, "n_normal": 12},
+         "per_case_rgb": {"n_benign": 24, "n_malignant": 16, "n_normal": 12}}
 
 
 def generate_layout_demo(out_dir: str | Path, layout: str, n_benign: int = 12,
@@ -111,12 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) != 2:
         layouts = ",".join(PARAMS)
         raise SystemExit(f"usage: python -m busiseg.data.demo_layouts {{{layouts}}} OUT_DIR")
-    params = generate_layout_demo(args[1], args[0])
-    flags = " ".join(f"-S \"data.{k}='{v}'\"" if "{" in v else f"-S data.{k}={v}"
-                     for k, v in params.items())
-    if args[0] in CHANNELS:
-        flags += f" -S preprocess.channels={CHANNELS[args[0]]}"
-    print(f"wrote {args[1]}; run it with:\n  uv run dvc exp run -S data.raw_dir={args[1]} {flags}")
+    generate_layout_demo(args[1], args[0], **SIZES.get(args[0], {}))
+    print(f"wrote {args[1]}; run it with:\n  uv run {shlex.join(exp_run(args[1], args[0]))}")
+
+
+def exp_run(out_dir: str, layout: str) -> list[str]:
+    """The `dvc exp run` command that trains on the demo written to `out_dir`, as printed."""
+    overrides = {"data.raw_dir": out_dir, **{f"data.{k}": v for k, v in PARAMS[layout].items()},
+                 **({"preprocess.channels": CHANNELS[layout]} if layout in CHANNELS else {})}
+    return ["dvc", "exp", "run",
+            *(a for k, v in overrides.items() for a in ("-S", f"{k}={override_value(v)}"))]
 
 
 if __name__ == "__main__":

@@ -44,10 +44,12 @@ def plot_curves(runs: dict[str, pd.DataFrame] | pd.DataFrame, out: Path) -> None
         tag = f"{name} " if name else ""
         colour = {"color": f"C{i}"} if name else {}  # a fold's train and val in one colour
         axes[0].plot(curves["epoch"], curves["train_loss"], label=f"{tag}train", **colour)
-        axes[0].plot(curves["epoch"], curves["val_loss"], label=f"{tag}val", ls="--", **colour)
-        axes[1].plot(curves["epoch"], curves["val_dice"], label=f"{tag}val Dice", **colour)
+        val = curves.dropna(subset=["val_dice"])  # train.val_every > 1 validates some epochs
+        dot = {"marker": "o", "ms": 3} if len(val) < len(curves) else {}
+        axes[0].plot(val["epoch"], val["val_loss"], label=f"{tag}val", ls="--", **dot, **colour)
+        axes[1].plot(val["epoch"], val["val_dice"], label=f"{tag}val Dice", **dot, **colour)
         if not name:
-            axes[1].plot(curves["epoch"], curves["val_iou"], label="val IoU")
+            axes[1].plot(val["epoch"], val["val_iou"], label="val IoU", **dot)
             best = curves.loc[curves["val_dice"].idxmax()]
             axes[1].axvline(best["epoch"], color="grey", ls="--", lw=1,
                             label=f"best epoch {int(best['epoch'])}")

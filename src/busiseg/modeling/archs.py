@@ -226,6 +226,7 @@ SMP_DECODERS = ("unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "de
                 "deeplabv3plus", "upernet", "segformer")
 """segmentation_models_pytorch's decoders by its own lower-case names (`smp.create_model`). Left
 out: DPT (needs a vision-transformer encoder) and PAN (fails below 128 px, e.g. the demo's 96)."""
+WIDTH_LIST_DECODERS = ("unet", "unetplusplus", "manet")  # take one width per decoder stage
 
 
 class SmpModel(SegModel):
@@ -236,11 +237,17 @@ class SmpModel(SegModel):
     size_divisor = 32  # five 2x down-samplings in every smp encoder at depth 5
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, decoder: str = "unet",
-                 encoder: str = "tu-tf_efficientnet_lite0", presence: bool = False) -> None:
+                 encoder: str = "tu-tf_efficientnet_lite0", presence: bool = False,
+                 decoder_channels: tuple[int, ...] = ()) -> None:
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("out_channels", out_channels, 1)
         self.decoder_name = decoder
+        widths = {"decoder_channels": tuple(decoder_channels)} if decoder_channels else {}
+        if widths and decoder not in WIDTH_LIST_DECODERS:
+            raise BusisegError(f"model.decoder_channels is read by "
+                               f"{', '.join('smp_' + d for d in WIDTH_LIST_DECODERS)} only, not "
+                               f"smp_{decoder}; set it to [] (the decoder's own widths)")
         import segmentation_models_pytorch as smp  # imported here: zoo-only runs never pay for it
 
         names = smp.encoders.get_encoder_names()
@@ -255,7 +262,8 @@ class SmpModel(SegModel):
             warnings.simplefilter("ignore", DeprecationWarning)  # smp's note on timm- names
             try:
                 self.net = smp.create_model(decoder, encoder_name=encoder, encoder_weights=None,
-                                            in_channels=in_channels, classes=out_channels)
+                                            in_channels=in_channels, classes=out_channels,
+                                            **widths)
             except Exception as exc:  # noqa: BLE001 - smp/timm refuse combinations in many ways
                 raise BusisegError(f"model.encoder {encoder!r} does not build with "
                                    f"segmentation_models_pytorch {decoder!r}: "

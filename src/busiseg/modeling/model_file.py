@@ -19,6 +19,7 @@ from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.pretrained import input_normalisation
 from busiseg.modeling.registry import arch_settings, build_model
 from busiseg.params import ModelParams, Params
+from busiseg.runtime.device import pin_kernels
 
 FORMAT = "busiseg-model"
 VERSION = 1
@@ -87,6 +88,9 @@ def load_model(path: str | Path,
     if not isinstance(state, dict) or weights_digest(state) != blob.get("digest"):
         raise BusisegError(f"{path}: refused: the weights do not match the file's digest "
                            "(corrupted or tampered with); retrain or restore the file")
+    # the kernels it was trained with (train.cpu_isa): evaluate and predict then compute exactly
+    # what the record did, before their first convolution
+    pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"))
     members = blob.get("members", 0)
     if members:
         model = FoldEnsemble([build_model(**blob["model"]) for _ in range(members)])

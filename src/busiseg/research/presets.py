@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from busiseg.errors import BusisegError
-from busiseg.params import parse_params, read_yaml
+from busiseg.params import override_value, parse_params, read_yaml
 
 PRESETS = Path(__file__).with_name("presets.yaml")
 
@@ -53,11 +53,6 @@ def load_presets(path: str | Path | None = None,
     return presets
 
 
-def flag(value: object) -> str:
-    """A value as `dvc exp run -S` takes it (YAML booleans: true/false)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def exp_command(preset: Preset, seed: int, raw_dir: str,
                 train_seed: int | None = None) -> list[str]:
     """The exact `dvc exp run` command for one seed of a preset. The split and the training share
@@ -68,5 +63,5 @@ def exp_command(preset: Preset, seed: int, raw_dir: str,
     name = f"{preset.name}-s{seed}" + ("" if train_seed is None else f"-t{train_seed}")
     cmd = ["dvc", "exp", "run", "-n", name]
     for key, value in overrides.items():
-        cmd += ["-S", f"{key}={flag(value)}"]
+        cmd += ["-S", f"{key}={override_value(value)}"]
     return cmd

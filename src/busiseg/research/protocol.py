@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from busiseg.params import load_params, read_yaml
+from busiseg.params import load_params, override_value, read_yaml
 from busiseg.research.ablate import ablate
-from busiseg.research.presets import PRESETS, exp_command, flag, load_presets
+from busiseg.research.presets import PRESETS, exp_command, load_presets
 from busiseg.runtime.device import machine
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,7 +104,7 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
     for key, value in want.items():  # refuse to file a run under the wrong preset or seed
         section, _, name = key.partition(".")
         have = getattr(getattr(p, section), name)
-        if have != value:
+        if have != (tuple(value) if isinstance(value, list) else value):
             sys.exit(f"error: params.yaml has {key}={have!r}, preset {preset.name} seed {seed} "
                      f"needs {value!r}; run the preset's command first")
     noisy = train_seed is not None
@@ -122,7 +122,8 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
         "command": "uv run " + shlex.join(exp_command(preset, seed, raw_dir, train_seed)),
         "eval": ev,
         "train": {k: v for k, v in tr.items() if k.startswith("fold") or k in (
-            "best_epoch", "best_val_dice", "epochs_run", "seconds", "images_per_s", "device")},
+            "best_epoch", "best_val_dice", "epochs_run", "seconds", "images_per_s", "device",
+            "wall_seconds", "wall_images_per_s", "threads", "amp", "kernel_isa")},
         "wall_seconds": None if wall is None else round(wall, 1),
         # the code that trained it: a pair of runs from two codes is not the recipe change alone
         "commit": _commit(),
@@ -132,7 +133,7 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
     path.write_text(json.dumps(rec, indent=2, sort_keys=False) + "\n")
     tag = f"seed {seed}" + ("" if train_seed is None else f" training seed {train_seed}")
     print(f"{preset.name} {tag}: test Dice {ev['dice']}, training "
-          f"{tr['seconds'] / 60:.1f} min", flush=True)
+          f"{tr.get('wall_seconds', tr['seconds']) / 60:.1f} min", flush=True)
 
 
 def _git(*args: str) -> subprocess.CompletedProcess:
@@ -256,7 +257,7 @@ def paired(base: dict, other: dict, defaults: dict | None = None, diff=None) -> 
     defaults = defaults or {}  # params.yaml's values, for a key only one preset sets
     b, o = ({**{k: defaults.get(k) for k in set(base["overrides"]) | set(other["overrides"])},
              **r["overrides"]} for r in (base, other))
-    changed = {k: flag(o[k]) for k in sorted(o) if b[k] != o[k]}
+    changed = {k: override_value(o[k]) for k in sorted(o) if b[k] != o[k]}
     gain = {s: other["runs"][s]["eval"]["dice"] - base["runs"][s]["eval"]["dice"] for s in seeds}
     empty = {s: (base["runs"][s]["eval"]["normal_empty_rate"],
                  other["runs"][s]["eval"]["normal_empty_rate"]) for s in seeds}

@@ -28,8 +28,12 @@ def read_run(workspace: str | Path) -> tuple[list[list[float]], float]:
     histories = []
     for k in range(train["folds"]):
         tsv = root / "dvclive" / "train" / f"fold_{k}" / "plots" / "metrics" / "val_dice.tsv"
-        rows = tsv.read_text().split("\n")[1:]
-        histories.append([float(line.split("\t")[1]) for line in rows if line.strip()])
+        rows = [line.split("\t") for line in tsv.read_text().split("\n")[1:] if line.strip()]
+        if len(rows) != int(rows[-1][0]):
+            raise SystemExit(f"error: {tsv} has no validation at some epochs (train.val_every "
+                             "> 1); time to quality needs every epoch's: re-run with "
+                             "-S train.val_every=1")
+        histories.append([float(value) for _, value in rows])
     return histories, epoch_seconds(train)
 
 

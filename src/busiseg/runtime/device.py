@@ -41,12 +41,13 @@ def pick_device(name: str, param: str = "train.device") -> torch.device:
 
 
 def place(setting: str, param: str, *, threads: int = 0, processes: int = 1,
-          local_rank: int = 0, deterministic: bool = False,
+          local_rank: int = 0, deterministic: bool = False, cpu_isa: str = "native",
           check: Callable[[torch.device], None] | None = None) -> tuple[torch.device, QueueSlot]:
     """The device a process computes on, and its DVC queue slot: `setting` (auto|cpu|cuda|mps,
     named `param` in errors) resolved, then this process's own GPU among the queue's workers and
     torchrun's processes, and its share of the CPU cores (`threads`, 0 = the share). `check`
-    sees the device kind before a GPU is claimed."""
+    sees the device kind before a GPU is claimed; `cpu_isa` pins the CPU kernels (pin_kernels)."""
+    pin_kernels(cpu_isa)
     slot = queue_slot()
     device = pick_device(setting, param)
     if check is not None:
@@ -54,6 +55,19 @@ def place(setting: str, param: str, *, threads: int = 0, processes: int = 1,
     device = worker_device(device, local_rank, processes, slot)
     configure_threads_and_kernels(cpu_threads(threads, processes, slot), deterministic, device)
     return device, slot
+
+
+KERNEL_PINS = {"avx2": "AVX2", "avx512": "AVX512_CORE"}  # oneDNN's names for train.cpu_isa
+
+
+def pin_kernels(cpu_isa: str) -> None:
+    """Cap oneDNN's instruction set (train.cpu_isa): kernels of different sets round differently,
+    so a run reproduces bit for bit only with the same set. oneDNN reads the cap once, at the
+    first convolution of the process, so this must come before any; `native` leaves it to the CPU
+    (or to ONEDNN_MAX_CPU_ISA, as .ci/run sets it). A cap above the CPU's best does nothing:
+    an AVX2-only machine runs AVX2 whatever the pin, and says so in its kernel_isa."""
+    if cpu_isa != "native":
+        os.environ["ONEDNN_MAX_CPU_ISA"] = KERNEL_PINS[cpu_isa]
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

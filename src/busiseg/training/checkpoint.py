@@ -32,7 +32,8 @@ def run_hash(p: Params, files: list[Path], fold: int | None = None) -> str:
     training code: a run interrupted, then resumed after an edit to the loss, would otherwise
     continue the old code's weights under the new code's name. Each fold is a run of its own."""
     relevant = {k: asdict(getattr(p, k)) for k in ("model", "train", "augment")}
-    relevant["train"].pop("progress")
+    for how_not_what in ("progress", "fold_workers"):  # the thread count each fold gets is
+        relevant["train"].pop(how_not_what)        # train.threads, set by cross_validation
     relevant["fold"] = fold
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for f in [*training_code(), *files]:

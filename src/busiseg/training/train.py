@@ -33,6 +33,7 @@ from busiseg.runtime import distributed
 from busiseg.runtime.device import (
     amp_dtype,
     autocast,
+    kernel_isa,
     place,
     seed_everything,
     show_progress,
@@ -50,6 +51,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
     ranks = distributed.current()
     device, slot = place(cfg.device, "train.device", threads=cfg.threads, processes=cfg.processes,
                          local_rank=ranks.local_rank, deterministic=cfg.deterministic,
+                         cpu_isa=cfg.cpu_isa,
                          check=lambda d: distributed.check_request(cfg, d, ranks))
     distributed.init(device, ranks)
     dtype = amp_dtype(cfg.amp, device)
@@ -107,14 +109,14 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
                                      scheduler, scaler, loss_fn, device, dtype, memory_format, bar,
                                      ranks)
         lr = optimizer.param_groups[0]["lr"]
-        val = validate(model, data, p, device, dtype, loss_fn, memory_format) if ranks.main \
-            else None
+        val = validate(model, data, p, device, dtype, loss_fn, memory_format) \
+            if ranks.main and validates(cfg, epoch) else None
         val = distributed.from_main(val, ranks)
         if cfg.schedule == "plateau":
             scheduler.step(val["dice"])
         run.seconds += time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
-               "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr}
+        row = {"epoch": epoch + 1, "train_loss": train_loss, **({} if val is None else {
+            "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"]}), "lr": lr}
         improved = record_epoch(run, row, model, keep_weights=ranks.main)
         if not ranks.main:
             continue
@@ -122,13 +124,14 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         checkpoint.save(ckpt_path, key, run, model, optimizer, scheduler, scaler)
         log_epoch(live, run.history[-1])
         tag = "" if fold is None else f"fold {fold} "
-        print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
-              f"val_loss {val['loss']:.4f}  val_dice {val['dice']:.4f}  val_iou {val['iou']:.4f}"
-              f"  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
+        scores = "" if val is None else (f"  val_loss {val['loss']:.4f}  val_dice "
+                                         f"{val['dice']:.4f}  val_iou {val['iou']:.4f}")
+        print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}"
+              f"{scores}  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
     return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
                   images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold,
-                  encoder_source=encoder_source, write=ranks.main)
+                  encoder_source=encoder_source, write=ranks.main, dtype=dtype)
 
 
 # ---- the parts around the loop --------------------------------------------------------------
@@ -286,11 +289,20 @@ def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
     return {"loss": total / len(data.val_images), "dice": dice, "iou": iou}
 
 
+def validates(cfg: TrainParams, epoch: int) -> bool:
+    """Every train.val_every-th epoch and the last: a fold model is kept at its last epoch
+    whatever its curve says, so its other validations only draw the curve (and cost ~5 % of an
+    epoch on a CPU: bench.py levers)."""
+    return (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+
+
 def record_epoch(run: checkpoint.Progress, row: dict, model: torch.nn.Module,
                  keep_weights: bool = True) -> bool:
     """Adds the epoch's row; keeps a copy of the weights when val Dice improved."""
     run.history.append({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
     run.epoch = row["epoch"]
+    if "val_dice" not in row:  # not validated this epoch (train.val_every)
+        return False
     if row["val_dice"] > run.best_dice:
         run.best_dice, run.bad_epochs = row["val_dice"], 0
         if keep_weights:
@@ -324,11 +336,11 @@ def log_epoch(live, row: dict) -> None:
 def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
            ckpt_path: Path, key: str, images_seen: int, device: torch.device,
            fold: int | None = None, encoder_source: dict | None = None,
-           write: bool = True) -> dict:
+           write: bool = True, dtype: torch.dtype | None = None) -> dict:
     """Save the kept weights, retire the checkpoint, and summarise the run. A fold model keeps
     its last epoch: choosing the epoch on the fold it is then scored on would inflate the
     cross-validation score (nnU-Net's fixed schedule, scored at its end)."""
-    best_row = max(run.history, key=lambda r: r["val_dice"])
+    best_row = max((r for r in run.history if "val_dice" in r), key=lambda r: r["val_dice"])
     state = run.best_state if fold is None else \
         {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if write:
@@ -344,6 +356,8 @@ def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, 
         "device": device.type,
         "processes": p.train.processes,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "amp": str(dtype).removeprefix("torch.") if dtype else "off",
+        "kernel_isa": kernel_isa() if device.type == "cpu" else None,
         "n_params": sum(t.numel() for t in model.parameters()),
     }
     if fold is not None:
@@ -354,45 +368,6 @@ def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, 
         checkpoint.mark_complete(ckpt_path, key,
                                  *((summary, run.history) if fold is not None else ()))
     return summary
-
-
-def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_path: Path,
-                           folds_dir: Path, live_dir: Path) -> dict:
-    """K fold models, each trained, checkpointed and resumed on its own in `folds_dir` (kept by
-    DVC across a kill), so a run killed during fold 3 re-trains none of folds 0-2. The finished
-    members become one model file; their own files go, so a later run starts afresh."""
-    k_folds = p.split.folds
-    folds_dir.mkdir(parents=True, exist_ok=True)
-    summaries = [train(p, cache_path, split_path, folds_dir / f"fold_{k}.pt",
-                       folds_dir / f"fold_{k}.ckpt", live_dir / f"fold_{k}", fold=k)
-                 for k in range(k_folds)]
-    if not distributed.current().main:
-        return {}  # rank 0 assembles and writes the ensemble
-    state, size, source = {}, None, None
-    for k in range(k_folds):
-        blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
-        state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
-        size, source = blob["preprocess"]["size"], blob.get("encoder_weights")
-    kwargs = model_kwargs(p.model, presence=p.train.presence_weight > 0,
-                          channels=p.preprocess.channels)
-    save_model(model_path, state, kwargs, p, size, members=k_folds,
-               encoder_weights=source)
-    for k in range(k_folds):
-        (folds_dir / f"fold_{k}.pt").unlink()
-    seconds = sum(s["seconds"] for s in summaries)
-    images = sum(s["seconds"] * (s["images_per_s"] or 0) for s in summaries)
-    return {
-        "folds": k_folds,
-        "epochs_run": sum(s["epochs_run"] for s in summaries),
-        "seconds": round(seconds, 2),
-        "images_per_s": round(images / seconds, 2) if seconds else None,
-        "device": summaries[0]["device"],
-        "processes": summaries[0]["processes"],
-        "threads": summaries[0]["threads"],
-        "n_params": summaries[0]["n_params"],
-        **{f"fold_{k}_{key}": s[key] for k, s in enumerate(summaries)
-           for key in ("kept_val_dice", "epochs_run", "seconds")},
-    }
 
 
 def _bar(total: int, desc: str, enabled: bool):

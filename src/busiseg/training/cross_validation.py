@@ -1,0 +1,174 @@
+"""Cross-validation training: K fold models, one after another or side by side.
+
+On a CPU of a few cores a small network does not use two threads twice as well as one (the
+depthwise convolutions of EfficientNet-Lite0 at 128 px barely gain from a second thread), so the
+K folds finish sooner as separate processes of one thread each than in turn on all the cores
+(`train.fold_workers`; measured in docs/performance.md). Each fold keeps its own checkpoint, so a
+run killed anywhere resumes every fold where it stopped, and a fold computes exactly what it
+computes trained alone with the same thread count (`-S train.threads=N -S train.fold_workers=1`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+import time
+import traceback
+from dataclasses import replace
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import torch
+
+from busiseg.errors import BusisegError
+from busiseg.modeling.model_file import model_kwargs, save_model
+from busiseg.params import Params, TrainParams
+from busiseg.runtime import distributed
+from busiseg.runtime.device import pick_device
+from busiseg.runtime.placement import cpu_cores, cpu_threads, queue_slot
+from busiseg.training.train import train
+
+SUMMED = ("epochs_run", "seconds")  # per-fold figures the run reports summed
+
+
+def fold_workers(cfg: TrainParams, folds: int) -> int:
+    """train.fold_workers, or (0) what measurement chose: on a CPU one fold per core (or per
+    train.threads cores), since two one-thread processes out-train one two-thread process
+    (bench.py levers); on a GPU one fold at a time, which a single fold already keeps busy."""
+    if cfg.fold_workers:
+        return min(cfg.fold_workers, folds)
+    if cfg.processes > 1 or pick_device(cfg.device, "train.device").type != "cpu":
+        return 1
+    return max(1, min(folds, cpu_cores() // (queue_slot().workers * max(1, cfg.threads))))
+
+
+def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_path: Path,
+                           folds_dir: Path, live_dir: Path) -> dict:
+    """K fold models, each trained, checkpointed and resumed on its own in `folds_dir` (kept by
+    DVC across a kill), so a run killed during fold 3 re-trains none of folds 0-2. The finished
+    members become one model file; their own files go, so a later run starts afresh."""
+    k_folds = p.split.folds
+    folds_dir.mkdir(parents=True, exist_ok=True)
+    workers = fold_workers(p.train, k_folds)
+    start = time.perf_counter()
+    if workers == 1:
+        summaries = [train(p, cache_path, split_path, folds_dir / f"fold_{k}.pt",
+                           folds_dir / f"fold_{k}.ckpt", live_dir / f"fold_{k}", fold=k)
+                     for k in range(k_folds)]
+    else:
+        threads = cpu_threads(p.train.threads, workers, queue_slot())
+        print(f"train: {k_folds} folds, {workers} side by side with {threads} thread(s) each; "
+              "each prints its own epochs", flush=True)
+        q = replace(p, train=replace(p.train, threads=threads, progress="off"))
+        summaries = side_by_side(q, cache_path, split_path, folds_dir, live_dir, workers)
+    wall = time.perf_counter() - start
+    if not distributed.current().main:
+        return {}  # rank 0 assembles and writes the ensemble
+    assemble(p, folds_dir, model_path)
+    seconds = sum(s["seconds"] for s in summaries)
+    images = sum(s["seconds"] * (s["images_per_s"] or 0) for s in summaries)
+    return {
+        "folds": k_folds,
+        "epochs_run": sum(s["epochs_run"] for s in summaries),
+        "seconds": round(seconds, 2),  # summed over the folds, side by side or not
+        "images_per_s": round(images / seconds, 2) if seconds else None,  # per training process
+        "wall_seconds": round(wall, 2),
+        "wall_images_per_s": round(images / wall, 2) if wall else None,
+        "fold_workers": workers,
+        **{key: summaries[0][key] for key in ("device", "processes", "threads", "amp",
+                                                "kernel_isa", "n_params")},
+        **{f"fold_{k}_{key}": s[key] for k, s in enumerate(summaries)
+           for key in ("kept_val_dice", "epochs_run", "seconds")},
+    }
+
+
+def assemble(p: Params, folds_dir: Path, model_path: Path) -> None:
+    """The K fold files as one FoldEnsemble model file."""
+    state, size, source = {}, None, None
+    for k in range(p.split.folds):
+        blob = torch.load(folds_dir / f"fold_{k}.pt", map_location="cpu", weights_only=True)
+        state.update({f"members.{k}.{name}": t for name, t in blob["state_dict"].items()})
+        size, source = blob["preprocess"]["size"], blob.get("encoder_weights")
+    kwargs = model_kwargs(p.model, presence=p.train.presence_weight > 0,
+                          channels=p.preprocess.channels)
+    save_model(model_path, state, kwargs, p, size, members=p.split.folds,
+               encoder_weights=source)
+    for k in range(p.split.folds):
+        (folds_dir / f"fold_{k}.pt").unlink()
+
+
+def side_by_side(p: Params, cache_path: Path, split_path: Path, folds_dir: Path,
+                 live_dir: Path, workers: int) -> list[dict]:
+    """Train the folds in `workers` processes at once, each taking the next fold as one ends.
+    The first fold to fail stops the others (their checkpoints keep what they had done)."""
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no OpenMP pool inherited mid-use
+    todo, running, done = list(range(p.split.folds)), {}, {}
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                k = todo.pop(0)
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_fold_process, name=f"busiseg-fold-{k}", args=(
+                    send, p, cache_path, split_path, folds_dir, live_dir, k))
+                proc.start()
+                send.close()
+                running[proc.sentinel] = (k, proc, receive)
+            for sentinel in wait(list(running)):
+                k, proc, receive = running.pop(sentinel)
+                message = receive.recv() if receive.poll() else ("died", None)
+                proc.join()
+                if message[0] != "done":
+                    _fail(k, proc.exitcode, *message)
+                done[k] = message[1]
+    finally:
+        for _, proc, _ in running.values():
+            proc.terminate()
+        for _, proc, _ in running.values():
+            proc.join()
+    return [done[k] for k in range(p.split.folds)]
+
+
+def _fail(fold: int, exitcode: int | None, kind: str, detail: str | None) -> None:
+    if kind == "error":
+        raise BusisegError(detail)
+    if kind == "crash":
+        print(detail, file=sys.stderr, end="")
+        raise RuntimeError(f"fold {fold}'s training process failed (its traceback is above)")
+    how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else \
+        f"ended with exit code {exitcode}"
+    raise BusisegError(f"fold {fold}'s training process {how} (out of memory?); `dvc repro` "
+                       "resumes every fold from its last epoch (models/checkpoints)")
+
+
+def _fold_process(conn, p: Params, cache_path: Path, split_path: Path, folds_dir: Path,
+                  live_dir: Path, fold: int) -> None:
+    """One fold in a process of its own, which reports its summary or its failure to the
+    parent and never outlives it."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: the parent
+    try:                                          # stops the folds and says so once
+        summary = train(p, cache_path, split_path, folds_dir / f"fold_{fold}.pt",
+                        folds_dir / f"fold_{fold}.ckpt", live_dir / f"fold_{fold}", fold=fold)
+        conn.send(("done", summary))
+    except BusisegError as exc:
+        conn.send(("error", str(exc)))
+    except BaseException:  # noqa: BLE001 - a bug: the parent prints the traceback and stops
+        conn.send(("crash", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def _die_with_parent() -> None:
+    """A fold process whose parent was killed (SIGKILL leaves no time to stop it) would go on
+    writing the checkpoint the resumed run reads: on Linux the kernel kills it too."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+        os._exit(1)
