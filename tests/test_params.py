@@ -15,13 +15,25 @@ def test_repo_params_are_valid_and_match_defaults():
     assert isinstance(p, Params)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     defaults = Params()
-    for section, values in raw.items():  # params.yaml spells out every default
-        for key, value in values.items():
-            want = tuple(value) if isinstance(value, list) else value  # YAML lists: tuples
-            assert getattr(getattr(defaults, section), key) == want, f"{section}.{key}"
+    for section, values in raw.items():  # params.yaml spells out every default, as it reads
+        for key in values:
+            assert getattr(getattr(defaults, section), key) == getattr(getattr(p, section), key), \
+                f"{section}.{key}"
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("off", None), (False, None), (None, None), ("OFF", None), ("auto", "auto"), (0.3, 0.3),
+    (1, 1.0), ("0.25", 0.25)])
+def test_every_spelling_of_a_presence_threshold_has_one_parsed_form(value, parsed):
+    assert parse_params({"evaluate": {"presence_threshold": value}}).evaluate \
+        .presence_threshold == parsed
 
 
 @pytest.mark.parametrize("raw, needle", [
+    ({"evaluate": {"presence_threshold": 1.5}},
+     "evaluate.presence_threshold is 1.5; choose off, auto or a number in [0, 1]"),
+    ({"evaluate": {"presence_threshold": "maybe"}},
+     "evaluate.presence_threshold is 'maybe'; choose off, auto or a number in [0, 1]"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'; did you mean 'train.epochs'"),
     ({"trian": {}}, "unknown section 'trian'; did you mean 'train'"),
     ({"train": {"epochs": "ten"}}, "train.epochs must be int, got 'ten'"),

@@ -62,13 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gate(text: str) -> float | None:
-    if text.strip().lower() == "off":
-        return None
+    """params.yaml's reading of a presence threshold; auto is evaluate's to choose."""
+    from busiseg.params import parse_presence_threshold
+
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number in [0, 1] nor off"
-                                         ) from None
+        value = parse_presence_threshold(text, "--presence-threshold")
+    except BusisegError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(" is ", 1)[-1]) from None
+    if value == "auto":
+        raise argparse.ArgumentTypeError("auto is chosen by the evaluate stage on held-out "
+                                         "data; give a number in [0, 1] or off")
+    return value
 
 
 def predict(args, parser) -> int:

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -288,6 +288,29 @@ class AugmentParams:
         _require(self.shift <= 0.5, "augment.shift", "must be ≤ 0.5")
 
 
+def parse_presence_threshold(value: object,
+                             source: str = "params.yaml: evaluate.presence_threshold"):
+    """The one reading of a presence threshold, wherever it is written (params.yaml, a preset,
+    `-S`, `busiseg predict --presence-threshold`): off (and YAML's false or null) is None,
+    auto is "auto" (evaluate chooses it on held-out data), a number is the lesion score below
+    which a mask is emptied."""
+    word = value.strip().lower() if isinstance(value, str) else value
+    if word in (None, False, "off"):
+        return None
+    if word == "auto":
+        return "auto"
+    try:
+        number = float(word) if not isinstance(word, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0 <= number <= 1:
+        raise BusisegError(f"{source} is {value!r}; choose off, auto or a number in [0, 1]")
+    return number
+
+
+PresenceThreshold = Annotated[float | Literal["auto"] | None, parse_presence_threshold]
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
     threshold: float = 0.5
@@ -302,8 +325,8 @@ class EvaluateParams:
     bootstrap: int = 1000  # resamples of the test images for the 95 % intervals; 0 = none
     bootstrap_seed: int = 0
     # images whose lesion score is below it get an empty mask: off | auto (chosen on held-out
-    # data for the best dice_all) | a probability
-    presence_threshold: str | float | bool | None = "off"  # false / null: off
+    # data for the best dice_all) | a probability; read by parse_presence_threshold
+    presence_threshold: PresenceThreshold = None
     # the per-image trust score (busiseg.inference.confidence) and the share of images, chosen
     # on held-out data, whose score is low enough to flag them for review (0 = none)
     confidence: Literal["entropy", "presence", "combined"] = "entropy"
@@ -313,12 +336,6 @@ class EvaluateParams:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
         _require(0.0 <= self.review_fraction < 1.0, "evaluate.review_fraction",
                  "must be in [0, 1): the share of images to flag for review (0 = none)")
-        if self.presence_threshold is False or self.presence_threshold is None:  # YAML 1.1's off
-            object.__setattr__(self, "presence_threshold", "off")
-        t = self.presence_threshold
-        word = isinstance(t, str) and t in ("off", "auto")
-        _require(word or (isinstance(t, float) and 0 < t < 1),
-                 "evaluate.presence_threshold", f"is {t!r}; choose off, auto or a number in (0, 1)")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be ≥ 1")
         _require(self.bootstrap >= 0, "evaluate.bootstrap", "must be ≥ 0 (0 = no intervals)")
 
@@ -362,8 +379,11 @@ def _suggest(name: str, choices: list[str], prefix: str = "") -> str:
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check one value against its annotation; ints are accepted where floats are expected."""
+    """Check one value against its annotation; ints are accepted where floats are expected.
+    An Annotated hint names its own reader (e.g. parse_presence_threshold)."""
     origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return hint.__metadata__[0](value, f"params.yaml: {key}")
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
@@ -405,7 +425,7 @@ def _build(cls: type, section: str, raw: Any) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise BusisegError(f"params.yaml: '{section}' must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():

@@ -203,7 +203,7 @@ def presence_choice(p: Params, masks: np.ndarray, truth: np.ndarray,
     images for the best dice_all."""
     if p.evaluate.presence_threshold == "auto":
         return presence.choose_threshold(masks, truth, scores)
-    return presence.setting(p.evaluate.presence_threshold)
+    return p.evaluate.presence_threshold
 
 
 def trust_of(p: Params, probs: np.ndarray, scores: np.ndarray, temperature: float,

@@ -20,11 +20,6 @@ GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate presence threshold
 BINS = 10  # reliability bins of equal width
 
 
-def setting(value: str | float) -> float | None:
-    """evaluate.presence_threshold as a number, None for off (auto is chosen elsewhere)."""
-    return None if value in ("off", "auto") else float(value)
-
-
 def dice_all(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(dice_iou(confusion(pred, truth))[0].mean()) if len(pred) else float("nan")
 

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from busiseg.params import load_params, override_value, read_yaml
+from busiseg.params import load_params, override_value, parse_params, read_yaml
 from busiseg.research.ablate import ablate
-from busiseg.research.presets import PRESETS, exp_command, load_presets
+from busiseg.research.presets import PRESETS, apply_overrides, exp_command, load_presets
 from busiseg.runtime.device import machine
 
 REPO = Path(__file__).resolve().parents[3]
@@ -101,10 +101,11 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
     p = load_params(REPO / "params.yaml")
     t = seed if train_seed is None else train_seed
     want = {"data.raw_dir": raw_dir, **preset.overrides, "split.seed": seed, "train.seed": t}
+    expected = parse_params(apply_overrides({}, want))  # each value as params.yaml reads it
     for key, value in want.items():  # refuse to file a run under the wrong preset or seed
         section, _, name = key.partition(".")
         have = getattr(getattr(p, section), name)
-        if have != (tuple(value) if isinstance(value, list) else value):
+        if have != getattr(getattr(expected, section), name):
             sys.exit(f"error: params.yaml has {key}={have!r}, preset {preset.name} seed {seed} "
                      f"needs {value!r}; run the preset's command first")
     noisy = train_seed is not None
