@@ -5,6 +5,7 @@ from busiseg.data.ingest import ingest, report_dict
 from busiseg.data.manifest import write_manifest_rows
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run, write_json
+from busiseg.runtime.progress import show_progress
 
 MANIFEST = "data/manifest.csv"
 REPORT = "data/ingest_report.json"
@@ -17,7 +18,7 @@ def main() -> None:
     p, channels = params.data, params.preprocess.channels
     audit = AuditPolicy(p.label_mismatch, p.cross_class_duplicates, p.burned_marks)
     result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit, layout=p,
-                    channels=channels)
+                    channels=channels, progress=show_progress(p.progress))
     write_manifest_rows(MANIFEST, result.rows)
     write_json(REPORT, report_dict(result, p.raw_dir))
     write_json(METRICS, result.metrics)

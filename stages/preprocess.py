@@ -8,6 +8,7 @@ from busiseg.data.manifest import read_manifest_rows
 from busiseg.errors import BusisegError
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run
+from busiseg.runtime.progress import show_progress
 
 CACHE = "data/cache.npz"
 
@@ -23,7 +24,8 @@ def main() -> None:
     start = time.perf_counter()
     info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE,
                       params.preprocess.workers, params.data.mask_kind == "outline",
-                      params.data.burned_marks == "mask", params.preprocess.channels)
+                      params.data.burned_marks == "mask", params.preprocess.channels,
+                      show_progress(params.data.progress))
     print(f"preprocess: {info['n_images']} images at {info['size']}x{info['size']} "
           f"in {time.perf_counter() - start:.1f}s -> {CACHE}")
 

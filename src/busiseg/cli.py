@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
-    pr.add_argument("--presence-threshold", type=_gate, default=argparse.SUPPRESS,
-                    metavar="P|off",
+    pr.add_argument("--presence-threshold", metavar="P|off",
                     help="empty the mask of an image whose lesion score is below P; off: no "
                          "gate (either one replaces the gate of the evaluate file or export)")
     pr.add_argument("--save-probabilities", action="store_true",
@@ -61,18 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _gate(text: str) -> float | None:
-    """params.yaml's reading of a presence threshold; auto is evaluate's to choose."""
+def _overrides(args) -> dict:
+    """MaskSettings fields given on the command line, to apply over the evaluate file's or the
+    export's: the presence threshold, read as params.yaml reads it (auto is evaluate's)."""
     from busiseg.params import parse_presence_threshold
 
-    try:
-        value = parse_presence_threshold(text, "--presence-threshold")
-    except BusisegError as exc:
-        raise argparse.ArgumentTypeError(str(exc).split(" is ", 1)[-1]) from None
+    if args.presence_threshold is None:
+        return {}
+    value = parse_presence_threshold(args.presence_threshold, "--presence-threshold")
     if value == "auto":
-        raise argparse.ArgumentTypeError("auto is chosen by the evaluate stage on held-out "
-                                         "data; give a number in [0, 1] or off")
-    return value
+        raise BusisegError("--presence-threshold auto: auto is chosen by the evaluate stage on "
+                           "held-out data; give a number in [0, 1] or off")
+    return {"presence_threshold": value}
 
 
 def predict(args, parser) -> int:
@@ -94,8 +93,7 @@ def predict(args, parser) -> int:
         settings, source = None, f"{args.model} metadata"
     written, failures = predict_paths(args.model, args.inputs, args.out, settings,
                                       device=args.device, mask_marks=args.mask_marks,
-                                      presence_threshold=getattr(args, "presence_threshold",
-                                                                 "keep"),
+                                      overrides=_overrides(args),
                                       save_probabilities=args.save_probabilities)
     for f in failures:
         print(f"skipped: {f.path}: {f.reason}", file=sys.stderr)

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-
 from busiseg.errors import BusisegError
 
 
@@ -102,6 +100,7 @@ class DataParams(LayoutParams):
     # near-duplicate frames: max Hamming distance between 64-bit perceptual hashes; -1 disables
     near_dup_hamming: int = 6
     workers: int = 0  # decoding processes; 0 = one per core
+    progress: Literal["auto", "on", "off"] = "auto"  # ingest's and preprocess's bars
     # the audit: what a doubtful label costs (warn keeps and lists it, skip drops it, error stops)
     label_mismatch: Literal["warn", "skip", "error"] = "warn"
     cross_class_duplicates: Literal["warn", "skip", "error"] = "warn"
@@ -226,13 +225,14 @@ class TrainParams:
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU is always repeatable
     progress: Literal["auto", "on", "off"] = "auto"
     val_batch_size: int = 16  # images per forward pass when validating each epoch
-    val_every: int = 1  # validate every N epochs and at the last (the curve's points)
+    val_every: int = 1  # validate every N epochs and at the last (0: the last alone)
 
     def check(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be ≥ 1")
         _require(self.batch_size >= 1, "train.batch_size", "must be ≥ 1")
         _require(self.val_batch_size >= 1, "train.val_batch_size", "must be ≥ 1")
-        _require(self.val_every >= 1, "train.val_every", "must be ≥ 1 (1 = every epoch)")
+        _require(self.val_every >= 0, "train.val_every",
+                 "must be ≥ 0 (1 = every epoch, 0 = the last alone)")
         _require(self.val_every == 1 or (self.patience == 0 and self.schedule != "plateau"),
                  "train.val_every", "must be 1 with train.patience > 0 or schedule plateau "
                  "(both read the validation Dice of every epoch)")
@@ -331,6 +331,7 @@ class EvaluateParams:
     # on held-out data, whose score is low enough to flag them for review (0 = none)
     confidence: Literal["entropy", "presence", "combined"] = "entropy"
     review_fraction: float = 0.0
+    progress: Literal["auto", "on", "off"] = "auto"  # evaluate's and external sets' bars
 
     def check(self) -> None:
         _require(0.0 < self.threshold < 1.0, "evaluate.threshold", "must be in (0, 1)")
@@ -477,28 +478,6 @@ def _build_external(raw: Any) -> dict[str, LayoutParams]:
     return out
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 (PyYAML's) reads `1e-4` and `5e-05`, which DVC writes for `-S train.lr=5e-5`, as
-    strings: it wants a dot and a signed exponent. This loader also takes YAML 1.2's floats
-    (`1e-4`, `5E-5`, `1.0e+3`, `.5`, `-.5e3`); ints stay ints. Booleans are YAML 1.2's too
-    (true/false), as DVC reads them: `off` is the word, not False."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[0-9][0-9_]*[eE][-+]?[0-9]+)$""", re.X),
-    list("-+0123456789."))
-
-
 _BARE = re.compile(r"^[A-Za-z_./~][A-Za-z0-9_./:@+~-]*$")  # what Hydra reads back as this string
 _NOT_STRINGS = re.compile(r"^(?:true|false|null|nan|inf)$", re.I)
 
@@ -518,17 +497,23 @@ def override_value(value: object) -> str:
 
 
 def read_yaml(text: str):
-    """The one YAML reader for params: every float spelling DVC or a person writes is a float."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """The one YAML reader for params and presets: ruamel.yaml's YAML 1.2, as DVC itself reads
+    and writes params.yaml, so busiseg and `dvc exp show` agree on every value (`1e-4` and
+    DVC's `5e-05` are floats, `off` is a word, only true/false are booleans)."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe").load(text)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise BusisegError(f"{path}: params file not found; run from the project root")
+    from ruamel.yaml import YAMLError
+
     try:
         raw = read_yaml(path.read_text())
-    except yaml.YAMLError as exc:
+    except YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise BusisegError(

@@ -18,7 +18,7 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.inference.confidence import calibrate
-from busiseg.inference.onnx_model import export_onnx, load_onnx, settings_of
+from busiseg.inference.onnx_model import export_onnx, load_onnx
 from busiseg.inference.predict import predict_paths
 from busiseg.inference.segment import MaskSettings, gate, predict_probabilities
 from busiseg.modeling.archs import split_output
@@ -191,7 +191,7 @@ def test_onnx_exports_of_format_version_1_still_load_and_unknown_versions_do_not
         onnx.save(proto, str(tmp_path / f"v{version}.onnx"))
         if loads:
             meta = load_onnx(tmp_path / f"v{version}.onnx")[1]
-            assert meta["version"] == 1 and settings_of(meta) == MaskSettings()
+            assert meta["version"] == 1 and MaskSettings.from_metadata(meta) == MaskSettings()
         else:
             with pytest.raises(BusisegError, match="not a busiseg ONNX export"):
                 load_onnx(tmp_path / f"v{version}.onnx")

@@ -73,7 +73,14 @@ def test_mask_settings_come_from_evaluates_output(tmp_path: Path):
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"threshold": 0.35, "used_tta": 1, "used_largest_cc": 0,
                               "used_fill_holes": 1, "used_tune_threshold": 1}))
-    assert MaskSettings.from_eval(ev) == MaskSettings(0.35, tta=True, fill_holes=True)
+    assert MaskSettings.from_eval(ev) == MaskSettings(0.35, tta=True, fill_holes=True,
+                                                      tuned_threshold=True)
+    # what evaluate writes, MaskSettings reads back: one type owns the file's settings keys
+    chosen = MaskSettings(0.4, tta=True, largest_cc=True, presence_threshold=0.3,
+                          confidence="combined", temperature=1.7, review_threshold=0.2,
+                          tuned_threshold=True, held_out_dice=0.81)
+    ev.write_text(json.dumps(chosen.eval_keys()))
+    assert MaskSettings.from_eval(ev) == chosen
     ev.write_text(json.dumps({"threshold": 1.5, "used_tta": 0, "used_largest_cc": 0,
                               "used_fill_holes": 0}))
     with pytest.raises(BusisegError, match="threshold must be in"):

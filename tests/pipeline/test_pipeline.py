@@ -23,7 +23,7 @@ from conftest import (
 from PIL import Image
 
 from busiseg.data.cache import load_cache
-from busiseg.inference.onnx_model import load_onnx, settings_of
+from busiseg.inference.onnx_model import load_onnx
 from busiseg.inference.segment import MaskSettings, binarize, probabilities
 from busiseg.modeling.model_file import load_model
 
@@ -140,7 +140,7 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
                str(onnx_path)], repo, python_env)
     forward, meta = load_onnx(onnx_path)
     settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
-    assert settings_of(meta) == settings  # every setting, the gate and the flag's included
+    assert MaskSettings.from_metadata(meta) == settings  # every setting, gate and flag included
     model, blob = load_model(repo / "models" / "model.pt")
     assert (meta["size"], meta["input_mean"], meta["input_std"]) == (
         blob["preprocess"]["size"], blob["preprocess"]["input_mean"],

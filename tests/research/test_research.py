@@ -10,7 +10,9 @@ import yaml
 from conftest import REPO, run_train, tiny_params
 
 from busiseg.errors import BusisegError
-from busiseg.evaluation.evaluate import PIECES, candidates, evaluate
+from busiseg.evaluation.choose import PIECES, candidates
+from busiseg.evaluation.evaluate import evaluate
+from busiseg.inference.segment import MaskSettings
 from busiseg.params import parse_params
 from busiseg.research import normals, protocol
 from busiseg.research.ablate import ablate
@@ -95,10 +97,13 @@ def test_ablation_covers_every_combination_and_matches_evaluate(tmp_path: Path):
 
 
 def test_select_on_val_candidates_are_subsets_of_the_enabled_pieces_simplest_first():
+    def pieces(c: MaskSettings) -> tuple:
+        return c.tta, c.largest_cc, c.fill_holes, c.tuned_threshold
+
     p = parse_params({"evaluate": {"tta": True, "fill_holes": True}})
-    assert candidates(p) == [p]
+    assert candidates(p.evaluate) == [MaskSettings(tta=True, fill_holes=True)]
     s = parse_params({"evaluate": {"tta": True, "fill_holes": True, "select_on_val": True}})
-    got = [tuple(getattr(q.evaluate, k) for k in PIECES) for q in candidates(s)]
+    got = [pieces(c) for c in candidates(s.evaluate)]
     assert got[0] == (False, False, False, False)
     assert got[-1] == (True, False, True, False)
     assert sorted(got) == sorted({(t, False, f, False) for t in (0, 1) for f in (0, 1)})

@@ -63,11 +63,8 @@ def loaded(members: list[nn.Module], cache_path: Path, split_path: Path) -> Load
                                             CPU, 4, tta=tta)
         return prob[:, 0].numpy(), score.numpy()
 
-    def probs(forward, idx, tta):
-        return predict(forward, idx, tta)[0]
-
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    return Loaded(FoldEnsemble(members), members, cache, split, probs, predict)
+    return Loaded(FoldEnsemble(members), members, cache, split, predict)
 
 
 def test_each_out_of_fold_prediction_comes_from_the_model_that_never_saw_the_case(tmp_path):
@@ -88,6 +85,43 @@ def test_each_out_of_fold_prediction_comes_from_the_model_that_never_saw_the_cas
     assert m["dice_ensemble_gain"] == pytest.approx(m["dice"] - np.mean(singles), abs=1e-5)
     for key in ("dice", "cv_dice", "dice_ensemble_gain"):
         assert m[f"{key}_ci_low"] <= m[key] <= m[f"{key}_ci_high"], key
+
+
+def test_test_out_of_fold_and_external_scoring_share_one_chooser(tmp_path, monkeypatch):
+    """evaluate.choose picks every setting: once per fold on the other folds, once on all
+    out-of-fold images for test; the test figures apply exactly that MaskSettings, and what an
+    external set or predict reads back from metrics/eval.json is the same setting."""
+    import json
+
+    import busiseg.evaluation.evaluate as evaluate_module
+    from busiseg.inference.segment import MaskSettings
+
+    calls = []
+    real = evaluate_module.choose
+
+    def spy(e, held):
+        calls.append((len(held.truth), real(e, held)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(evaluate_module, "choose", spy)
+    cache, split = fold_data(tmp_path)
+    p = parse_params({"split": {"folds": 3}, "evaluate": {
+        "bootstrap": 50, "tune_threshold": True, "tta": True, "largest_cc": True,
+        "select_on_val": True, "presence_threshold": "auto", "review_fraction": 0.2}})
+    result = evaluate_folds(p, loaded([MarksItsFold(k) for k in range(3)], cache, split))
+    sizes = pd.read_csv(split).query("split == 'cv'")["fold"].value_counts().sort_index()
+    assert [n for n, _ in calls] == [sizes.sum() - sizes[k] for k in range(3)] + [sizes.sum()]
+    chosen = calls[-1][1].settings
+    assert result["settings"] == chosen
+    m = result["metrics"]
+    assert {k: m[k] for k in chosen.eval_keys()} == \
+        {k: round(v, 6) if isinstance(v, float) else v for k, v in chosen.eval_keys().items()}
+    (tmp_path / "eval.json").write_text(json.dumps(m))
+    back = MaskSettings.from_eval(tmp_path / "eval.json")
+    assert back.eval_keys() == {k: m[k] for k in chosen.eval_keys()}
+    assert (back.threshold, back.tta, back.largest_cc, back.fill_holes,
+            back.presence_threshold) == (chosen.threshold, chosen.tta, chosen.largest_cc,
+                                         chosen.fill_holes, chosen.presence_threshold)
 
 
 def test_an_ensemble_of_identical_members_predicts_what_the_member_predicts(tmp_path):

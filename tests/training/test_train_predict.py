@@ -190,7 +190,8 @@ def test_predict_from_eval_applies_what_evaluate_applied(tmp_path: Path):
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     mask = np.asarray(Image.open(tmp_path / "a" / "a_mask.png"))
     assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "b" / "a_mask.png")))
-    assert MaskSettings.from_eval(ev) == MaskSettings(0.3, tta=True, largest_cc=True)
+    assert MaskSettings.from_eval(ev) == MaskSettings(0.3, tta=True, largest_cc=True,
+                                                      tuned_threshold=True)
 
     both = subprocess.run(cli + ["--out", str(tmp_path / "c"), "--from-eval", str(ev), "--tta"],
                           capture_output=True, text=True)

@@ -42,52 +42,46 @@ def dhash(gray: np.ndarray, side: int = 8) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def components(n: int, pairs: list[tuple[int, int]]) -> list[int]:
+    """The connected components of items 0..n-1 joined by `pairs`, each numbered by the first
+    item it holds (so groups read in file order)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows, cols = (list(side) for side in zip(*pairs)) if pairs else ([], [])
+    graph = coo_matrix((np.ones(len(rows), dtype=bool), (rows, cols)), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1] if n else []
+    number: dict[int, int] = {}
+    return [number.setdefault(int(label), len(number)) for label in labels]
+
+
 def duplicate_groups(cases: list, max_hamming: int) -> tuple[list[int], list[dict]]:
-    """Union-find over exact (same pixels) and near (dHash distance ≤ max_hamming) duplicates."""
+    """Groups of exact (same pixels) and near (dHash distance ≤ max_hamming) duplicates."""
     n = len(cases)
-    parent = list(range(n))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
+    pairs: list[tuple[int, int]] = []
     by_pixels: dict[str, int] = {}
     for i, c in enumerate(cases):
-        if c.pixel_sha256 in by_pixels:
-            union(by_pixels[c.pixel_sha256], i)
-        else:
-            by_pixels[c.pixel_sha256] = i
+        pairs.append((by_pixels.setdefault(c.pixel_sha256, i), i))
     dist = None
     if max_hamming >= 0 and n > 1:
         h = np.array([c.dhash for c in cases], dtype=np.uint64)
         x = (h[:, None] ^ h[None, :]).view(np.uint8).reshape(n, n, 8)
         dist = np.unpackbits(x, axis=2).sum(axis=2)
         ii, jj = np.nonzero(np.triu(dist <= max_hamming, k=1))
-        for i, j in zip(ii.tolist(), jj.tolist()):
-            union(i, j)
-    roots = [find(i) for i in range(n)]
+        pairs += zip(ii.tolist(), jj.tolist())
+    group_ids = components(n, pairs)
     members: dict[int, list[int]] = defaultdict(list)
-    for i, r in enumerate(roots):
-        members[r].append(i)
-    group_of = {}
+    for i, gid in enumerate(group_ids):
+        members[gid].append(i)
     groups = []
-    for gid, (_, idx) in enumerate(sorted(members.items())):
-        for i in idx:
-            group_of[i] = gid
+    for gid, idx in sorted(members.items()):
         if len(idx) > 1:
             exact = len({cases[i].pixel_sha256 for i in idx}) == 1
             maxd = 0 if dist is None else int(dist[np.ix_(idx, idx)].max())
             groups.append({"group": gid, "kind": "exact" if exact else "near",
                            "max_hamming": maxd, "cases": [cases[i].case_id for i in idx],
                            "classes": sorted({cases[i].cls for i in idx})})
-    return [group_of[i] for i in range(n)], groups
+    return group_ids, groups
 
 
 AUDIT_KINDS = {  # finding kind -> (metrics key, the AuditPolicy field that decides its fate)

@@ -34,7 +34,7 @@ def _one(args: tuple[str, str, list[str], int, bool, bool, int]) -> tuple[np.nda
 
 def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
                workers: int = 0, outline: bool = False, mask_marks: bool = False,
-               channels: int = 1) -> dict:
+               channels: int = 1, progress: bool = False) -> dict:
     """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns;
     `outline`: masks are closed contours to fill (data.mask_kind: outline); `mask_marks`: paint
     burned-in colour marks over (data.burned_marks: mask); `channels`: 1 grey, 3 colour
@@ -46,7 +46,8 @@ def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
     masks = np.zeros((n, 1, size, size), dtype=np.uint8)
     jobs = [(str(raw_dir), r["image"], mask_list(r), size, outline, mask_marks, channels)
             for r in manifest]
-    for i, (img, m) in enumerate(process_map(_one, jobs, workers)):
+    for i, (img, m) in enumerate(process_map(_one, jobs, workers, desc="preprocess",
+                                             progress=progress)):
         images[i], masks[i, 0] = img.transpose(2, 0, 1) if img.ndim == 3 else img, m
     save_cache(out_path, images, masks, [str(r["case_id"]) for r in manifest],
                [str(r["class"]) for r in manifest])

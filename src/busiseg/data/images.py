@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from busiseg.errors import BusisegError, first_line
+from busiseg.runtime.progress import bar
 
 IMAGE_MODES = ("L", "RGB", "RGBA", "LA")
 MASK_MODES = ("1", "L", "RGB", "RGBA", "LA")
@@ -331,13 +332,26 @@ def resize_image(gray: np.ndarray, size: int) -> np.ndarray:
 
 
 def process_map(fn: Callable, items: Iterable, workers: int = 0, min_items: int = 64,
-                chunksize: int = 8) -> list:
-    """Decoding PNGs is CPU-bound: spread it over processes (fork, so nothing is re-imported)."""
+                chunksize: int = 8, desc: str = "", progress: bool = False) -> list:
+    """Decoding PNGs is CPU-bound: spread it over processes (fork, so nothing is re-imported);
+    with `progress`, a bar counts the items done."""
     items = list(items)
     workers = workers or os.cpu_count() or 1
+    shown = bar(len(items), desc, progress and len(items) > 1)
+    out = []
     if workers <= 1 or len(items) < min_items:
-        return [fn(item) for item in items]
-    forking = "fork" in multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork") if forking else None
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return list(pool.map(fn, items, chunksize=chunksize))
+        for item in items:
+            out.append(fn(item))
+            if shown:
+                shown.update(1)
+    else:
+        forking = "fork" in multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork") if forking else None
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for result in pool.map(fn, items, chunksize=chunksize):
+                out.append(result)
+                if shown:
+                    shown.update(1)
+    if shown:
+        shown.close()
+    return out

@@ -22,6 +22,7 @@ from busiseg.data.audit import (
     Finding,
     audit_cases,
     audit_counts,
+    components,
     dhash,
     duplicate_groups,
 )
@@ -155,7 +156,7 @@ def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1)
 def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
            workers: int = 0, audit: AuditPolicy | None = None,
            layout: Layout | None = None, section: str = "data",
-           channels: int = 1) -> IngestResult:
+           channels: int = 1, progress: bool = False) -> IngestResult:
     """`section` names the params in messages: data, or external.NAME for an external set;
     `channels` is preprocess.channels (3: the colour-mark audit is off, `audit_burned_marks`
     absent from the metrics)."""
@@ -173,7 +174,8 @@ def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int
     cases = [Case(f.case_id, f.cls, f.image, f.masks, patient=f.patient) for f in found]
     _flag_duplicate_ids(raw, cases)
     cases = process_map(partial(_check_case, raw, outline=layout.mask_kind == "outline",
-                                channels=channels), cases, workers, chunksize=16)
+                                channels=channels), cases, workers, chunksize=16,
+                        desc="ingest", progress=progress)
     for c in cases:
         problems.extend(c.problems)
         if not c.cls:  # data.classes: none
@@ -218,22 +220,12 @@ def _join_patients(cases: list[Case], groups_of: list[int]) -> list[int]:
     split never puts one patient on two sides. Numbered by first appearance."""
     if not any(c.patient for c in cases):
         return groups_of
-    parent = {g: g for g in groups_of}
-
-    def find(g: int) -> int:
-        while parent[g] != g:
-            g = parent[g]
-        return g
-
+    node = {g: i for i, g in enumerate(dict.fromkeys(groups_of))}  # groups in file order
     first_of: dict[str, int] = {}
-    for c, g in zip(cases, groups_of):
-        for key in filter(None, c.patient.split(PATIENT_SEP)):  # folder, data.patient_id group
-            root, other = find(g), find(first_of.setdefault(key, g))
-            if root != other:
-                parent[max(root, other)] = min(root, other)
-    roots = [find(g) for g in groups_of]
-    number = {r: i for i, r in enumerate(dict.fromkeys(roots))}
-    return [number[r] for r in roots]
+    pairs = [(first_of.setdefault(key, node[g]), node[g]) for c, g in zip(cases, groups_of)
+             for key in filter(None, c.patient.split(PATIENT_SEP))]  # folder, patient_id group
+    joined = components(len(node), pairs)
+    return [joined[node[g]] for g in groups_of]
 
 
 def apply_audit(raw: Path, cases: list[Case], findings: list[Finding],

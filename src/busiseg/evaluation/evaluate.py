@@ -15,8 +15,7 @@ folds only, so tuning never sees the fold it is scored on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from itertools import product
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -25,52 +24,27 @@ import torch
 from busiseg.data.cache import Cache, load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
+from busiseg.evaluation.choose import HeldOut, candidates, choose, has_lesion, tta_settings
 from busiseg.evaluation.metrics import (
     POPULATION_STATS,
     aurc,
     aurc_baselines,
     bootstrap_ci,
-    confusion,
     dice_iou,
-    lesion_dice_iou,
     lesion_dice_per_image,
     population_rows,
     rounded,
     summarize,
 )
-from busiseg.inference.confidence import calibrate, confidence, flag
-from busiseg.inference.segment import binarize, gate, predict_probabilities
+from busiseg.inference.confidence import calibrate, flag
+from busiseg.inference.segment import MaskSettings, predict_probabilities
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
 from busiseg.runtime.device import amp_dtype, place
-
-THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
-PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
+from busiseg.runtime.progress import bar, show_progress
 
 
-def binarize_as(probs: np.ndarray, threshold: float, p: Params) -> np.ndarray:
-    return binarize(probs, threshold, p.evaluate.largest_cc, p.evaluate.fill_holes)
-
-
-def lesion_dice(pred: np.ndarray, target: np.ndarray) -> float:
-    return lesion_dice_iou(confusion(pred, target))[0]
-
-
-def threshold_sweep(va_prob: np.ndarray, va_true: np.ndarray, p: Params) -> pd.DataFrame:
-    """Val lesion Dice at every candidate threshold, post-processing as configured in p."""
-    return pd.DataFrame({"threshold": THRESHOLDS,
-                         "val_dice": [round(lesion_dice(binarize_as(va_prob, t, p), va_true), 6)
-                                      for t in THRESHOLDS]})
-
-
-def pick_threshold(sweep: pd.DataFrame, p: Params) -> float:
-    """The params' threshold, or the val sweep's best when tune_threshold is on."""
-    if not p.evaluate.tune_threshold:
-        return p.evaluate.threshold
-    return float(sweep.loc[sweep["val_dice"].idxmax(), "threshold"])
-
-
-def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd.DataFrame]:
+def subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd.DataFrame]:
     rows = split[split["split"] == name]
     return cache.indices(rows["case_id"].tolist()), rows
 
@@ -78,24 +52,43 @@ def _subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd
 @dataclass
 class Loaded:
     """The model file (a single model, or a fold ensemble and its members), the cache and the
-    split, loaded once; `probs` runs any of the models through the one inference path."""
+    split, loaded once; `predict` runs any of the models through the one inference path."""
 
     model: torch.nn.Module
     members: list[torch.nn.Module]
     cache: Cache
     split: pd.DataFrame
-    probs: Callable[[torch.nn.Module, list[int], bool], np.ndarray]
     # probability maps and each image's lesion score (segment.lesion_score), in one forward pass
     predict: Callable[[torch.nn.Module, list[int], bool], tuple[np.ndarray, np.ndarray]]
+    progress: object = None  # a bar over evaluate's steps (evaluate.progress), or None
+
+    def step(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(what)
+            self.progress.update(1)
 
     def truth(self, idx: list[int]) -> np.ndarray:
         return self.cache.masks[torch.tensor(idx, dtype=torch.long)][:, 0].numpy() > 0
 
+    def held_out(self, forward: torch.nn.Module, idx: list[int], ttas: set[bool]) -> HeldOut:
+        runs = {tta: self.predict(forward, idx, tta) for tta in ttas}
+        return HeldOut({t: r[0] for t, r in runs.items()}, {t: r[1] for t, r in runs.items()},
+                       self.truth(idx))
 
-def load(p: Params, model_path, cache_path, split_path) -> Loaded:
-    device, _ = place(p.evaluate.device, "evaluate.device")  # a queued run's share, as train's
+
+def open_model(p: Params, model_path) -> tuple[torch.nn.Module, dict]:
+    """The model file on evaluate's device (a queued run's share, as train's)."""
+    device, _ = place(p.evaluate.device, "evaluate.device")
+    return load_model(model_path, device)
+
+
+def load(p: Params, model_path, cache_path, split_path,
+         opened: tuple[torch.nn.Module, dict] | None = None, steps: int | None = None) -> Loaded:
+    """Everything scoring reads; `opened`: the model file already loaded by open_model; `steps`:
+    the progress bar's length when it is not evaluate's (an external set's)."""
+    model, blob = opened or open_model(p, model_path)
+    device = next(model.parameters()).device
     dtype = amp_dtype(p.evaluate.amp, device)
-    model, blob = load_model(model_path, device)
     cache = load_cache(cache_path)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     pre = blob["preprocess"]
@@ -108,61 +101,11 @@ def load(p: Params, model_path, cache_path, split_path) -> Loaded:
         return prob[:, 0].numpy(), score.numpy().astype(np.float64)
 
     members = list(model.members) if blob.get("members") else []
-    return Loaded(model, members, cache, split, lambda f, idx, tta: predict(f, idx, tta)[0],
-                  predict)
-
-
-@dataclass
-class Splits:
-    """A single model's val and test subsets, for the research tools that probe the model."""
-
-    probs: Callable[[list[int], bool], np.ndarray]
-    va_idx: list[int]
-    te_idx: list[int]
-    te_rows: pd.DataFrame
-    va_true: np.ndarray
-    te_true: np.ndarray
-
-
-def load_splits(p: Params, model_path, cache_path, split_path) -> Splits:
-    m = load(p, model_path, cache_path, split_path)
-    va_idx, _ = _subset(m.cache, m.split, "val")
-    te_idx, te_rows = _subset(m.cache, m.split, "test")
-    return Splits(lambda idx, tta: m.probs(m.model, idx, tta), va_idx, te_idx, te_rows,
-                  m.truth(va_idx), m.truth(te_idx))
-
-
-def candidates(p: Params) -> list[Params]:
-    """The evaluate settings to choose among: p itself, or with select_on_val every subset of the
-    pieces p switches on (fewest pieces first, so a tie keeps the simpler setting)."""
-    if not p.evaluate.select_on_val:
-        return [p]
-    on = [k for k in PIECES if getattr(p.evaluate, k)]
-    subsets = sorted(product((False, True), repeat=len(on)), key=sum)
-    return [replace(p, evaluate=replace(p.evaluate, **dict(zip(on, flags)))) for flags in subsets]
-
-
-def score_setting(q: Params, prob: np.ndarray, truth: np.ndarray,
-                  sweeps: dict) -> tuple[pd.DataFrame, float, float]:
-    """Threshold sweep, chosen threshold and lesion Dice of one evaluate setting on held-out
-    cases. The sweep does not depend on tune_threshold, so `sweeps` (one per set of cases) keeps
-    one per post-processing setting."""
-    e = q.evaluate
-    key = (e.tta, e.largest_cc, e.fill_holes)
-    if key not in sweeps:
-        sweeps[key] = threshold_sweep(prob, truth, q)
-    sweep = sweeps[key]
-    threshold = pick_threshold(sweep, q)
-    return sweep, threshold, round(lesion_dice(binarize_as(prob, threshold, q), truth), 6)
-
-
-def choose(settings: list[Params], probs: dict[bool, np.ndarray],
-           truth: np.ndarray) -> tuple[Params, pd.DataFrame, float, float]:
-    """The setting and threshold with the best held-out lesion Dice; max keeps the first of
-    equals, and candidates come simplest first."""
-    sweeps: dict = {}
-    scored = [(q, *score_setting(q, probs[q.evaluate.tta], truth, sweeps)) for q in settings]
-    return max(scored, key=lambda s: s[3])
+    # steps: held-out predictions, choices (one per fold and one for test), test, the members
+    if steps is None:
+        steps = 2 + 3 * len(members) + (0 if members else 1)
+    return Loaded(model, members, cache, split, predict,
+                  bar(steps, "evaluate", show_progress(p.evaluate.progress)))
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
@@ -195,30 +138,6 @@ def population_intervals(p: Params, counts: np.ndarray, scores: np.ndarray,
         low, high = interval(p, rows, stat)
         out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = low, high
     return out
-
-
-def presence_choice(p: Params, masks: np.ndarray, truth: np.ndarray,
-                    scores: np.ndarray) -> float | None:
-    """evaluate.presence_threshold: off (None), a number, or auto: chosen on these held-out
-    images for the best dice_all."""
-    if p.evaluate.presence_threshold == "auto":
-        return presence.choose_threshold(masks, truth, scores)
-    return p.evaluate.presence_threshold
-
-
-def trust_of(p: Params, probs: np.ndarray, scores: np.ndarray, temperature: float,
-             threshold: float) -> np.ndarray:
-    """Each image's confidence (evaluate.confidence), as `busiseg predict` computes it."""
-    return confidence(probs, calibrate(scores, temperature), threshold, p.evaluate.confidence)
-
-
-def review_choice(p: Params, trust: np.ndarray) -> float | None:
-    """evaluate.review_fraction: the confidence below which that share of these held-out images
-    falls (None: flag nothing)."""
-    fraction = p.evaluate.review_fraction
-    if fraction <= 0 or not len(trust):
-        return None
-    return float(np.sort(trust)[min(len(trust) - 1, int(round(fraction * len(trust))))])
 
 
 def _dice_where(rows: np.ndarray, flagged: int) -> float:
@@ -254,10 +173,6 @@ def trust_figures(p: Params, counts: np.ndarray, trust: np.ndarray, flagged: np.
     return {f"{prefix}{k}": v for k, v in out.items()}
 
 
-def has_lesion(truth: np.ndarray) -> np.ndarray:
-    return truth.reshape(len(truth), -1).any(axis=1)
-
-
 def mean_of_first(rows: np.ndarray) -> float:
     return float(rows[:, 0].mean())
 
@@ -271,136 +186,141 @@ def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
     m = load(p, model_path, cache_path, split_path)
     if m.members:
         return evaluate_folds(p, m)
-    settings = candidates(p)
-    va_idx, _ = _subset(m.cache, m.split, "val")
-    va = {tta: m.predict(m.model, va_idx, tta) for tta in {q.evaluate.tta for q in settings}}
-    va_true = m.truth(va_idx)
-    q, sweep, threshold, val_dice = choose(settings, {t: v[0] for t, v in va.items()}, va_true)
-    va_prob, va_scores = va[q.evaluate.tta]
-    gate_at = presence_choice(p, binarize_as(va_prob, threshold, q), va_true, va_scores)
-    temperature = presence.fit_temperature(va_scores, has_lesion(va_true))
-    review_at = review_choice(p, trust_of(p, va_prob, va_scores, temperature, threshold))
-    result = score_test(p, m, q, threshold, val_dice, gate_at, temperature, review_at)
-    result["threshold_sweep"] = sweep
+    va_idx, _ = subset(m.cache, m.split, "val")
+    held = m.held_out(m.model, va_idx, tta_settings(p.evaluate))
+    m.step("validation predicted")
+    choice = choose(p.evaluate, held)
+    m.step("settings chosen on validation")
+    result = score_test(p, m, choice.settings)
+    m.step("test scored")
+    result["threshold_sweep"] = choice.sweep
     return result
 
 
-def score_test(p: Params, m: Loaded, q: Params, threshold: float, val_dice: float,
-               presence_threshold: float | None = None, temperature: float = 1.0,
-               review_at: float | None = None) -> dict:
-    """The model file's model on the test split with the chosen setting (pixel threshold,
-    pieces, presence threshold), its 95 % intervals, the calibration of its lesion score
-    (temperature fitted on held-out data), and how well each image's confidence tells good
-    predictions from bad (the review threshold chosen on held-out data)."""
-    te_idx, te_rows = _subset(m.cache, m.split, "test")
+def score_test(p: Params, m: Loaded, settings: MaskSettings) -> dict:
+    """The model file's model on the test split with the settings chosen on held-out data
+    (pixel threshold, pieces, presence threshold, the lesion score's temperature, the review
+    threshold): the test figures, their 95 % intervals, the lesion score's calibration, and how
+    well each image's confidence tells good predictions from bad."""
+    te_idx, te_rows = subset(m.cache, m.split, "test")
     te_true = m.truth(te_idx)
-    te_prob, scores = m.predict(m.model, te_idx, q.evaluate.tta)
-    te_pred = gate(binarize_as(te_prob, threshold, q), scores, presence_threshold)
+    te_prob, scores = m.predict(m.model, te_idx, settings.tta)
+    te_pred = settings.masks(te_prob, scores)
     metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
-    ece, table = presence.reliability(calibrate(scores, temperature), has_lesion(te_true))
-    trust = trust_of(p, te_prob, scores, temperature, threshold)
-    flagged = flag(trust, review_at)
+    ece, table = presence.reliability(calibrate(scores, settings.temperature),
+                                      has_lesion(te_true))
+    trust = settings.trust(te_prob, scores)
+    flagged = flag(trust, settings.review_threshold)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
+    chosen = settings.eval_keys()
     metrics = rounded({
         **metrics,
         "dice_ci_low": low,
         "dice_ci_high": high,
         **population_intervals(p, counts, scores),
-        "threshold": threshold,
-        "presence_threshold": presence_threshold,  # null: off
-        "presence_temperature": temperature,
+        "threshold": chosen.pop("threshold"),
+        "presence_threshold": chosen.pop("presence_threshold"),  # null: off
+        "presence_temperature": chosen.pop("presence_temperature"),
         "detect_ece": ece,
         **trust_figures(p, counts, trust, flagged),
-        "confidence": p.evaluate.confidence,
-        "review_threshold": review_at,  # null: nothing flagged
-        "val_dice": val_dice,
+        "confidence": chosen.pop("confidence"),
+        "review_threshold": chosen.pop("review_threshold"),  # null: nothing flagged
+        # the held-out Dice it was chosen at, the test size, and what was applied (0/1), which
+        # select_on_val may have narrowed from the params
+        "val_dice": chosen.pop("val_dice"),
         "n_test": len(te_idx),
-        # what was applied to test (0/1), which select_on_val may have narrowed from the params
-        **{f"used_{k}": int(getattr(q.evaluate, k)) for k in PIECES},
+        **chosen,
     })
     return {"metrics": metrics,
             "per_image": per_image_table(te_rows, te_pred, te_true, counts, scores, trust,
                                          flagged),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
-            "test_rows": te_rows, "reliability": table}
+            "test_rows": te_rows, "reliability": table, "settings": settings}
 
 
 def evaluate_folds(p: Params, m: Loaded) -> dict:
+    """A cross-validation model: the out-of-fold score (fold k with everything chosen on the
+    other folds), then test with everything chosen on all out-of-fold images, applied to the
+    ensemble, and each member alone on the same test images."""
     cv_rows = m.split[m.split["split"] == "cv"].sort_values("fold", kind="stable")
     if cv_rows.empty or sorted(cv_rows["fold"].unique()) != list(range(len(m.members))):
         raise BusisegError(f"data/split.csv: its folds do not match the model's "
                            f"{len(m.members)} fold models; re-run dvc repro")
     fold = cv_rows["fold"].to_numpy()
     oof_idx = m.cache.indices(cv_rows["case_id"].tolist())
-    settings = candidates(p)
     # out of fold: every non-test case predicted by the one fold model that never trained on it
-    oof_prob, oof_scores = {}, {}
-    for tta in {q.evaluate.tta for q in settings}:
-        parts = [m.predict(member, [i for i, f in zip(oof_idx, fold) if f == k], tta)
-                 for k, member in enumerate(m.members)]
-        oof_prob[tta] = np.concatenate([prob for prob, _ in parts])
-        oof_scores[tta] = np.concatenate([score for _, score in parts])
-    oof_true = m.truth(oof_idx)
-    labels = has_lesion(oof_true)
+    parts = []
+    for k, member in enumerate(m.members):
+        parts.append(m.held_out(member, [i for i, f in zip(oof_idx, fold) if f == k],
+                                tta_settings(p.evaluate)))
+        m.step(f"fold {k} predicted out of fold")
+    oof = HeldOut({t: np.concatenate([h.probs[t] for h in parts]) for t in parts[0].probs},
+                  {t: np.concatenate([h.scores[t] for h in parts]) for t in parts[0].scores},
+                  np.concatenate([h.truth for h in parts]))
+    cv = score_out_of_fold(p, m, oof, fold, cv_rows)
+    choice = choose(p.evaluate, oof)
+    m.step("settings chosen out of fold")
+    result = score_test(p, m, choice.settings)
+    m.step("test scored")
+    result["metrics"].update(rounded({"folds": len(m.members), **cv["metrics"],
+                                      **member_figures(p, m, result)}))
+    result.update(threshold_sweep=choice.sweep, cv_per_image=cv["table"], cv_pred=cv["pred"],
+                  cv_idx=oof_idx, reliability=cv["reliability"])  # out of fold: the one to trust
+    return result
 
-    # the cross-validation score: fold k with the setting chosen on the other folds
-    # (and the presence threshold and the score's temperature, chosen there the same way)
-    cv_pred = np.zeros_like(oof_true)
+
+def score_out_of_fold(p: Params, m: Loaded, oof: HeldOut, fold: np.ndarray,
+                      cv_rows: pd.DataFrame) -> dict:
+    """Fold k's images with everything chosen on the other folds (the `cv_` figures), so no
+    choice ever sees the images it is scored on."""
+    for c in candidates(p.evaluate):  # every image's counts at every threshold, computed once
+        oof.sweep_counts(c)
+    cv_pred = np.zeros_like(oof.truth)
     cv_scores, cv_calibrated = np.zeros(len(cv_pred)), np.zeros(len(cv_pred))
     cv_trust, cv_flagged = np.zeros(len(cv_pred)), np.zeros(len(cv_pred), dtype=bool)
-    for k in range(len(m.members)):
-        mine, rest = fold == k, fold != k
-        qk, _, tk, _ = choose(settings, {t: v[rest] for t, v in oof_prob.items()}, oof_true[rest])
-        prob, scores = oof_prob[qk.evaluate.tta], oof_scores[qk.evaluate.tta]
-        gate_k = presence_choice(p, binarize_as(prob[rest], tk, qk), oof_true[rest], scores[rest])
-        cv_pred[mine] = gate(binarize_as(prob[mine], tk, qk), scores[mine], gate_k)
-        cv_scores[mine] = scores[mine]
-        t_k = presence.fit_temperature(scores[rest], labels[rest])
-        cv_calibrated[mine] = calibrate(scores[mine], t_k)
-        cv_trust[mine] = trust_of(p, prob[mine], scores[mine], t_k, tk)
-        cv_flagged[mine] = flag(cv_trust[mine], review_choice(
-            p, trust_of(p, prob[rest], scores[rest], t_k, tk)))
-    cv_ece, cv_table_reliability = presence.reliability(cv_calibrated, labels)
-    cv_metrics, cv_counts = summarize(cv_pred, oof_true, cv_rows["class"].tolist(), cv_scores)
-    cv_low, cv_high = interval(p, lesion_dice_per_image(cv_counts)[:, None], mean_of_first)
+    for k in np.unique(fold):
+        mine = fold == k
+        s = choose(p.evaluate, oof.rows(fold != k)).settings
+        prob, scores = oof.probs[s.tta][mine], oof.scores[s.tta][mine]
+        cv_pred[mine] = s.masks(prob, scores)
+        cv_scores[mine] = scores
+        cv_calibrated[mine] = calibrate(scores, s.temperature)
+        cv_trust[mine] = s.trust(prob, scores)
+        cv_flagged[mine] = flag(cv_trust[mine], s.review_threshold)
+        m.step(f"fold {k} chosen on the others")
+    ece, reliability = presence.reliability(cv_calibrated, has_lesion(oof.truth))
+    metrics, counts = summarize(cv_pred, oof.truth, cv_rows["class"].tolist(), cv_scores)
+    low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
+    table = per_image_table(cv_rows, cv_pred, oof.truth, counts, cv_scores, cv_trust, cv_flagged)
+    table.insert(2, "fold", fold)
+    return {"metrics": {**{f"cv_{k}": v for k, v in metrics.items()},
+                        "cv_dice_ci_low": low, "cv_dice_ci_high": high,
+                        **population_intervals(p, counts, cv_scores, "cv_"),
+                        "cv_detect_ece": ece,
+                        **trust_figures(p, counts, cv_trust, cv_flagged, "cv_")},
+            "table": table, "pred": cv_pred, "reliability": reliability}
 
-    # the test split: the setting chosen on all out-of-fold predictions, applied to the ensemble
-    q, sweep, threshold, oof_dice = choose(settings, oof_prob, oof_true)
-    prob, scores = oof_prob[q.evaluate.tta], oof_scores[q.evaluate.tta]
-    gate_at = presence_choice(p, binarize_as(prob, threshold, q), oof_true, scores)
-    temperature = presence.fit_temperature(scores, labels)
-    review_at = review_choice(p, trust_of(p, prob, scores, temperature, threshold))
-    result = score_test(p, m, q, threshold, oof_dice, gate_at, temperature, review_at)
-    te_idx, te_true = result["test_idx"], result["test_true"]
+
+def member_figures(p: Params, m: Loaded, result: dict) -> dict:
+    """Each fold model alone on the test images, with the ensemble's settings, and what the
+    ensemble gains over them (paired per image, with its interval)."""
+    settings, te_idx, te_true = result["settings"], result["test_idx"], result["test_true"]
     classes = result["test_rows"]["class"].tolist()
     singles = []
-    for member in m.members:  # each fold model alone, on the same images
-        member_prob, member_scores = m.predict(member, te_idx, q.evaluate.tta)
-        pred = gate(binarize_as(member_prob, threshold, q), member_scores, gate_at)
+    for member in m.members:
+        member_prob, member_scores = m.predict(member, te_idx, settings.tta)
+        pred = settings.masks(member_prob, member_scores)
         singles.append(lesion_dice_per_image(summarize(pred, te_true, classes)[1]))
+        m.step(f"member {len(singles) - 1} alone on test")
     ensemble = lesion_dice_per_image(result["counts"])
     paired = np.column_stack([ensemble, *singles])
     gain_low, gain_high = interval(p, paired, gain_over_members)
-    single_mean = float(np.mean([s.mean() for s in singles])) if len(ensemble) else float("nan")
-    extra = {
-        "folds": len(m.members),
-        **{f"cv_{k}": v for k, v in cv_metrics.items()},
-        "cv_dice_ci_low": cv_low,
-        "cv_dice_ci_high": cv_high,
-        **population_intervals(p, cv_counts, cv_scores, "cv_"),
-        "cv_detect_ece": cv_ece,
-        **trust_figures(p, cv_counts, cv_trust, cv_flagged, "cv_"),
-        "dice_single_mean": single_mean,
+    return {
+        "dice_single_mean": float(np.mean([s.mean() for s in singles])) if len(ensemble)
+        else float("nan"),
         **{f"dice_single_{k}": float(s.mean()) if len(s) else float("nan")
            for k, s in enumerate(singles)},
         "dice_ensemble_gain": gain_over_members(paired) if len(ensemble) else float("nan"),
         "dice_ensemble_gain_ci_low": gain_low,
         "dice_ensemble_gain_ci_high": gain_high,
     }
-    result["metrics"].update(rounded(extra))
-    cv_table = per_image_table(cv_rows, cv_pred, oof_true, cv_counts, cv_scores, cv_trust,
-                               cv_flagged)
-    cv_table.insert(2, "fold", fold)
-    result.update(threshold_sweep=sweep, cv_per_image=cv_table, cv_pred=cv_pred, cv_idx=oof_idx,
-                  reliability=cv_table_reliability)  # out of fold: the calibration to trust
-    return result

@@ -10,6 +10,8 @@ import numpy as np
 
 from busiseg.data.classes import TUMOUR_CLASSES
 
+PROBABILITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate pixel/presence thresholds
+
 
 def confusion(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Per-image pixel counts [tp, fp, fn] for boolean arrays shaped N×H×W (or N×1×H×W)."""
@@ -46,19 +48,14 @@ def _ratio(num: float, den: float) -> float:
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for boolean `labels` (Mann-Whitney, ties halved);
-    NaN when one class is absent."""
+    """Area under the ROC curve of `scores` for boolean `labels` (scikit-learn's, ties counted
+    half); NaN when one class is absent."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
-    if n_pos == 0 or n_neg == 0:
+    if labels.all() or not labels.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    sorted_scores = np.asarray(scores)[order]
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    for start, n in zip(first, counts):  # ties share their mean rank
-        ranks[order[start:start + n]] = start + (n + 1) / 2
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(labels, scores))
 
 
 def detection(labels: np.ndarray, decisions: np.ndarray,

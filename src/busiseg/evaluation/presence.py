@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from busiseg.evaluation.metrics import confusion, dice_iou
+from busiseg.evaluation.metrics import PROBABILITY_GRID, confusion, dice_iou
 from busiseg.inference.confidence import logit
 from busiseg.inference.segment import gate
 
-GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate presence thresholds
 BINS = 10  # reliability bins of equal width
 
 
@@ -28,7 +27,7 @@ def choose_threshold(masks: np.ndarray, truth: np.ndarray, scores: np.ndarray) -
     """The presence threshold with the best dice_all on these (held-out) images; None (off) when
     no threshold beats leaving every mask as it is (ties keep it off, the simpler rule)."""
     best, best_dice = None, dice_all(masks, truth)
-    for t in GRID:
+    for t in PROBABILITY_GRID:
         d = dice_all(gate(masks, scores, float(t)), truth)
         if d > best_dice + 1e-12:
             best, best_dice = float(t), d

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from busiseg.errors import BusisegError, first_line
-from busiseg.inference.segment import MaskSettings, as_stats, optional_settings
+from busiseg.inference.segment import MaskSettings, as_stats
 from busiseg.modeling.archs import split_output
 from busiseg.modeling.registry import is_smp
 
@@ -127,15 +127,10 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
         meta = json.loads(raw)
         if meta["format"] != FORMAT or meta["version"] not in READS:
             raise ValueError(f"format {meta['format']} version {meta['version']}")
-        settings_of(meta).checked(str(path))
+        MaskSettings.from_metadata(meta).checked(str(path))
         int(meta["size"]), int(meta.get("channels", 1))
         as_stats(meta["input_mean"]), as_stats(meta["input_std"])
     except (TypeError, ValueError, KeyError) as exc:
         raise BusisegError(f"{path}: not a busiseg ONNX export (metadata: {exc}); export it "
                            "with busiseg export") from None
     return OnnxForward(session), meta
-
-
-def settings_of(meta: dict) -> MaskSettings:
-    return MaskSettings(float(meta["threshold"]), bool(meta["tta"]), bool(meta["largest_cc"]),
-                        bool(meta["fill_holes"]), **optional_settings(meta))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from busiseg.data.images import load_image
 from busiseg.errors import BusisegError
-from busiseg.inference.onnx_model import load_onnx, settings_of
+from busiseg.inference.onnx_model import load_onnx
 from busiseg.inference.segment import Forward, MaskSettings, Stats, as_stats, segment_with_score
 from busiseg.modeling.model_file import load_model
 from busiseg.runtime.device import place
@@ -43,8 +43,8 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
                                "provider; use --device cpu, or the .pt model on the GPU")
         forward, meta = load_onnx(model_path)
         return Predictor(forward, int(meta["size"]), as_stats(meta["input_mean"]),
-                         as_stats(meta["input_std"]), torch.device("cpu"), settings_of(meta),
-                         int(meta.get("channels", 1)))
+                         as_stats(meta["input_std"]), torch.device("cpu"),
+                         MaskSettings.from_metadata(meta), int(meta.get("channels", 1)))
     where, _ = place(device, "--device")
     model, blob = load_model(model_path, where)
     pre = blob["preprocess"]
@@ -92,22 +92,23 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
 
 
+# nine parameters: one per `busiseg predict` option, passed through from the command line
 def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
                   settings: MaskSettings | None = None, device: str = "cpu",
                   progress: bool | None = None, mask_marks: bool = False,
-                  presence_threshold: float | None | str = "keep",
+                  overrides: dict | None = None,
                   save_probabilities: bool = False) -> tuple[list[Path], list[Failure]]:
     """Masks and overlays for every readable input. Without `settings`, an ONNX export's own
-    (evaluate's choice at export time), else the params defaults. `presence_threshold` (a number,
-    or None for off) replaces whatever gate those settings carry. `save_probabilities`: each
+    (evaluate's choice at export time), else the params defaults. `overrides`: MaskSettings
+    fields that replace those settings' (the command line's presence threshold, a number or
+    None for off). `save_probabilities`: each
     image's probability map beside its mask, as a 16-bit PNG (`save_probability_png`).
     `mask_marks`: paint burned-in colour marks over first, as a model trained with
     data.burned_marks: mask saw its images."""
     predictor = load_predictor(model_path, device)
     settings = settings or predictor.own_settings or MaskSettings()
-    if presence_threshold != "keep":
-        settings = replace(settings, presence_threshold=presence_threshold).checked(
-            "--presence-threshold")
+    if overrides:
+        settings = replace(settings, **overrides).checked("--presence-threshold")
     files, failures = collect_inputs(inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, rows = [], []

@@ -53,6 +53,8 @@ def input_batches(images: torch.Tensor, mean: Stats, std: Stats, device: torch.d
 
 
 @torch.inference_mode()
+# nine parameters: the one inference path takes each input of a forward pass explicitly, so
+# evaluate, predict, ONNX checks and training's validation call it the same way
 def predict_probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
                           device: torch.device, batch_size: int,
                           dtype: torch.dtype | None = None, tta: bool = False,
@@ -90,7 +92,7 @@ def lesion_score(output) -> tuple[torch.Tensor, torch.Tensor]:
     return prob, prob.flatten(1).amax(1)
 
 
-def probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
+def probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,  # as above
                   device: torch.device, batch_size: int, dtype: torch.dtype | None = None,
                   tta: bool = False, channels_last: bool = False) -> torch.Tensor:
     """The probability maps of `predict_probabilities` alone."""
@@ -108,9 +110,10 @@ def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None
 
 @dataclass(frozen=True)
 class MaskSettings:
-    """What turns probabilities into a mask. Evaluate chooses it (on val) and writes it into
-    metrics/eval.json; predict and export read it from there, never from the model file, so an
-    evaluation setting can change without re-training."""
+    """What turns probabilities into a mask, and how far to trust it. Evaluate chooses it on
+    held-out data and writes it into metrics/eval.json (`eval_keys`); predict, export and the
+    external sets read it from there (`from_eval`), never from the model file, so an evaluation
+    setting can change without re-training."""
 
     threshold: float = 0.5
     tta: bool = False
@@ -122,24 +125,56 @@ class MaskSettings:
     confidence: str = "entropy"
     temperature: float = 1.0
     review_threshold: float | None = None
+    # where the threshold came from (chosen on held-out data, or given), and the held-out lesion
+    # Dice the setting was chosen at: provenance, nothing that changes a mask
+    tuned_threshold: bool = False
+    held_out_dice: float | None = None
+
+    def masks(self, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """N×H×W probabilities and N lesion scores → the N masks, pieces applied, gated."""
+        pred = binarize(probs, self.threshold, self.largest_cc, self.fill_holes)
+        return gate(pred, scores, self.presence_threshold)
+
+    def trust(self, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Each image's confidence (busiseg.inference.confidence), as evaluate scores it."""
+        return confidence(probs, calibrate(scores, self.temperature), self.threshold,
+                          self.confidence)
+
+    def eval_keys(self) -> dict:
+        """The settings as metrics/eval.json names them (what `from_eval` reads back)."""
+        return {"threshold": self.threshold, "presence_threshold": self.presence_threshold,
+                "presence_temperature": self.temperature, "confidence": self.confidence,
+                "review_threshold": self.review_threshold, "val_dice": self.held_out_dice,
+                "used_tta": int(self.tta), "used_largest_cc": int(self.largest_cc),
+                "used_fill_holes": int(self.fill_holes),
+                "used_tune_threshold": int(self.tuned_threshold)}
 
     @classmethod
     def from_eval(cls, path: str | Path) -> MaskSettings:
-        """The threshold and the pieces the evaluate stage applied to test (its used_* keys)."""
+        """The settings the evaluate stage applied to test (its threshold and used_* keys)."""
         path = Path(path)
         try:
             m = json.loads(path.read_text())
             settings = cls(threshold=float(m["threshold"]), tta=bool(m["used_tta"]),
                            largest_cc=bool(m["used_largest_cc"]),
-                           fill_holes=bool(m["used_fill_holes"]), **optional_settings(m))
+                           fill_holes=bool(m["used_fill_holes"]),
+                           tuned_threshold=bool(m.get("used_tune_threshold", False)),
+                           **optional_settings(m))
         except FileNotFoundError:
-            raise BusisegError(f"{path}: not found; run `dvc repro evaluate` first, or give "
-                               "--threshold") from None
+            raise BusisegError(f"{path}: not found; run the evaluate stage first (`dvc repro "
+                               "evaluate`), or give predict --threshold") from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise BusisegError(f"{path}: not an evaluate metrics file with threshold and used_* "
                                f"keys ({type(exc).__name__}: {exc}); re-run `dvc repro evaluate`"
                                ) from None
         return settings.checked(str(path))
+
+    @classmethod
+    def from_metadata(cls, meta: dict) -> MaskSettings:
+        """The settings an ONNX export carries (`as_dict`'s keys, written at export)."""
+        return cls(float(meta["threshold"]), bool(meta["tta"]), bool(meta["largest_cc"]),
+                   bool(meta["fill_holes"]), tuned_threshold=bool(meta.get("tuned_threshold")),
+                   **optional_settings(meta))
 
     def checked(self, source: str) -> MaskSettings:
         if self.confidence not in KINDS:
@@ -168,6 +203,9 @@ def optional_settings(m: dict) -> dict:
     for key in ("presence_threshold", "review_threshold"):
         if m.get(key) is not None:
             out[key] = float(m[key])
+    held_out = m.get("val_dice", m.get("held_out_dice"))  # eval.json, ONNX
+    if held_out is not None:
+        out["held_out_dice"] = float(held_out)
     temperature = m.get("presence_temperature", m.get("temperature"))  # eval.json, ONNX
     if temperature is not None:
         out["temperature"] = float(temperature)
@@ -225,10 +263,8 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
     prob, presence = predict_probabilities(forward, small, mean, std,
                                            device or torch.device("cpu"), 1, tta=settings.tta)
     score = presence.numpy().astype(np.float64)
-    trust = confidence(prob[:, 0].numpy(), calibrate(score, settings.temperature),
-                       settings.threshold, settings.confidence)
+    trust = settings.trust(prob[:, 0].numpy(), score)
     full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",
                                            align_corners=False)[:, 0].numpy()
-    mask = binarize(full, settings.threshold, settings.largest_cc, settings.fill_holes)
-    return Segmentation(gate(mask, score, settings.presence_threshold)[0], float(score[0]),
-                        float(trust[0]), bool(flag(trust, settings.review_threshold)[0]), full[0])
+    return Segmentation(settings.masks(full, score)[0], float(score[0]), float(trust[0]),
+                        bool(flag(trust, settings.review_threshold)[0]), full[0])

@@ -72,6 +72,7 @@ class UNet(SegModel):
     """U-Net (Ronneberger et al. 2015); ``block``/``attention`` turn it into ResUNet or Attention
     U-Net so the three differ in exactly one idea."""
 
+    # one keyword per model.* param: the registry reads this signature for what params.yaml may set
     def __init__(
         self,
         in_channels: int = 1,
@@ -124,6 +125,7 @@ class UNetPlusPlus(SegModel):
     Node X[i][j] (level i, column j) fuses X[i][0..j-1] with the upsampled X[i+1][j-1].
     """
 
+    # one keyword per model.* param: the registry reads this signature for what params.yaml may set
     def __init__(
         self,
         in_channels: int = 1,

@@ -30,7 +30,8 @@ def model_kwargs(m: ModelParams, presence: bool = False, channels: int = 1) -> d
     presence head when training asks for one (train.presence_weight > 0), and the input
     channels (preprocess.channels) where they are not 1."""
     accepted = arch_settings(m.arch)  # an unknown arch fails here with a one-line error
-    fields = {k: v for k, v in asdict(m).items() if k in accepted}
+    fields = {k: v for k, v in asdict(m).items() if k in accepted
+              and not (k == "decoder_channels" and not v)}  # [] = the decoder's own widths
     return {"arch": m.arch, **fields, **({"presence": True} if presence else {}),
             **({"in_channels": channels} if channels != 1 else {})}
 

@@ -29,8 +29,10 @@ HALF = (0.5, 0.5)          # TensorFlow-trained encoders scale pixels to [-1, 1]
 Stats = float | list[float]  # one value for grey input, one per channel for colour
 SMP_NORMALISATION = {"timm-tf_efficientnet_lite": HALF, "timm-mobilenetv3": HALF,
                      "inceptionresnetv2": HALF, "inceptionv4": HALF, "xception": HALF}
-"""smp's own encoders whose pretraining did not use the ImageNet statistics; `tu-` encoders ask
-timm, which knows every pretrained tag's statistics offline."""
+"""smp's own encoders whose pretraining did not use the ImageNet statistics. `tu-` encoders ask
+smp's get_preprocessing_params, which reads timm's pretrained config offline; for its own
+encoders smp fetches a config from the Hugging Face hub at run time, which busiseg must not
+need, so their statistics are written here."""
 
 
 def uses_imagenet_weights(m: ModelParams) -> bool:
@@ -56,10 +58,10 @@ def _encoder_statistics(m: ModelParams) -> tuple[tuple, tuple]:
     """The RGB mean/std the encoder's pretraining used."""
     if m.encoder.startswith("tu-"):
         try:
-            import timm
+            from segmentation_models_pytorch.encoders import get_preprocessing_params
 
-            cfg = timm.get_pretrained_cfg(m.encoder[3:])
-            mean, std = getattr(cfg, "mean", None), getattr(cfg, "std", None)
+            cfg = get_preprocessing_params(m.encoder)
+            mean, std = cfg.get("mean"), cfg.get("std")
             if mean and std and len(mean) == len(std) == 3:
                 return tuple(mean), tuple(std)
         except Exception:  # noqa: BLE001 - a name timm has no config for: ImageNet's, as smp

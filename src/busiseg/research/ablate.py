@@ -13,25 +13,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from busiseg.evaluation.evaluate import binarize_as, load_splits, score_setting
+from busiseg.evaluation.choose import HeldOut, choose
 from busiseg.evaluation.metrics import summarize
+from busiseg.inference.segment import binarize
 from busiseg.params import Params, load_params
+from busiseg.research.splits import load_splits
 
 
 def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
     d = load_splits(p, model_path, cache_path, split_path)
     classes = d.te_rows["class"].tolist()
-    rows, sweeps = [], {}
+    rows = []
     for tta in (False, True):
         va_prob, te_prob = d.probs(d.va_idx, tta), d.probs(d.te_idx, tta)
+        held = HeldOut({tta: va_prob}, {tta: va_prob.reshape(len(va_prob), -1).max(1)},
+                       d.va_true)
         for lcc, fill, tune in product((False, True), repeat=3):
-            q = replace(p, evaluate=replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
-                                            tune_threshold=tune))
-            _, threshold, val_dice = score_setting(q, va_prob, d.va_true, sweeps)
-            metrics, _ = summarize(binarize_as(te_prob, threshold, q), d.te_true, classes)
+            e = replace(p.evaluate, tta=tta, largest_cc=lcc, fill_holes=fill,
+                        tune_threshold=tune, select_on_val=False, presence_threshold=None,
+                        review_fraction=0.0)
+            s = choose(e, held).settings
+            metrics, _ = summarize(binarize(te_prob, s.threshold, lcc, fill), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
-                         "tune_threshold": tune, "threshold": float(threshold),
-                         "val_dice": val_dice,
+                         "tune_threshold": tune, "threshold": float(s.threshold),
+                         "val_dice": s.held_out_dice,
                          **{k: metrics[k] for k in ("dice", "iou", "dice_pooled",
                                                      "normal_empty_rate")}})
     return pd.DataFrame(rows)

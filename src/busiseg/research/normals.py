@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from busiseg.evaluation.evaluate import load_splits
 from busiseg.params import load_params
+from busiseg.research.splits import load_splits
 
 REPO = Path(__file__).resolve().parents[3]
 

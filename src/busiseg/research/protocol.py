@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from busiseg.evaluation.choose import PIECES
 from busiseg.params import load_params, override_value, parse_params, read_yaml
 from busiseg.research.ablate import ablate
 from busiseg.research.presets import PRESETS, apply_overrides, exp_command, load_presets
@@ -36,7 +37,6 @@ REPO = Path(__file__).resolve().parents[3]
 OUT = REPO / "docs" / "results" / "protocol"
 BUSI = "../shared/data/Dataset_BUSI_with_GT"
 KEYS = ("dice", "iou", "dice_pooled", "dice_benign", "dice_malignant", "normal_empty_rate")
-PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")
 # what can change a run besides its overrides: code, stage wiring, defaults, locked versions
 TRAINING_CODE = ("src", "stages", "dvc.yaml", "params.yaml", "uv.lock")
 

@@ -10,7 +10,6 @@ import contextlib
 import os
 import platform
 import random
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,13 +99,6 @@ def configure_threads_and_kernels(threads: int, deterministic: bool,
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def show_progress(setting: str) -> bool:
-    """A progress bar only where a person watches: never in CI logs or redirected output."""
-    if setting != "auto":
-        return setting == "on"
-    return sys.stderr.isatty() and not os.environ.get("CI")
 
 
 def cpu_model() -> str | None:

@@ -22,9 +22,10 @@ FORMAT = "busiseg-checkpoint-v1"
 
 
 def training_code() -> tuple[Path, ...]:
-    """The library files a training run executes: the import closure of the training module,
-    found the way dvc.yaml's deps of the train stage are (busiseg.pipeline.deps)."""
-    return module_closure("busiseg.training.train")
+    """The library files a training run executes: the import closure of the training modules
+    (cross_validation imports train), found the way dvc.yaml's deps of the train stage are
+    (busiseg.pipeline.deps)."""
+    return module_closure("busiseg.training.cross_validation")
 
 
 def run_hash(p: Params, files: list[Path], fold: int | None = None) -> str:

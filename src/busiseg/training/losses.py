@@ -18,10 +18,15 @@ style) rewards being confident *somewhere*, not on the lesion, and cost lesion D
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from busiseg.modeling.archs import split_output
+
+if TYPE_CHECKING:
+    from busiseg.params import TrainParams
 
 SMOOTH = 1.0
 REDUCTIONS = ("batch", "image")
@@ -86,6 +91,7 @@ def empty_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch
 
 
 class SegLoss(torch.nn.Module):
+    # one keyword per train.* loss param; the pipeline builds it by name (from_params)
     def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
                  focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
                  reduction: str = "batch", empty_weight: float = 0.0, empty_topk: float = 0.01,
@@ -100,6 +106,16 @@ class SegLoss(torch.nn.Module):
             raise ValueError("empty_weight must be ≥ 0 and empty_topk in (0, 1]")
         self.empty_weight, self.empty_topk = empty_weight, empty_topk
         self.presence_weight = presence_weight
+
+    @classmethod
+    def from_params(cls, cfg: TrainParams) -> SegLoss:
+        """The loss train.* describes (loss, its weights, dice_reduction, the empty and presence
+        terms)."""
+        return cls(kind=cfg.loss, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+                   focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
+                   tversky_beta=cfg.tversky_beta, reduction=cfg.dice_reduction,
+                   empty_weight=cfg.empty_weight, empty_topk=cfg.empty_topk,
+                   presence_weight=cfg.presence_weight)
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()

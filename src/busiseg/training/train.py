@@ -36,13 +36,16 @@ from busiseg.runtime.device import (
     kernel_isa,
     place,
     seed_everything,
-    show_progress,
 )
+from busiseg.runtime.progress import bar as progress_bar
+from busiseg.runtime.progress import show_progress
 from busiseg.training import checkpoint
 from busiseg.training.augment import augment_batch
 from busiseg.training.losses import SegLoss
 
 
+# about 70 lines: the training loop, kept whole to read top to bottom (as nanoGPT's train.py);
+# what surrounds it (building the run, one epoch, validation, the summary) has helpers below
 def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_path: Path,
           live_dir: Path, fold: int | None = None) -> dict:
     """One model: on the train split, keeping the best epoch on val; or, with `fold`, fold model
@@ -54,8 +57,6 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
                          cpu_isa=cfg.cpu_isa,
                          check=lambda d: distributed.check_request(cfg, d, ranks))
     distributed.init(device, ranks)
-    dtype = amp_dtype(cfg.amp, device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     seed_everything(cfg.seed)
 
     key = checkpoint.run_hash(p, [cache_path, split_path, *weights_files(p.model)], fold)
@@ -68,34 +69,16 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
             open_live(live_dir, done["history"])
         return done["summary"]
 
-    data = load_data(cache_path, split_path, p.preprocess.size, device, fold)
-    kwargs = model_kwargs(p.model, presence=cfg.presence_weight > 0,
-                          channels=p.preprocess.channels)
-    model = build_model(**kwargs)
-    check_input_size(model, data.size, data.size)
-    if cfg.sync_bn and ranks.world > 1:
-        model = distributed.sync_batchnorm(model)
-    encoder_source = init_encoder(model, p.model)
-    if cfg.presence_detach:
-        detach_presence(model)
-    model = model.to(device, memory_format=memory_format)
-    bs = min(cfg.batch_size, len(data.train_idx))
-    distributed.check_batch(bs, ranks)
-    steps_per_epoch = max(1, len(data.train_idx) // bs)  # no ragged batch: BatchNorm needs ≥ 2
-    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
-    loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
-                      cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
-                      cfg.empty_weight, cfg.empty_topk, cfg.presence_weight)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
+    t = build_trainer(p, load_data(cache_path, split_path, p.preprocess.size, device, fold),
+                      device, ranks)
     # resume only a checkpoint of this exact run that did not finish
-    run = checkpoint.resume(ckpt_path, key, model, optimizer, scheduler, scaler)
+    run = checkpoint.resume(ckpt_path, key, t.model, t.optimizer, t.scheduler, t.scaler)
     same_checkpoint_everywhere(run.epoch, ranks, ckpt_path)
     if run.epoch and ranks.main:
         print(f"train: resuming{'' if fold is None else f' fold {fold}'} from epoch {run.epoch} "
               f"of {cfg.epochs} ({ckpt_path})")
-    fwd = distributed.wrap(model, device, ranks)
-    fwd = torch.compile(fwd) if cfg.compile else fwd
+    t.fwd = distributed.wrap(t.model, device, ranks)
+    t.fwd = torch.compile(t.fwd) if cfg.compile else t.fwd
     live = open_live(live_dir, run.history) if ranks.main else None
 
     progress = show_progress(cfg.progress) and ranks.main
@@ -104,24 +87,21 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
             break
         slot.check_worker_alive()
         t0 = time.perf_counter()
-        bar = _bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
-        train_loss = train_one_epoch(fwd, model, data, p, epoch, bs, steps_per_epoch, optimizer,
-                                     scheduler, scaler, loss_fn, device, dtype, memory_format, bar,
-                                     ranks)
-        lr = optimizer.param_groups[0]["lr"]
-        val = validate(model, data, p, device, dtype, loss_fn, memory_format) \
-            if ranks.main and validates(cfg, epoch) else None
+        bar = progress_bar(t.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", progress)
+        train_loss = train_one_epoch(t, epoch, bar)
+        lr = t.optimizer.param_groups[0]["lr"]
+        val = validate(t) if ranks.main and validates(cfg, epoch) else None
         val = distributed.from_main(val, ranks)
         if cfg.schedule == "plateau":
-            scheduler.step(val["dice"])
+            t.scheduler.step(val["dice"])
         run.seconds += time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": train_loss, **({} if val is None else {
             "val_loss": val["loss"], "val_dice": val["dice"], "val_iou": val["iou"]}), "lr": lr}
-        improved = record_epoch(run, row, model, keep_weights=ranks.main)
+        improved = record_epoch(run, row, t.model, keep_weights=ranks.main)
         if not ranks.main:
             continue
         # persist first: once the line below is printed, this epoch survives a kill
-        checkpoint.save(ckpt_path, key, run, model, optimizer, scheduler, scaler)
+        checkpoint.save(ckpt_path, key, run, t.model, t.optimizer, t.scheduler, t.scaler)
         log_epoch(live, run.history[-1])
         tag = "" if fold is None else f"fold {fold} "
         scores = "" if val is None else (f"  val_loss {val['loss']:.4f}  val_dice "
@@ -129,9 +109,11 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}"
               f"{scores}  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
-    return finish(run, model, kwargs, p, data.size, model_path, ckpt_path, key,
-                  images_seen=steps_per_epoch * bs * len(run.history), device=device, fold=fold,
-                  encoder_source=encoder_source, write=ranks.main, dtype=dtype)
+    summary = finish(t, run, model_path, fold, write=ranks.main)
+    if ranks.main:  # the finished run leaves only a small marker, nothing to resume by mistake
+        checkpoint.mark_complete(ckpt_path, key,
+                                 *((summary, run.history) if fold is not None else ()))
+    return summary
 
 
 # ---- the parts around the loop --------------------------------------------------------------
@@ -147,6 +129,55 @@ class TrainingData:
     val_images: torch.Tensor
     val_masks: torch.Tensor
     size: int
+
+
+@dataclass
+class Trainer:
+    """What one training run holds, built once by build_trainer (as nnU-Net keeps it on its
+    trainer), so the loop's helpers take the run rather than a dozen arguments each."""
+
+    p: Params
+    data: TrainingData
+    device: torch.device
+    dtype: torch.dtype | None  # autocast's, or None (train.amp)
+    memory_format: torch.memory_format
+    ranks: distributed.Ranks
+    kwargs: dict  # what the model file rebuilds the model from
+    model: torch.nn.Module
+    encoder_source: dict  # where the encoder's weights came from, for the model file
+    batch_size: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    loss_fn: SegLoss
+    fwd: torch.nn.Module | None = None  # the model as the loop calls it (DDP, compiled)
+
+
+def build_trainer(p: Params, data: TrainingData, device: torch.device,
+                  ranks: distributed.Ranks) -> Trainer:
+    """The model (its encoder's pretrained weights loaded), optimiser, schedule, loss and
+    precision of one run, in the order that draws the seeded initial weights."""
+    cfg = p.train
+    dtype = amp_dtype(cfg.amp, device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    kwargs = model_kwargs(p.model, presence=cfg.presence_weight > 0,
+                          channels=p.preprocess.channels)
+    model = build_model(**kwargs)
+    check_input_size(model, data.size, data.size)
+    if cfg.sync_bn and ranks.world > 1:
+        model = distributed.sync_batchnorm(model)
+    encoder_source = init_encoder(model, p.model)
+    if cfg.presence_detach:
+        detach_presence(model)
+    model = model.to(device, memory_format=memory_format)
+    bs = min(cfg.batch_size, len(data.train_idx))
+    distributed.check_batch(bs, ranks)
+    steps_per_epoch = max(1, len(data.train_idx) // bs)  # no ragged batch: BatchNorm needs ≥ 2
+    optimizer, scheduler = make_optimizer(model, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return Trainer(p, data, device, dtype, memory_format, ranks, kwargs, model, encoder_source,
+                   bs, steps_per_epoch, optimizer, scheduler, scaler, SegLoss.from_params(cfg))
 
 
 def detach_presence(model: torch.nn.Module) -> None:
@@ -225,35 +256,33 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainParams, steps_per_epoch: in
         optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.schedule))
 
 
-def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: int,
-                    steps_per_epoch: int, optimizer, scheduler, scaler, loss_fn, device, dtype,
-                    memory_format, bar, ranks: distributed.Ranks = distributed.ALONE) -> float:
+def train_one_epoch(t: Trainer, epoch: int, bar) -> float:
     """One pass over the train split; returns the mean loss. Every epoch reseeds its own
     generators from (train.seed, epoch): that is what makes a resumed run bit-identical. Under
     torchrun every rank draws the whole batch and trains on its slice of it."""
-    cfg = p.train
-    torch.manual_seed((cfg.seed * 100_003 + epoch) * ranks.world + ranks.rank)  # dropout RNG
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order + augmentation
+    p, data, bs, ranks = t.p, t.data, t.batch_size, t.ranks
+    torch.manual_seed((p.train.seed * 100_003 + epoch) * ranks.world + ranks.rank)  # dropout
+    gen = torch.Generator().manual_seed(p.train.seed * 1_000_003 + epoch)  # order + augmentation
     perm = data.train_idx[torch.randperm(len(data.train_idx), generator=gen)]
     mean, std = input_normalisation(p.model, p.preprocess.channels)
-    model.train()
+    t.model.train()
     losses = []
-    for step in range(steps_per_epoch):
-        idx = perm[step * bs:(step + 1) * bs].to(device)
+    for step in range(t.steps_per_epoch):
+        idx = perm[step * bs:(step + 1) * bs].to(t.device)
         x = data.images[idx].float() / 255
         y = data.masks[idx].float()
         x, y = augment_batch(x, y, p.augment, gen)
         x, y = distributed.shard(x, ranks), distributed.shard(y, ranks)
-        x = normalize(x, mean, std).contiguous(memory_format=memory_format)
-        with autocast(device, dtype):
-            out = fwd(x)
-        loss = loss_fn(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        if cfg.schedule != "plateau":
-            scheduler.step()
+        x = normalize(x, mean, std).contiguous(memory_format=t.memory_format)
+        with autocast(t.device, t.dtype):
+            out = t.fwd(x)
+        loss = t.loss_fn(out, y)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        if p.train.schedule != "plateau":
+            t.scheduler.step()
         losses.append(loss.item())
         if bar:
             bar.update(1)
@@ -263,22 +292,21 @@ def train_one_epoch(fwd, model, data: TrainingData, p: Params, epoch: int, bs: i
     return distributed.mean(float(np.mean(losses)), ranks)
 
 
-def validate(model, data: TrainingData, p: Params, device, dtype, loss_fn,
-             memory_format=torch.contiguous_format) -> dict:
+def validate(t: Trainer) -> dict:
     """Val loss over all images; Dice/IoU as per-image means over images with a lesion, at the
     fixed 0.5 threshold: choosing the epoch must not depend on evaluate's settings."""
-    bs = p.train.val_batch_size
-    model.eval()
+    p, data, bs = t.p, t.data, t.p.train.val_batch_size
+    t.model.eval()
     total, counts = 0.0, []
     mean, std = input_normalisation(p.model, p.preprocess.channels)
-    batches = input_batches(data.val_images, mean, std, device, bs,
-                            memory_format == torch.channels_last)
+    batches = input_batches(data.val_images, mean, std, t.device, bs,
+                            t.memory_format == torch.channels_last)
     with torch.inference_mode():
         for x, y in zip(batches, data.val_masks.split(bs)):
-            with autocast(device, dtype):
-                out = model(x)
+            with autocast(t.device, t.dtype):
+                out = t.model(x)
             y = y.float()
-            total += loss_fn(out, y).item() * len(x)
+            total += t.loss_fn(out, y).item() * len(x)
             logits = split_output(out)[0]
             pred = (logits.float() > 0).cpu().numpy()  # sigmoid > 0.5
             counts.append(confusion(pred, y.cpu().numpy() > 0))
@@ -293,7 +321,7 @@ def validates(cfg: TrainParams, epoch: int) -> bool:
     """Every train.val_every-th epoch and the last: a fold model is kept at its last epoch
     whatever its curve says, so its other validations only draw the curve (and cost ~5 % of an
     epoch on a CPU: bench.py levers)."""
-    return (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+    return epoch + 1 == cfg.epochs or bool(cfg.val_every and (epoch + 1) % cfg.val_every == 0)
 
 
 def record_epoch(run: checkpoint.Progress, row: dict, model: torch.nn.Module,
@@ -333,18 +361,19 @@ def log_epoch(live, row: dict) -> None:
     live.next_step()
 
 
-def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, model_path: Path,
-           ckpt_path: Path, key: str, images_seen: int, device: torch.device,
-           fold: int | None = None, encoder_source: dict | None = None,
-           write: bool = True, dtype: torch.dtype | None = None) -> dict:
-    """Save the kept weights, retire the checkpoint, and summarise the run. A fold model keeps
-    its last epoch: choosing the epoch on the fold it is then scored on would inflate the
-    cross-validation score (nnU-Net's fixed schedule, scored at its end)."""
+def finish(t: Trainer, run: checkpoint.Progress, model_path: Path, fold: int | None = None,
+           write: bool = True) -> dict:
+    """Save the kept weights and summarise the run. A fold model keeps its last epoch: choosing
+    the epoch on the fold it is then scored on would inflate the cross-validation score
+    (nnU-Net's fixed schedule, scored at its end)."""
+    p, device = t.p, t.device
     best_row = max((r for r in run.history if "val_dice" in r), key=lambda r: r["val_dice"])
     state = run.best_state if fold is None else \
-        {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
     if write:
-        save_model(model_path, state, kwargs, p, size, encoder_weights=encoder_source)
+        save_model(model_path, state, t.kwargs, p, t.data.size,
+                   encoder_weights=t.encoder_source)
+    images_seen = t.steps_per_epoch * t.batch_size * len(run.history)
     summary = {
         "best_epoch": best_row["epoch"],
         "best_val_dice": best_row["val_dice"],
@@ -356,23 +385,11 @@ def finish(run: checkpoint.Progress, model, kwargs: dict, p: Params, size: int, 
         "device": device.type,
         "processes": p.train.processes,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "amp": str(dtype).removeprefix("torch.") if dtype else "off",
+        "amp": str(t.dtype).removeprefix("torch.") if t.dtype else "off",
         "kernel_isa": kernel_isa() if device.type == "cpu" else None,
-        "n_params": sum(t.numel() for t in model.parameters()),
+        "n_params": sum(x.numel() for x in t.model.parameters()),
     }
     if fold is not None:
         summary["kept_epoch"] = run.history[-1]["epoch"]
         summary["kept_val_dice"] = run.history[-1]["val_dice"]
-    # the finished run leaves only a small marker: nothing a later run could resume by mistake
-    if write:
-        checkpoint.mark_complete(ckpt_path, key,
-                                 *((summary, run.history) if fold is not None else ()))
     return summary
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
