@@ -49,10 +49,7 @@ def worker(spec: dict) -> None:
     model = SmpModel(decoder="unet", decoder_channels=tuple(spec["decoder"]))
     model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = TrainParams(dice_reduction="image")
-    loss_fn = SegLoss(cfg.loss, cfg.bce_weight, cfg.dice_weight, cfg.focal_gamma,
-                      cfg.tversky_alpha, cfg.tversky_beta, cfg.dice_reduction,
-                      cfg.empty_weight, cfg.empty_topk, cfg.presence_weight)
+    loss_fn = SegLoss.from_params(TrainParams(dice_reduction="image"))
     aug = AugmentParams(rotate=15.0, scale=0.15, shift=0.1, brightness=0.2, contrast=0.2,
                         gamma=0.2)
     gen = torch.Generator().manual_seed(0)
