@@ -327,7 +327,8 @@ def test_fold_workers_default_to_one_per_core_on_a_cpu(monkeypatch):
         return parse_params({"train": {"device": "cpu", **train}}).train
 
     monkeypatch.setattr(cv, "cpu_cores", lambda: 2)
-    assert fold_workers(cfg(), 5) == 2
+    assert fold_workers(cfg(), 5) == 5  # all at once: none left alone on one core at the end
+    assert fold_workers(cfg(), 10) == 2  # beyond 3 per core: one per core
     assert fold_workers(cfg(threads=2), 5) == 1  # two threads a fold fill both cores
     assert fold_workers(cfg(), 1) == 1
     assert fold_workers(cfg(fold_workers=4), 3) == 3  # never more than the folds

@@ -32,15 +32,22 @@ from busiseg.training.train import train
 SUMMED = ("epochs_run", "seconds")  # per-fold figures the run reports summed
 
 
+OVERSUBSCRIBE = 3  # fold processes per core at most when all folds start at once
+
+
 def fold_workers(cfg: TrainParams, folds: int) -> int:
-    """train.fold_workers, or (0) what measurement chose: on a CPU one fold per core (or per
-    train.threads cores), since two one-thread processes out-train one two-thread process
-    (bench.py levers); on a GPU one fold at a time, which a single fold already keeps busy."""
+    """train.fold_workers, or (0) what measurement chose. On a CPU every fold at once when that
+    is at most OVERSUBSCRIBE processes per core (of train.threads cores each), else one per
+    core: two one-thread processes out-train one two-thread process, and five one-thread folds
+    on two cores finish sooner all at once than two at a time, which leaves the fifth alone on
+    one core (bench.py levers, docs/performance.md). On a GPU one fold at a time, which a single
+    fold already keeps busy."""
     if cfg.fold_workers:
         return min(cfg.fold_workers, folds)
     if cfg.processes > 1 or pick_device(cfg.device, "train.device").type != "cpu":
         return 1
-    return max(1, min(folds, cpu_cores() // (queue_slot().workers * max(1, cfg.threads))))
+    slots = max(1, cpu_cores() // (queue_slot().workers * max(1, cfg.threads)))
+    return folds if folds <= OVERSUBSCRIBE * slots else slots
 
 
 def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_path: Path,
