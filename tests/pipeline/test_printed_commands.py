@@ -34,6 +34,8 @@ def run_to_split(repo, env, argv: list[str]):
 def test_every_demo_layouts_printed_command_runs(tmp_path, python_env):
     repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
     for layout in PARAMS:
+        # each as a new user runs it: on the committed params, not the last experiment's
+        subprocess.run(["git", "checkout", "--", "params.yaml"], cwd=repo, check=True)
         argv = printed([sys.executable, "-m", "busiseg.data.demo_layouts", layout,
                         f"demos/{layout}"], repo, python_env)
         done = run_to_split(repo, python_env, argv)

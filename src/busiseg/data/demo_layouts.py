@@ -103,13 +103,15 @@ def _sequences(gray: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    """The region's boundary, one pixel wide (4-connected erosion), as HC18 draws its ellipses."""
-    inner = mask.copy()
-    inner[1:, :] &= mask[:-1, :]
-    inner[:-1, :] &= mask[1:, :]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
+    """A closed curve one pixel wide just outside the region (4-connected), as HC18 draws its
+    ellipses: it encloses the whole region, so even a lesion a pixel or two thin, whose own
+    boundary would enclose nothing, reads back as a filled region (the region plus its curve)."""
+    grown = mask.copy()
+    grown[1:, :] |= mask[:-1, :]
+    grown[:-1, :] |= mask[1:, :]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown & ~mask
 
 
 def main(argv: list[str] | None = None) -> None:

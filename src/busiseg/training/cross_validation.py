@@ -36,17 +36,20 @@ OVERSUBSCRIBE = 3  # fold processes per core at most when all folds start at onc
 
 
 def fold_workers(cfg: TrainParams, folds: int) -> int:
-    """train.fold_workers, or (0) what measurement chose. On a CPU every fold at once when that
-    is at most OVERSUBSCRIBE processes per core (of train.threads cores each), else one per
-    core: two one-thread processes out-train one two-thread process, and five one-thread folds
-    on two cores finish sooner all at once than two at a time, which leaves the fifth alone on
-    one core (bench.py levers, docs/performance.md). On a GPU one fold at a time, which a single
-    fold already keeps busy."""
+    """train.fold_workers, or (0) what measurement chose. On a CPU, folds of one thread all at
+    once when that is at most OVERSUBSCRIBE processes per core, else one per core (one per
+    train.threads cores when that is more than one): two one-thread processes out-train one
+    two-thread process, and five one-thread folds on two cores finish sooner all at once than
+    two at a time, which leaves the fifth alone on one core (bench.py levers,
+    docs/performance.md). On a GPU one fold at a time, which a single fold already keeps
+    busy."""
     if cfg.fold_workers:
         return min(cfg.fold_workers, folds)
     if cfg.processes > 1 or pick_device(cfg.device, "train.device").type != "cpu":
         return 1
     slots = max(1, cpu_cores() // (queue_slot().workers * max(1, cfg.threads)))
+    if cfg.threads > 1:  # threads of several processes on one core wait for each other
+        return min(folds, slots)
     return folds if folds <= OVERSUBSCRIBE * slots else slots
 
 
