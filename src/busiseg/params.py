@@ -295,7 +295,7 @@ def parse_presence_threshold(value: object,
     auto is "auto" (evaluate chooses it on held-out data), a number is the lesion score below
     which a mask is emptied."""
     word = value.strip().lower() if isinstance(value, str) else value
-    if word in (None, False, "off"):
+    if word is None or word is False or word == "off":  # not 0: a threshold of 0 keeps all
         return None
     if word == "auto":
         return "auto"

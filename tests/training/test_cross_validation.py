@@ -320,6 +320,34 @@ def test_fold_processes_die_with_a_killed_parent(tmp_path, python_env):
     assert not alive, [c.pid for c in alive]
 
 
+def test_a_fold_process_killed_ends_the_run_in_one_line_and_stops_the_others(tmp_path,
+                                                                               python_env):
+    """A fold that dies without a word (the out-of-memory killer, kill -9) is named with the
+    signal and how to resume; the folds still running are stopped."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    cache, split = fold_data(tmp_path)
+    parent = subprocess.Popen([sys.executable, "-c", KILL_PARENT, str(cache), str(split),
+                               str(tmp_path / "out")], env=python_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in parent.stdout:
+        if "epoch   2/10000" in line:
+            break
+    folds = [c for c in psutil.Process(parent.pid).children()
+             if "spawn_main" in " ".join(c.cmdline())]  # not multiprocessing's resource tracker
+    assert len(folds) == 2
+    folds[0].send_signal(signal.SIGKILL)
+    said = parent.communicate(timeout=60)[0]
+    assert parent.returncode != 0
+    assert "training process was killed by signal 9" in said and "dvc repro" in said
+    gone, alive = psutil.wait_procs(folds, timeout=10)
+    assert not alive
+
+
 def test_fold_workers_default_to_one_per_core_on_a_cpu(monkeypatch):
     import busiseg.training.cross_validation as cv
 

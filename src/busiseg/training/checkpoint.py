@@ -33,8 +33,10 @@ def run_hash(p: Params, files: list[Path], fold: int | None = None) -> str:
     training code: a run interrupted, then resumed after an edit to the loss, would otherwise
     continue the old code's weights under the new code's name. Each fold is a run of its own."""
     relevant = {k: asdict(getattr(p, k)) for k in ("model", "train", "augment")}
-    for how_not_what in ("progress", "fold_workers"):  # the thread count each fold gets is
-        relevant["train"].pop(how_not_what)        # train.threads, set by cross_validation
+    # how many folds run at once changes no fold; the threads each gets do (cross_validation
+    # writes them into train.threads), so a fold resumed with another count starts over
+    for how_not_what in ("progress", "fold_workers"):
+        relevant["train"].pop(how_not_what)
     relevant["fold"] = fold
     h = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for f in [*training_code(), *files]:

@@ -123,20 +123,35 @@ def side_by_side(p: Params, cache_path: Path, split_path: Path, folds_dir: Path,
                     send, p, cache_path, split_path, folds_dir, live_dir, k))
                 proc.start()
                 send.close()
-                running[proc.sentinel] = (k, proc, receive)
-            for sentinel in wait(list(running)):
-                k, proc, receive = running.pop(sentinel)
-                message = receive.recv() if receive.poll() else ("died", None)
+                running[k] = (proc, receive)
+            # a fold's report is read as soon as it comes (a long one never blocks the child);
+            # a fold that ended without one died (killed, out of memory)
+            ready = set(wait([x for proc, receive in running.values()
+                              for x in (receive, proc.sentinel)]))
+            for k in [k for k, (proc, receive) in running.items()
+                      if receive in ready or proc.sentinel in ready]:
+                proc, receive = running.pop(k)
+                message = _report(receive)
+                receive.close()
                 proc.join()
                 if message[0] != "done":
                     _fail(k, proc.exitcode, *message)
                 done[k] = message[1]
     finally:
-        for _, proc, _ in running.values():
+        for proc, receive in running.values():
             proc.terminate()
-        for _, proc, _ in running.values():
+            receive.close()
+        for proc, _ in running.values():
             proc.join()
     return [done[k] for k in range(p.split.folds)]
+
+
+def _report(receive) -> tuple:
+    """The fold's ("done", summary) / ("error", line) / ("crash", traceback), or ("died",)."""
+    try:
+        return receive.recv() if receive.poll() else ("died", None)
+    except (EOFError, OSError):
+        return ("died", None)
 
 
 def _fail(fold: int, exitcode: int | None, kind: str, detail: str | None) -> None:
