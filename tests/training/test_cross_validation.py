@@ -177,21 +177,27 @@ def same_run(a: dict, b: dict) -> bool:
     return keep(a) == keep(b)
 
 
-def test_a_run_killed_in_a_later_fold_retrains_only_that_fold(tmp_path, monkeypatch, capsys):
-    reference, ref_dir = run_cv(tmp_path, "uninterrupted")
+def kill_in_fold_1(tmp_path: Path, monkeypatch) -> None:
+    """Run the folds in turn into tmp_path/killed and stop them as Ctrl-C would, after fold 1's
+    second epoch (fold 0 has 4)."""
     calls = {"n": 0}
     log_epoch = train_module.log_epoch
 
     def killed_in_fold_1_epoch_2(live, row):
         log_epoch(live, row)
         calls["n"] += 1
-        if calls["n"] == 4 + 2:  # fold 0 has 4 epochs; the kill lands after fold 1's second
+        if calls["n"] == 4 + 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "log_epoch", killed_in_fold_1_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         run_cv(tmp_path, "killed")
     monkeypatch.setattr(train_module, "log_epoch", log_epoch)
+
+
+def test_a_run_killed_in_a_later_fold_retrains_only_that_fold(tmp_path, monkeypatch, capsys):
+    reference, ref_dir = run_cv(tmp_path, "uninterrupted")
+    kill_in_fold_1(tmp_path, monkeypatch)
     capsys.readouterr()
     resumed, out = run_cv(tmp_path, "killed")
     said = capsys.readouterr().out
@@ -234,19 +240,7 @@ def test_a_run_killed_in_turn_resumes_side_by_side(tmp_path, monkeypatch, capfd)
     """Checkpoints are per fold and do not depend on how many folds run at once: a run killed
     in fold 1 resumes it from its last epoch in a process of its own, and ends identical."""
     reference, ref_dir = run_cv(tmp_path, "uninterrupted")
-    calls = {"n": 0}
-    log_epoch = train_module.log_epoch
-
-    def killed_in_fold_1_epoch_2(live, row):
-        log_epoch(live, row)
-        calls["n"] += 1
-        if calls["n"] == 4 + 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "log_epoch", killed_in_fold_1_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run_cv(tmp_path, "killed")
-    monkeypatch.setattr(train_module, "log_epoch", log_epoch)
+    kill_in_fold_1(tmp_path, monkeypatch)
     capfd.readouterr()
     resumed, out = run_cv(tmp_path, "killed", workers=3)
     said = capfd.readouterr().out
@@ -296,19 +290,25 @@ train_cross_validation(p, Path(sys.argv[1]), Path(sys.argv[2]), out / "m.pt", ou
 """
 
 
+def start_side_by_side(tmp_path: Path, env: dict):
+    """KILL_PARENT in a process of its own: two fold processes training for ever."""
+    import subprocess
+    import sys
+
+    cache, split = fold_data(tmp_path)
+    return subprocess.Popen([sys.executable, "-c", KILL_PARENT, str(cache), str(split),
+                             str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def test_fold_processes_die_with_a_killed_parent(tmp_path, python_env):
     """SIGKILL leaves the parent no time to stop its folds; orphans would go on writing the
     checkpoints a resumed run reads, so the kernel kills them too."""
     import signal
-    import subprocess
-    import sys
 
     import psutil
 
-    cache, split = fold_data(tmp_path)
-    parent = subprocess.Popen([sys.executable, "-c", KILL_PARENT, str(cache), str(split),
-                               str(tmp_path / "out")], env=python_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent = start_side_by_side(tmp_path, python_env)
     for line in parent.stdout:  # wait until both folds train
         if "epoch   2/10000" in line:
             break
@@ -325,15 +325,10 @@ def test_a_fold_process_killed_ends_the_run_in_one_line_and_stops_the_others(tmp
     """A fold that dies without a word (the out-of-memory killer, kill -9) is named with the
     signal and how to resume; the folds still running are stopped."""
     import signal
-    import subprocess
-    import sys
 
     import psutil
 
-    cache, split = fold_data(tmp_path)
-    parent = subprocess.Popen([sys.executable, "-c", KILL_PARENT, str(cache), str(split),
-                               str(tmp_path / "out")], env=python_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    parent = start_side_by_side(tmp_path, python_env)
     for line in parent.stdout:
         if "epoch   2/10000" in line:
             break
