@@ -23,7 +23,8 @@ PREDICTIONS = Path("data/predictions.pt")
 def main() -> None:
     remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, RELIABILITY, RISK_COVERAGE,
                    PREDICTIONS)
-    result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv")
+    result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv",
+                      "data/manifest.csv")
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(PER_IMAGE, index=False)
     cv = result.get("cv_per_image", pd.DataFrame(columns=[*result["per_image"].columns, "fold"]))
@@ -48,6 +49,9 @@ def main() -> None:
           f"{m['dice_all_ci_high']}], detection sensitivity {m['detect_sensitivity']}, "
           f"specificity {m['detect_specificity']}, AUROC {m['detect_auroc']}; presence threshold "
           f"{m['presence_threshold'] if m['presence_threshold'] is not None else 'off'}")
+    print(f"evaluate: boundary (lesion images, original pixels) HD95 {m['hd95']} "
+          f"[{m['hd95_ci_low']}, {m['hd95_ci_high']}], NSD {m['nsd']} [{m['nsd_ci_low']}, "
+          f"{m['nsd_ci_high']}]")
     flags = (f"; flagged {m['flagged_fraction']} for review: Dice of the rest {m['dice_kept']} "
              f"[{m['dice_kept_ci_low']}, {m['dice_kept_ci_high']}], of the flagged "
              f"{m['dice_flagged']}" if "dice_kept" in m else "")

@@ -114,7 +114,7 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True,
 
 
 TIMING_KEYS = {"seconds", "images_per_s"}
-STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "plot")
+STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "package", "plot")
 
 
 def dvc(repo: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
     busiseg predict --model models/model.pt IMAGE_OR_DIR... --out DIR
     busiseg export --model models/model.pt --format onnx --out model.onnx
+    busiseg score --pred DIR --truth DIR [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ EVAL_JSON = Path("metrics/eval.json")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="busiseg", description="Breast-ultrasound lesion "
-                                     "segmentation: predict with or export a trained model.")
+                                     "segmentation: predict with or export a trained model, "
+                                     "score predicted masks.")
+    parser.add_argument("--version", action="version", version=f"busiseg {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="segment images with a trained model (.pt or .onnx)")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -25,35 +28,50 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--out", required=True, type=Path, help="folder for masks and overlays")
     pr.add_argument("--from-eval", type=Path, metavar="EVAL_JSON",
                     help="take the threshold and pieces the evaluate stage applied to test from "
-                         f"this file (default for a .pt model: {EVAL_JSON}; an .onnx model "
-                         "carries its own)")
+                         "this file (default: the settings the model carries, an .onnx export "
+                         f"or a packaged .pt; else {EVAL_JSON})")
     pr.add_argument("--threshold", type=float, default=None,
                     help="probability threshold (with the three options below: instead of an "
-                         "evaluate file; default 0.5)")
+                         "evaluate file or the model's settings, one not given being off; "
+                         "default 0.5)")
     pr.add_argument("--tta", action="store_true", help="average with the flipped prediction")
     pr.add_argument("--largest-cc", action="store_true", help="keep the largest component")
     pr.add_argument("--fill-holes", action="store_true")
     pr.add_argument("--presence-threshold", metavar="P|off",
                     help="empty the mask of an image whose lesion score is below P; off: no "
-                         "gate (either one replaces the gate of the evaluate file or export)")
+                         "gate (either one replaces the gate of the evaluate file or model)")
     pr.add_argument("--save-probabilities", action="store_true",
                     help="also write each image's probability map as NAME_prob.png, 16-bit "
                          "(p = value / 65535)")
-    pr.add_argument("--device", default="cpu",
-                    help="auto, cpu, cuda or mps (.pt models; default cpu)")
+    pr.add_argument("--no-overlay", action="store_true", help="write no NAME_overlay.png")
+    pr.add_argument("--mask-values", type=int, choices=(255, 1), default=255,
+                    help="a lesion pixel's value in NAME_mask.png: 255 (default, viewable) or "
+                         "1 (label masks for other tools)")
+    pr.add_argument("--continue", dest="resume", action="store_true",
+                    help="skip an image whose NAME_mask.png is already in --out; "
+                         "predictions.csv keeps the earlier runs' rows and adds this run's")
+    pr.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
+                    help="auto, cpu, cuda or mps (.pt models; an .onnx runs on the CPU; "
+                         "default cpu)")
     pr.add_argument("--mask-marks", action="store_true",
                     help="paint burned-in colour marks over first, as training did with "
                          "data.burned_marks: mask")
+    pr.add_argument("--version", action="version", version=f"busiseg {_version()}")
 
     ex = sub.add_parser("export", help="write a trained model as a self-contained ONNX file")
     ex.add_argument("--model", default="models/model.pt", type=Path)
     ex.add_argument("--format", choices=["onnx"], default="onnx")
     ex.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    ex.add_argument("--from-eval", type=Path, default=EVAL_JSON, metavar="EVAL_JSON",
+    ex.add_argument("--from-eval", type=Path, metavar="EVAL_JSON",
                     help="the evaluate stage's choice of threshold and post-processing to embed "
-                         f"(default {EVAL_JSON})")
+                         "(default: the settings a packaged model carries, else "
+                         f"{EVAL_JSON})")
+    add_score_parser(sub)
     args = parser.parse_args(argv)
+    args.argv = ["busiseg", *(sys.argv[1:] if argv is None else argv)]
     try:
+        if args.command == "score":
+            return score(args)
         return predict(args, parser) if args.command == "predict" else export(args)
     except BusisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -75,31 +93,53 @@ def _overrides(args) -> dict:
 
 
 def predict(args, parser) -> int:
-    from busiseg.inference.predict import predict_paths
-    from busiseg.inference.segment import MaskSettings
+    from busiseg.inference.predict import (
+        RECORD,
+        Outputs,
+        predict_run,
+        settings_from_eval,
+        settings_from_flags,
+    )
 
     flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
     if args.from_eval and flags:
         parser.error("--from-eval sets the threshold, --tta, --largest-cc and --fill-holes; "
                      "give either it or them")
+    chosen = None  # the model's own settings, else metrics/eval.json
     if flags:
-        settings = MaskSettings(0.5 if args.threshold is None else args.threshold, args.tta,
-                                args.largest_cc, args.fill_holes).checked("--threshold")
-        source = "options"
-    elif args.from_eval or args.model.suffix.lower() != ".onnx":
-        path = args.from_eval or EVAL_JSON
-        settings, source = MaskSettings.from_eval(path), str(path)
-    else:
-        settings, source = None, f"{args.model} metadata"
-    written, failures = predict_paths(args.model, args.inputs, args.out, settings,
-                                      device=args.device, mask_marks=args.mask_marks,
-                                      overrides=_overrides(args),
-                                      save_probabilities=args.save_probabilities)
-    for f in failures:
+        chosen = settings_from_flags(args.threshold, args.tta, args.largest_cc, args.fill_holes)
+    elif args.from_eval:
+        chosen = settings_from_eval(args.from_eval)
+    outputs = Outputs(overlays=not args.no_overlay, probabilities=args.save_probabilities,
+                      mask_value=args.mask_values, resume=args.resume)
+    run = predict_run(args.model, args.inputs, args.out, chosen, device=args.device,
+                      mask_marks=args.mask_marks, overrides=_overrides(args), outputs=outputs,
+                      fallback_eval=EVAL_JSON, command=args.argv)
+    for f in run.failures:
         print(f"skipped: {f.path}: {f.reason}", file=sys.stderr)
-    print(f"predict: wrote {len(written)} mask(s) and overlay(s) to {args.out} (settings from "
-          f"{source})" + (f"; {len(failures)} input(s) failed" if failures else ""))
-    return 1 if failures else 0
+    by_reason: dict[str, list] = {}
+    for f in run.skipped:
+        by_reason.setdefault(f.reason, []).append(f.path)
+    for reason, paths in by_reason.items():
+        print(f"skipped: {paths[0]}: {reason}" if len(paths) == 1 else
+              f"skipped {len(paths)} files: {reason} (each named in {args.out / RECORD})",
+              file=sys.stderr)
+    what = "mask(s) and overlay(s)" if outputs.overlays else "mask(s)"
+    print(f"predict: wrote {len(run.written)} {what} to {args.out} (settings from "
+          f"{run.chosen.origin}; record: {args.out / RECORD})"
+          + (f"; {len(run.failures)} input(s) failed" if run.failures else ""))
+    return 1 if run.failures else 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("busiseg")
+    except PackageNotFoundError:  # a source tree that was never installed
+        from busiseg import __version__
+
+        return __version__
 
 
 def export(args) -> int:
@@ -109,12 +149,55 @@ def export(args) -> int:
 
     if args.out.suffix.lower() != ".onnx":
         raise BusisegError(f"--out {args.out}: name the file *.onnx")
-    settings = MaskSettings.from_eval(args.from_eval)
     model, blob = load_model(args.model)
+    if args.from_eval or "settings" not in blob:
+        settings = MaskSettings.from_eval(args.from_eval or EVAL_JSON)
+    else:  # a packaged model (models/busiseg-model): evaluate's choice travels inside it
+        settings = MaskSettings.from_metadata(blob["settings"]).checked(str(args.model))
     meta = export_onnx(model, blob, settings, args.out)
     print(f"export: wrote {args.out} (opset {meta['opset']}, input {meta['size']}x{meta['size']}"
           f", threshold {meta['threshold']}, tta {meta['tta']}, largest_cc {meta['largest_cc']}"
           f", fill_holes {meta['fill_holes']})")
+    return 0
+
+
+def add_score_parser(sub) -> None:
+    from busiseg.params import EvaluateParams
+
+    defaults = EvaluateParams()  # evaluate's own, so both score by one rule unless told
+    sc = sub.add_parser("score", help="score a folder of predicted masks against true masks by "
+                        "evaluate's rules (from busiseg predict, nnU-Net or any tool)")
+    sc.add_argument("--pred", required=True, type=Path,
+                    help="folder of predicted masks: NAME_mask.png or NAME.png (0/1, 0/255 or "
+                         "RGB); predict's _overlay and _prob files are ignored")
+    sc.add_argument("--truth", required=True, type=Path,
+                    help="folder of true masks (NAME_mask.png, NAME_mask_1.png, ... merged, or "
+                         "NAME.png), or BUSI's benign/ malignant/ normal/ folders")
+    sc.add_argument("--out", type=Path,
+                    help="folder for scores.csv and scores.json (default: the --pred folder)")
+    sc.add_argument("--bootstrap", type=int, default=defaults.bootstrap, metavar="N",
+                    help=f"resamples for the 95 %% intervals; 0 = none (default "
+                         f"{defaults.bootstrap}, as evaluate.bootstrap)")
+    sc.add_argument("--bootstrap-seed", type=int, default=defaults.bootstrap_seed,
+                    help=f"default {defaults.bootstrap_seed}, as evaluate.bootstrap_seed")
+    sc.add_argument("--surface-tolerance", type=float, default=defaults.surface_tolerance,
+                    metavar="PX", help="NSD's tolerance in pixels of the masks (default "
+                    f"{defaults.surface_tolerance:g}, as evaluate.surface_tolerance)")
+
+
+def score(args) -> int:
+    from busiseg.evaluation.score import check_out, score_folders, stderr_lines, summary, write
+
+    out = args.out or args.pred
+    check_out(out)  # before the scoring, not after it
+    scores = score_folders(args.pred, args.truth, args.bootstrap, args.bootstrap_seed,
+                           args.surface_tolerance, out)
+    for line in stderr_lines(scores.report):
+        print(line, file=sys.stderr)
+    csv_path, json_path = write(scores, out)
+    for line in summary(scores.report):
+        print(line)
+    print(f"score: wrote {csv_path} and {json_path}")
     return 0
 
 

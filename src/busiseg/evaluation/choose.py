@@ -137,3 +137,26 @@ def choose(e: EvaluateParams, held: HeldOut) -> Choice:
     best = replace(best, review_threshold=review_threshold(e.review_fraction,
                                                            best.trust(prob, scores)))
     return Choice(best, sweeps[(best.tta, best.largest_cc, best.fill_holes)])
+
+
+def provenance(e: EvaluateParams, held_out: str) -> dict[str, str]:
+    """Where each of `choose`'s settings came from, in words a model card and predict's record
+    can show beside the value; `held_out` names the images it chose on (e.g. "out of fold,
+    624 images")."""
+    picked = f"chosen on held-out data ({held_out})"
+    pieces = {k: (f"{picked} among the pieces switched on (evaluate.select_on_val)"
+                  if e.select_on_val and getattr(e, k) else f"evaluate.{k}")
+              for k in ("tta", "largest_cc", "fill_holes")}
+    gate = e.presence_threshold
+    return {
+        "threshold": f"{picked}, best lesion Dice (evaluate.tune_threshold)"
+        if e.tune_threshold else "evaluate.threshold",
+        **pieces,
+        "presence_threshold": f"{picked}, best Dice over all images (evaluate.presence_threshold:"
+        " auto)" if gate == "auto" else "evaluate.presence_threshold: off" if gate is None
+        else "evaluate.presence_threshold",
+        "temperature": f"fitted on held-out data ({held_out}) to calibrate the lesion score",
+        "confidence": "evaluate.confidence",
+        "review_threshold": f"{picked}: flags evaluate.review_fraction of the images"
+        if e.review_fraction > 0 else "evaluate.review_fraction: 0",
+    }

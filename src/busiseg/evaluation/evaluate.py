@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from busiseg.data.cache import Cache, load_cache
+from busiseg.data.manifest import read_manifest
 from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.choose import HeldOut, candidates, choose, has_lesion, tta_settings
@@ -30,8 +31,10 @@ from busiseg.evaluation.metrics import (
     aurc,
     aurc_baselines,
     bootstrap_ci,
+    boundary_metrics,
     dice_iou,
     lesion_dice_per_image,
+    lesion_mean,
     population_rows,
     rounded,
     summarize,
@@ -61,11 +64,17 @@ class Loaded:
     # probability maps and each image's lesion score (segment.lesion_score), in one forward pass
     predict: Callable[[torch.nn.Module, list[int], bool], tuple[np.ndarray, np.ndarray]]
     progress: object = None  # a bar over evaluate's steps (evaluate.progress), or None
+    # per cache image, the (row, column) size of its pixels in original-image pixels
+    # (original_spacing); None leaves the boundary figures out, having no unit to give them
+    spacing: np.ndarray | None = None
 
     def step(self, what: str) -> None:
         if self.progress is not None:
             self.progress.set_postfix_str(what)
             self.progress.update(1)
+
+    def spacing_of(self, idx: list[int]) -> np.ndarray | None:
+        return None if self.spacing is None else self.spacing[idx]
 
     def truth(self, idx: list[int]) -> np.ndarray:
         return self.cache.masks[torch.tensor(idx, dtype=torch.long)][:, 0].numpy() > 0
@@ -82,10 +91,33 @@ def open_model(p: Params, model_path) -> tuple[torch.nn.Module, dict]:
     return load_model(model_path, device)
 
 
+def original_spacing(manifest_path, case_ids: list[str], size: int) -> np.ndarray:
+    """Each case's (row, column) pixel size at the cache's size×size, in pixels of its original
+    image (the manifest's height and width): the cache squashes every image to one square, so
+    a distance in cache pixels would mean something different on every image."""
+    manifest = read_manifest(manifest_path)
+    if not {"case_id", "width", "height"} <= set(manifest.columns):
+        raise BusisegError(f"{manifest_path}: no width/height columns; re-run the ingest stage "
+                           "(dvc repro)")
+    sizes = manifest.drop_duplicates("case_id").set_index("case_id")[["height", "width"]]
+    missing = [c for c in case_ids if c not in sizes.index]
+    if missing:
+        raise BusisegError(f"{manifest_path} has no case '{missing[0]}' (and {len(missing) - 1} "
+                           "more): the manifest and the cache disagree; re-run dvc repro")
+    hw = sizes.loc[case_ids].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    if not (hw > 0).all():
+        raise BusisegError(f"{manifest_path}: an image's width or height is not a positive "
+                           "number; re-run the ingest stage (dvc repro)")
+    return hw / size
+
+
 def load(p: Params, model_path, cache_path, split_path,
-         opened: tuple[torch.nn.Module, dict] | None = None, steps: int | None = None) -> Loaded:
+         opened: tuple[torch.nn.Module, dict] | None = None, steps: int | None = None,
+         manifest_path=None) -> Loaded:
     """Everything scoring reads; `opened`: the model file already loaded by open_model; `steps`:
-    the progress bar's length when it is not evaluate's (an external set's)."""
+    the progress bar's length when it is not evaluate's (an external set's); `manifest_path`:
+    the images' original sizes, the unit of the boundary figures (hd95, nsd), left out
+    without it."""
     model, blob = opened or open_model(p, model_path)
     device = next(model.parameters()).device
     dtype = amp_dtype(p.evaluate.amp, device)
@@ -104,15 +136,19 @@ def load(p: Params, model_path, cache_path, split_path,
     # steps: held-out predictions, choices (one per fold and one for test), test, the members
     if steps is None:
         steps = 2 + 3 * len(members) + (0 if members else 1)
+    spacing = (original_spacing(manifest_path, cache.case_ids, cache.size)
+               if manifest_path is not None else None)
     return Loaded(model, members, cache, split, predict,
-                  bar(steps, "evaluate", show_progress(p.evaluate.progress)))
+                  bar(steps, "evaluate", show_progress(p.evaluate.progress)), spacing)
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
                     counts: np.ndarray, scores: np.ndarray, trust: np.ndarray,
-                    flagged: np.ndarray) -> pd.DataFrame:
+                    flagged: np.ndarray,
+                    boundary: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """One row per image; `boundary`: its HD95 and NSD (boundary_figures), when measured."""
     dice, iou = dice_iou(counts)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "case_id": rows["case_id"].tolist(),
         "class": rows["class"].tolist(),
         "dice": np.round(dice, 6),
@@ -123,20 +159,51 @@ def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
         "confidence": np.round(trust, 6),
         "flagged": np.asarray(flagged, dtype=int),
     })
+    if boundary is not None:
+        table["hd95"], table["nsd"] = np.round(boundary[0], 6), np.round(boundary[1], 6)
+    return table
 
 
 def interval(p: Params, rows: np.ndarray, stat) -> tuple[float, float]:
     return bootstrap_ci(rows, stat, p.evaluate.bootstrap, p.evaluate.bootstrap_seed)
 
 
-def population_intervals(p: Params, counts: np.ndarray, scores: np.ndarray,
+def population_intervals(p: Params, counts: np.ndarray, scores: np.ndarray | None,
                          prefix: str = "") -> dict:
-    """Bootstrap 95 % intervals of every whole-population figure (`dice_all`, ...)."""
+    """Bootstrap 95 % intervals of every whole-population figure (`dice_all`, ...); without
+    per-image scores (busiseg score) no AUROC, as `population`."""
     rows = population_rows(counts, scores)
     out = {}
     for key, stat in POPULATION_STATS.items():
+        if scores is None and key == "detect_auroc":
+            continue
         low, high = interval(p, rows, stat)
         out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = low, high
+    return out
+
+
+def boundary_figures(p: Params, pred: np.ndarray, true: np.ndarray,
+                     spacing: np.ndarray | None,
+                     prefix: str = "") -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+    """HD95 and NSD (metrics.boundary_metrics, at `evaluate.surface_tolerance`), each the mean
+    over the lesion images as `dice` is, with its 95 % interval; and the per-image values.
+    Without `spacing` there are none: a distance needs the original pixel as its unit."""
+    if spacing is None:
+        return {}, None
+    hd95, nsd = boundary_metrics(pred, true, spacing, p.evaluate.surface_tolerance)
+    return boundary_means(p, hd95, nsd, true, prefix), (hd95, nsd)
+
+
+def boundary_means(p: Params, hd95: np.ndarray, nsd: np.ndarray, true: np.ndarray,
+                   prefix: str = "") -> dict:
+    """The lesion-image means of per-image HD95 and NSD and their intervals; apart from
+    boundary_figures for busiseg score, whose masks differ in size and are measured apart."""
+    lesion = has_lesion(true)
+    out = {}
+    for key, values in (("hd95", hd95), ("nsd", nsd)):
+        out[f"{prefix}{key}"] = lesion_mean(values, true)
+        out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = interval(
+            p, values[lesion][:, None], mean_of_first)
     return out
 
 
@@ -182,8 +249,8 @@ def gain_over_members(rows: np.ndarray) -> float:
     return float(rows[:, 0].mean() - rows[:, 1:].mean())
 
 
-def evaluate(p: Params, model_path, cache_path, split_path) -> dict:
-    m = load(p, model_path, cache_path, split_path)
+def evaluate(p: Params, model_path, cache_path, split_path, manifest_path=None) -> dict:
+    m = load(p, model_path, cache_path, split_path, manifest_path=manifest_path)
     if m.members:
         return evaluate_folds(p, m)
     va_idx, _ = subset(m.cache, m.split, "val")
@@ -212,11 +279,13 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings) -> dict:
     trust = settings.trust(te_prob, scores)
     flagged = flag(trust, settings.review_threshold)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
+    bounds, boundary = boundary_figures(p, te_pred, te_true, m.spacing_of(te_idx))
     chosen = settings.eval_keys()
     metrics = rounded({
         **metrics,
         "dice_ci_low": low,
         "dice_ci_high": high,
+        **bounds,
         **population_intervals(p, counts, scores),
         "threshold": chosen.pop("threshold"),
         "presence_threshold": chosen.pop("presence_threshold"),  # null: off
@@ -233,7 +302,7 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings) -> dict:
     })
     return {"metrics": metrics,
             "per_image": per_image_table(te_rows, te_pred, te_true, counts, scores, trust,
-                                         flagged),
+                                         flagged, boundary),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
             "test_rows": te_rows, "reliability": table, "settings": settings}
 
@@ -291,10 +360,13 @@ def score_out_of_fold(p: Params, m: Loaded, oof: HeldOut, fold: np.ndarray,
     ece, reliability = presence.reliability(cv_calibrated, has_lesion(oof.truth))
     metrics, counts = summarize(cv_pred, oof.truth, cv_rows["class"].tolist(), cv_scores)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
-    table = per_image_table(cv_rows, cv_pred, oof.truth, counts, cv_scores, cv_trust, cv_flagged)
+    spacing = m.spacing_of(m.cache.indices(cv_rows["case_id"].tolist()))
+    bounds, boundary = boundary_figures(p, cv_pred, oof.truth, spacing, "cv_")
+    table = per_image_table(cv_rows, cv_pred, oof.truth, counts, cv_scores, cv_trust, cv_flagged,
+                            boundary)
     table.insert(2, "fold", fold)
     return {"metrics": {**{f"cv_{k}": v for k, v in metrics.items()},
-                        "cv_dice_ci_low": low, "cv_dice_ci_high": high,
+                        "cv_dice_ci_low": low, "cv_dice_ci_high": high, **bounds,
                         **population_intervals(p, counts, cv_scores, "cv_"),
                         "cv_detect_ece": ece,
                         **trust_figures(p, counts, cv_trust, cv_flagged, "cv_")},

