@@ -234,3 +234,50 @@ def test_time_to_quality_counts_epochs_to_the_reference_level_per_fold(tmp_path:
     assert never["folds"][0]["run_epoch"] is None and never["run_min"] is None
     with pytest.raises(SystemExit, match="same folds"):
         time_to_quality(*read_run(ref), [[0.9]], 1.0)
+
+
+def test_paired_difference_pairs_images_and_keeps_lesion_images_by_default():
+    from busiseg.research.paired import paired_difference
+
+    ids = [f"c{i}" for i in range(40)]
+    classes = ["normal" if i % 4 == 0 else "benign" for i in range(40)]
+    rng = np.random.default_rng(1)
+    a_dice = rng.uniform(0.5, 0.9, 40)
+    a = pd.DataFrame({"case_id": ids, "class": classes, "dice": a_dice})
+    # b is a minus 0.05 on every lesion image and equal on normals, listed in another order
+    b = pd.DataFrame({"case_id": ids, "class": classes,
+                      "dice": a_dice - np.where(np.array(classes) == "normal", 0, 0.05)})[::-1]
+    out = paired_difference(a, b)
+    assert out["n"] == 30 and out["difference"] == pytest.approx(0.05)
+    assert out["ci_low"] == pytest.approx(0.05) and out["ci_high"] == pytest.approx(0.05)
+    assert paired_difference(a, b, lesion_only=False)["difference"] == pytest.approx(0.0375)
+    with pytest.raises(BusisegError, match="different images"):
+        paired_difference(a, b.iloc[1:])
+
+
+def test_presence_decisions_refit_per_fold_and_separate_what_the_score_separates():
+    from busiseg.research.decisions import decide
+
+    rng = np.random.default_rng(0)
+    n = 200
+    lesion = np.arange(n) % 4 != 0
+    table = pd.DataFrame({
+        "case_id": [f"c{i}" for i in range(n)],
+        "class": np.where(lesion, "benign", "normal"),
+        "fold": np.arange(n) % 5,
+        # every normal gets a (wrong) mask: Dice 0; lesion images are segmented fairly well
+        "dice": np.where(lesion, rng.uniform(0.6, 0.9, n), 0.0),
+        "pred_area": 0.1,
+        "image_score": np.where(lesion, rng.uniform(0.7, 1.0, n), rng.uniform(0.0, 0.3, n)),
+        "confidence": rng.uniform(0.5, 1.0, n),
+    })
+    out = decide(table)
+    assert out["off"]["cv_dice_all"] == pytest.approx(table["dice"].mean(), abs=1e-6)
+    assert out["off"]["specificity"] == 0.0 and out["off"]["sensitivity"] == 1.0
+    for rule in ("auto", "every_score", "expected"):  # the score separates: every rule finds it
+        assert out[rule]["specificity"] == 1.0, rule
+        # the cut at the lowest held-out lesion score may drop a lesion a hair below it
+        assert out[rule]["sensitivity"] >= (0.98 if rule == "every_score" else 1.0), rule
+        assert out[rule]["cv_dice_all"] > out["off"]["cv_dice_all"] + 0.2
+    with pytest.raises(BusisegError, match="no fold column"):
+        decide(table.drop(columns="fold"))
