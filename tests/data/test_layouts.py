@@ -147,10 +147,13 @@ def test_external_metrics_equal_evaluate_scoring_the_same_set_as_its_test_split(
     pd.concat([split, split.iloc[[0]].assign(split="val")]).to_csv(tmp_path / "s.csv",
                                                                   index=False)
     fixed = replace(p, evaluate=replace(p.evaluate, threshold=0.35, tta=True, largest_cc=True))
-    want = evaluate(fixed, model, tmp_path / "c.npz", tmp_path / "s.csv")["metrics"]
+    pd.DataFrame(rows).to_csv(tmp_path / "m.csv", index=False)  # original sizes: HD95's unit
+    want = evaluate(fixed, model, tmp_path / "c.npz", tmp_path / "s.csv",
+                    tmp_path / "m.csv")["metrics"]
     for key in ("dice", "iou", "dice_pooled", "precision", "recall", "normal_empty_rate",
                 "dice_ci_low", "dice_ci_high", "n_lesion_images", "n_normal_images", "threshold",
-                "used_tta", "used_largest_cc", "used_fill_holes"):
+                "used_tta", "used_largest_cc", "used_fill_holes", "hd95", "hd95_ci_low", "nsd",
+                "nsd_ci_high"):
         assert got[key] == want[key], key
     assert got["n_test"] == 13 and got["val_dice"] == 0.5 and got["n_problems"] == 0
     assert set(want) - {"n_problems"} <= set(got)  # the test metrics' keys, all of them

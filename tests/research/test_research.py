@@ -281,3 +281,21 @@ def test_presence_decisions_refit_per_fold_and_separate_what_the_score_separates
         assert out[rule]["cv_dice_all"] > out["off"]["cv_dice_all"] + 0.2
     with pytest.raises(BusisegError, match="no fold column"):
         decide(table.drop(columns="fold"))
+
+
+def test_the_committed_model_card_states_its_record_s_figures_exactly():
+    """docs/results/cards/busi-lite0-cv5.md is what the package stage wrote for the recorded
+    busi-lite0-cv5 models (evaluate re-run on them): every figure it states that the protocol
+    record holds is the record's, to the last digit."""
+    card = (REPO / "docs" / "results" / "cards" / "busi-lite0-cv5.md").read_text()
+    record = json.loads((REPO / "docs" / "results" / "protocol" / "busi-lite0-cv5.json")
+                        .read_text())["runs"]["0"]["eval"]
+    header = yaml.safe_load(card.split("---")[1])
+    stated = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    shared = [k for k in stated if f"cv_{k}" in record]
+    assert {"dice", "dice_all", "detect_auroc", "aurc"} <= set(shared)
+    for key in shared:
+        assert stated[key] == record[f"cv_{key}"], key
+    for key in ("cv_dice", "dice", "cv_dice_all", "detect_specificity"):
+        assert f"{record[key]} [{record[key + '_ci_low']}, {record[key + '_ci_high']}]" in card
+    assert "not a medical device" in card and "Baheya" in card

@@ -29,7 +29,7 @@ HEADLINE = (
     ("detect_ece", "calibration error of the lesion score (ECE)"),
     ("aurc", "area under the risk-coverage curve of the confidence (lower is better)"),
     ("hd95", "95 % Hausdorff distance (original pixels, lesion images)"),
-    ("nsd", "normalised surface Dice at evaluate.surface_tolerance"),
+    ("nsd", "normalised surface Dice (lesion images)"),
 )
 
 LIMITATIONS_BUSI = (
@@ -118,6 +118,17 @@ def model_index(m: dict, name: str, dataset: str) -> list[str]:
     return out
 
 
+def training_machine(tr: dict) -> str:
+    """What metrics/train.json says of where the model trained (older runs say less)."""
+    parts = [f"{tr[k]} {what}" for k, what in (("processes", "process(es)"),
+                                                ("threads", "thread(s)")) if tr.get(k)]
+    parts += [f"{what} {tr[k]}" for k, what in (("kernel_isa", "kernels"), ("amp", "precision"))
+              if tr.get(k)]
+    seconds = tr.get("wall_seconds", tr.get("seconds"))
+    return (f"{tr.get('device', 'cpu')}" + (f" ({', '.join(parts)})" if parts else "")
+            + (f" in {seconds} s" if seconds is not None else ""))
+
+
 def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dict) -> str:
     """`metrics`: the stage outputs by name (ingest, split, train, eval); `blob`: the packaged
     model file; `machine`: runtime.device.machine() where the card was written."""
@@ -175,8 +186,9 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dic
         "",
         *results_table(ev),
         "",
-        f"Intervals: 95 % bootstrap over images ({p.evaluate.bootstrap} resamples). Nothing "
-        "about the test images was chosen on them.",
+        f"Intervals: 95 % bootstrap over images ({p.evaluate.bootstrap} resamples). HD95 and NSD "
+        f"in pixels of the original images, NSD at a tolerance of {p.evaluate.surface_tolerance:g}"
+        " pixels (docs/data.md). Nothing about the test images was chosen on them.",
         "",
         "## Settings predict applies",
         "",
@@ -186,11 +198,10 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dic
         "",
         "## How it was made",
         "",
-        f"Trained on {tr.get('device', 'cpu')} ({tr.get('processes', 1)} process(es), "
-        f"{tr.get('threads')} thread(s), kernels {tr.get('kernel_isa')}, precision "
-        f"{tr.get('amp')}) in {tr.get('wall_seconds', tr.get('seconds'))} s; card written on "
+        f"Trained on {training_machine(tr)}; card written on "
         f"{machine.get('cpu_model') or machine.get('cpu')} with torch {machine.get('torch')}. "
-        "Reproduce it from the busiseg repository:",
+        "Reproduce it from the busiseg repository (bit for bit on a CPU with the same kernels, "
+        "`train.cpu_isa` or `ONEDNN_MAX_CPU_ISA`: docs/reproducibility.md):",
         "",
         "```",
         reproduce_command(p),
