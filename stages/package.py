@@ -12,7 +12,6 @@ from busiseg.inference.segment import MaskSettings
 from busiseg.modeling.model_file import PACKAGED_NAME, package_model
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run
-from busiseg.runtime.device import machine
 
 OUT = Path("models/busiseg-model")
 METRICS = {"ingest": Path("metrics/ingest.json"), "split": Path("metrics/split.json"),
@@ -27,10 +26,11 @@ def main() -> None:
     ev = metrics["eval"]
     held_out = (f"out of fold, {ev['cv_n_lesion_images'] + ev['cv_n_normal_images']} images"
                 if "cv_dice" in ev else "the validation split")
-    sources = provenance(p.evaluate, held_out)
-    settings = MaskSettings.from_eval(METRICS["eval"]).as_dict()
+    chosen = MaskSettings.from_eval(METRICS["eval"])
+    sources = provenance(p.evaluate, chosen, held_out)
+    settings = chosen.as_dict()
     blob = package_model("models/model.pt", OUT / PACKAGED_NAME, settings, sources)
-    atomic_write_text(OUT / "README.md", model_card(p, blob, metrics, sources, machine()))
+    atomic_write_text(OUT / "README.md", model_card(p, blob, metrics, sources))
     print(f"package: {OUT / PACKAGED_NAME} (threshold {settings['threshold']}, presence "
           f"threshold {settings['presence_threshold']}) and its model card {OUT / 'README.md'}")
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from busiseg import busiseg_version
 from busiseg.errors import BusisegError
 
 EVAL_JSON = Path("metrics/eval.json")
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="busiseg", description="Breast-ultrasound lesion "
                                      "segmentation: predict with or export a trained model, "
                                      "score predicted masks.")
-    parser.add_argument("--version", action="version", version=f"busiseg {_version()}")
+    parser.add_argument("--version", action="version", version=f"busiseg {busiseg_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("predict", help="segment images with a trained model (.pt or .onnx)")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
@@ -48,15 +49,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="a lesion pixel's value in NAME_mask.png: 255 (default, viewable) or "
                          "1 (label masks for other tools)")
     pr.add_argument("--continue", dest="resume", action="store_true",
-                    help="skip an image whose NAME_mask.png is already in --out; "
-                         "predictions.csv keeps the earlier runs' rows and adds this run's")
+                    help="resume a killed run: skip an image whose NAME_mask.png and "
+                         "predictions.csv row are already in --out (predictions.csv keeps the "
+                         "earlier rows); refused if the earlier run's model, settings, "
+                         "--mask-values or --mask-marks differ")
     pr.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "mps"),
                     help="auto, cpu, cuda or mps (.pt models; an .onnx runs on the CPU; "
                          "default cpu)")
     pr.add_argument("--mask-marks", action="store_true",
                     help="paint burned-in colour marks over first, as training did with "
                          "data.burned_marks: mask")
-    pr.add_argument("--version", action="version", version=f"busiseg {_version()}")
+    pr.add_argument("--version", action="version", version=f"busiseg {busiseg_version()}")
 
     ex = sub.add_parser("export", help="write a trained model as a self-contained ONNX file")
     ex.add_argument("--model", default="models/model.pt", type=Path)
@@ -95,6 +98,7 @@ def _overrides(args) -> dict:
 def predict(args, parser) -> int:
     from busiseg.inference.predict import (
         RECORD,
+        SCORES,
         Outputs,
         predict_run,
         settings_from_eval,
@@ -112,9 +116,14 @@ def predict(args, parser) -> int:
         chosen = settings_from_eval(args.from_eval)
     outputs = Outputs(overlays=not args.no_overlay, probabilities=args.save_probabilities,
                       mask_value=args.mask_values, resume=args.resume)
-    run = predict_run(args.model, args.inputs, args.out, chosen, device=args.device,
-                      mask_marks=args.mask_marks, overrides=_overrides(args), outputs=outputs,
-                      fallback_eval=EVAL_JSON, command=args.argv)
+    try:
+        run = predict_run(args.model, args.inputs, args.out, chosen, device=args.device,
+                          mask_marks=args.mask_marks, overrides=_overrides(args),
+                          outputs=outputs, fallback_eval=EVAL_JSON, command=args.argv)
+    except KeyboardInterrupt:
+        print(f"predict: interrupted; the images done are in {args.out / SCORES}: give the same "
+              "command with --continue to predict the rest", file=sys.stderr)
+        return 130
     for f in run.failures:
         print(f"skipped: {f.path}: {f.reason}", file=sys.stderr)
     by_reason: dict[str, list] = {}
@@ -131,17 +140,6 @@ def predict(args, parser) -> int:
     return 1 if run.failures else 0
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("busiseg")
-    except PackageNotFoundError:  # a source tree that was never installed
-        from busiseg import __version__
-
-        return __version__
-
-
 def export(args) -> int:
     from busiseg.inference.onnx_model import export_onnx
     from busiseg.inference.segment import MaskSettings
@@ -150,11 +148,18 @@ def export(args) -> int:
     if args.out.suffix.lower() != ".onnx":
         raise BusisegError(f"--out {args.out}: name the file *.onnx")
     model, blob = load_model(args.model)
-    if args.from_eval or "settings" not in blob:
-        settings = MaskSettings.from_eval(args.from_eval or EVAL_JSON)
-    else:  # a packaged model (models/busiseg-model): evaluate's choice travels inside it
-        settings = MaskSettings.from_metadata(blob["settings"]).checked(str(args.model))
-    meta = export_onnx(model, blob, settings, args.out)
+    own = None if args.from_eval else MaskSettings.from_model_file(blob, f"--model {args.model}")
+    if own is not None:  # a packaged model (models/busiseg-model): evaluate's choice inside it
+        settings, sources = own, blob.get("settings_source")
+    else:
+        path = args.from_eval or EVAL_JSON
+        if not path.is_file():
+            raise BusisegError(f"{path}: not found, and --model {args.model} carries no settings;"
+                               " export the packaged model (models/busiseg-model/model.pt) or "
+                               "give --from-eval EVAL_JSON")
+        settings = MaskSettings.from_eval(path)
+        sources = {k: f"eval file {path}" for k in settings.as_dict()}
+    meta = export_onnx(model, blob, settings, args.out, sources)
     print(f"export: wrote {args.out} (opset {meta['opset']}, input {meta['size']}x{meta['size']}"
           f", threshold {meta['threshold']}, tta {meta['tta']}, largest_cc {meta['largest_cc']}"
           f", fill_holes {meta['fill_holes']})")

@@ -4,6 +4,7 @@ data for dice_all, the lesion score calibrated, and the same decision in predict
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from busiseg.cli import main
 from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.evaluate import evaluate
+from busiseg.files import file_sha256
 from busiseg.inference.confidence import calibrate
 from busiseg.inference.onnx_model import export_onnx, load_onnx
-from busiseg.inference.predict import predict_paths
+from busiseg.inference.predict import SourcedSettings, predict_run
 from busiseg.inference.segment import MaskSettings, gate, predict_probabilities
 from busiseg.modeling.archs import split_output
 from busiseg.modeling.model_file import load_model
@@ -143,7 +145,7 @@ def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decisio
     above = MaskSettings(threshold=0.01, presence_threshold=0.0)
     below = MaskSettings(threshold=0.01, presence_threshold=1.0)
     for name, settings in (("above", above), ("below", below)):
-        predict_paths(model_path, [image], tmp_path / name, settings)
+        predict_run(model_path, [image], tmp_path / name, SourcedSettings.given(settings))
         with open(tmp_path / name / "predictions.csv") as fh:
             rows = list(csv.DictReader(fh))
         assert len(rows) == 1 and 0 <= float(rows[0]["lesion_score"]) <= 1
@@ -170,6 +172,13 @@ def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decisio
             row = next(csv.DictReader(fh))
         assert row["presence_threshold"] == gate_at
         assert row["lesion"] == "0" or flag == "off"
+    # the record links the export to its .pt (one weights digest) and tells the files apart
+    pt, onnx = (json.loads((tmp_path / d / "predictions.json").read_text())["model"]
+                for d in ("above", "cli-off"))
+    assert (pt["kind"], onnx["kind"]) == ("pt", "onnx")
+    assert pt["weights_digest"] == onnx["weights_digest"] == blob["digest"]
+    assert pt["file_sha256"] == file_sha256(model_path)
+    assert onnx["file_sha256"] == file_sha256(onnx_path)
 
 
 def test_onnx_exports_of_format_version_1_still_load_and_unknown_versions_do_not(tmp_path: Path):

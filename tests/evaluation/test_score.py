@@ -14,10 +14,14 @@ import pytest
 from conftest import make_case, run_train, tiny_data, tiny_params, write_png
 from PIL import Image
 
+from busiseg import busiseg_version
 from busiseg.cli import main
 from busiseg.data.classes import ALL_CLASSES
+from busiseg.data.images import load_mask_union
 from busiseg.data.ingest import _natural_key
 from busiseg.evaluation.evaluate import evaluate
+from busiseg.evaluation.score import IMAGE_BESIDE_MASKS, IMAGE_IN_CLASS
+from busiseg.inference.predict import OWN_OUTPUT, OWN_SUFFIXES
 
 
 def mask(shape: tuple[int, int], box: tuple[slice, slice] | None = None) -> np.ndarray:
@@ -42,6 +46,15 @@ def score(*args: str | Path) -> int:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def ignored(match: dict, key: str) -> dict[str, str]:
+    return {i["path"]: i["reason"] for i in match[key]}
+
+
+def image(path: Path, shape: tuple[int, int] = (10, 10), seed: int = 0) -> Path:
+    """An ultrasound-like grey image: speckle over the whole range, a mask by no rule."""
+    return write_png(path, np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
 
 
 def read_rows(path: Path) -> dict[str, dict]:
@@ -90,7 +103,8 @@ def test_hand_made_masks_score_to_their_known_dice(tmp_path: Path, capsys):
     assert float(rows["m"]["pred_area"]) == 0.01 and float(rows["b"]["lesion_area"]) == 0.25
     assert report["matching"]["missing"] == [] and report["matching"]["unmatched"] == []
     assert report["command"].startswith("busiseg score --pred ")
-    assert report["busiseg_version"] and report["truth_layout"] == "flat"
+    assert report["busiseg"] == busiseg_version() and "busiseg_version" not in report
+    assert report["truth_layout"] == "flat"
     out = capsys.readouterr().out
     assert "4 matched, 0 missing, 0 unmatched" in out and "Dice 0.833333 [" in out
 
@@ -102,16 +116,18 @@ def test_missing_and_unmatched_files_are_named(tmp_path: Path, capsys):
     pred = tmp_path / "pred"
     save(pred / "case 1_mask.png", lesion)
     save(pred / "stray_mask.png", lesion)
-    save(pred / "case 1_overlay.png", lesion, "rgb")  # predict's extras, not predictions
-    save(pred / "case 1_prob.png", lesion)
+    for suffix in OWN_SUFFIXES:  # predict's extras, not predictions
+        save(pred / f"case 1{suffix}.png", lesion, "rgb")
     (pred / "predictions.csv").write_text("image,mask\n")
     assert score("--pred", pred, "--truth", tmp_path / "truth", "--bootstrap", 0) == 0
     report = read_json(pred / "scores.json")  # --out defaults to the prediction folder
     match = report["matching"]
     assert match["missing"] == ["case 2", "case 10"] and match["unmatched"] == ["stray_mask.png"]
     assert (match["n_matched"], match["n_missing"], match["n_unmatched"]) == (1, 2, 1)
-    assert {"case 1_overlay.png", "case 1_prob.png", "predictions.csv"} <= set(
-        match["ignored_pred"])
+    skipped = ignored(match, "ignored_pred")
+    assert {f"case 1{suffix}.png": OWN_OUTPUT for suffix in OWN_SUFFIXES}.items() <= (
+        skipped.items())
+    assert "image file" in skipped["predictions.csv"]
     assert report["metrics"]["dice"] == 1.0 and report["metrics"]["dice_ci_low"] is None
     err = capsys.readouterr().err
     assert "without a prediction (missing): case 2, case 10" in err
@@ -156,8 +172,65 @@ def test_a_busi_tree_gives_classes_and_merges_further_masks(tmp_path: Path):
     m = report["metrics"]
     assert m["dice_benign"] == round(float(want), 6) and m["dice_malignant"] == 1.0
     assert m["normal_empty_rate"] == 1.0 and report["truth_layout"] == "busi"
-    assert {"benign/benign (1).png", "normal/normal (1).png"} <= set(
-        report["matching"]["ignored_truth"])  # the images beside the masks
+    assert {"benign/benign (1).png": IMAGE_IN_CLASS, "normal/normal (1).png": IMAGE_IN_CLASS
+            }.items() <= ignored(report["matching"], "ignored_truth").items()  # the images
+
+
+def test_images_beside_masks_are_never_scored(tmp_path: Path, capsys):
+    """A flat truth folder BUSI-like (images beside their masks, and an image whose mask is
+    absent) and a `busiseg predict DIR --out DIR` folder where one image (b) failed: no plain
+    name there is a mask, so b is missing and c no case, whatever their pixels."""
+    lesion = mask((10, 10), np.s_[2:6, 2:6])
+    truth, pred = tmp_path / "truth", tmp_path / "pred"
+    for n, cid in enumerate("abc"):
+        image(truth / f"{cid}.png", seed=n)
+        image(pred / f"{cid}.png", seed=n)
+    image(pred / "b.jpg", seed=1)  # two images of one name are no duplicate masks
+    save(truth / "a_mask.png", lesion)
+    save(truth / "b_mask.png", lesion)
+    save(pred / "a_mask.png", lesion)
+    save(pred / "a_overlay.png", lesion, "rgb")
+    assert score("--pred", pred, "--truth", truth, "--bootstrap", 0) == 0
+    report = read_json(pred / "scores.json")
+    match = report["matching"]
+    assert (match["n_truth"], match["n_pred"], match["n_matched"]) == (2, 1, 1)
+    assert match["missing"] == ["b"] and match["unmatched"] == []
+    assert ignored(match, "ignored_pred") == {"a.png": IMAGE_BESIDE_MASKS,
+                                              "a_overlay.png": OWN_OUTPUT,
+                                              "b.jpg": IMAGE_BESIDE_MASKS,
+                                              "b.png": IMAGE_BESIDE_MASKS,
+                                              "c.png": IMAGE_BESIDE_MASKS}
+    assert ignored(match, "ignored_truth") == dict.fromkeys(["a.png", "b.png", "c.png"],
+                                                            IMAGE_BESIDE_MASKS)
+    assert report["notes"] == [] and report["metrics"]["dice"] == 1.0
+    assert list(read_rows(pred / "scores.csv")) == ["a"]
+    err = capsys.readouterr().err
+    assert "ignored 5 file(s) in --pred" in err and "4 " + IMAGE_BESIDE_MASKS in err
+    assert "ignored 3 file(s) in --truth" in err and "binarised" not in err
+
+
+def test_a_mask_of_more_than_two_values_is_read_by_ingests_rule_and_said(tmp_path: Path,
+                                                                         capsys):
+    """Anti-aliased edges: binarised exactly as ingest reads the mask (lesion ≥ half the
+    maximum), and named on stderr, since an image named as a mask would be binarised too."""
+    soft = np.zeros((12, 12), dtype=np.uint8)
+    soft[3:9, 3:9] = 255
+    soft[2, 3:9] = soft[9, 3:9] = 128  # on the line: half of 255 rounds up to lesion
+    soft[3:9, 2] = 127  # just below half: background
+    soft[3:9, 9] = 40
+    truth = write_png(tmp_path / "truth" / "x_mask.png", soft)
+    want = load_mask_union([truth])
+    assert want.sum() == 36 + 12
+    save(tmp_path / "pred" / "x_mask.png", want)
+    assert score("--pred", tmp_path / "pred", "--truth", tmp_path / "truth",
+                 "--bootstrap", 0) == 0
+    report = read_json(tmp_path / "pred" / "scores.json")
+    assert report["metrics"]["dice"] == 1.0
+    assert len(report["notes"]) == 1 and report["notes"][0].startswith(f"{truth}: mask with 5 "
+                                                                       "values binarised")
+    err = capsys.readouterr().err
+    assert f"1 mask(s) had more than two values and were binarised as ingest binarises them, " \
+           f"e.g. {truth}" in err
 
 
 @pytest.mark.parametrize("case", ["size", "nothing_matches", "out_is_file", "no_truth"])

@@ -17,7 +17,7 @@ from busiseg.data.cache import load_cache
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.evaluation.metrics import aurc, aurc_baselines, risk_coverage
 from busiseg.inference.confidence import confidence, flag
-from busiseg.inference.predict import predict_paths
+from busiseg.inference.predict import Outputs, SourcedSettings, predict_run
 from busiseg.inference.segment import MaskSettings
 
 
@@ -95,8 +95,9 @@ def test_the_flag_evaluate_reports_is_the_one_predict_writes(trained: Path, tmp_
         image = c.images[c.indices([case])[0], 0].numpy()
         paths.append(write_png(tmp_path / "in" / f"{case}.png", image))
     out = tmp_path / "out"
-    predict_paths(trained / "a" / "model.pt", paths, out, MaskSettings.from_eval(eval_json),
-                  save_probabilities=True)
+    predict_run(trained / "a" / "model.pt", paths, out,
+                SourcedSettings.given(MaskSettings.from_eval(eval_json)),
+                outputs=Outputs(probabilities=True))
     with open(out / "predictions.csv") as fh:
         rows = {Path(r["image"]).stem: r for r in csv.DictReader(fh)}
     for case, conf, flagged in zip(table["case_id"], table["confidence"], table["flagged"]):

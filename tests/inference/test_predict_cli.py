@@ -14,13 +14,19 @@ import torch
 from conftest import tiny_params, write_png
 from PIL import Image
 
+import busiseg.inference.predict as predict_module
+from busiseg import busiseg_version
 from busiseg.cli import main
+from busiseg.data.layouts import IMAGE_SUFFIXES
+from busiseg.files import file_sha256
 from busiseg.inference.predict import (
     EVAL_NAMES,
+    EXISTS,
     FIELDS,
     MASK_LIKE,
-    busiseg_version,
-    predict_paths,
+    SUFFIXES,
+    SourcedSettings,
+    predict_run,
 )
 from busiseg.inference.segment import MaskSettings
 from busiseg.modeling.model_file import save_model
@@ -30,9 +36,9 @@ NOTE = "chosen out of fold (evaluate.tune_threshold)"
 
 
 def model_file(folder: Path, settings: MaskSettings | None = None,
-               sources: dict | None = None, name: str = "model.pt") -> Path:
+               sources: dict | None = None, name: str = "model.pt", seed: int = 0) -> Path:
     """An untrained tiny model; with `settings`, carrying them as a packaged model does."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("unet", base=4, depth=2)
     path = folder / name
     save_model(path, model.state_dict(), model.config, tiny_params(), size=32)
@@ -57,6 +63,29 @@ def mask(out: Path, name: str = "a") -> np.ndarray:
     return np.asarray(Image.open(out / f"{name}_mask.png"))
 
 
+def rows(out: Path) -> list[dict]:
+    with open(out / "predictions.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def kill_at(monkeypatch, name: str, call: int) -> list[int]:
+    """predict's `name` raises KeyboardInterrupt at its `call`-th call (0: never), as a kill
+    there would stop the run; the calls are counted."""
+    real = getattr(predict_module, name)
+    real = getattr(real, "__wrapped__", real)
+    calls: list[int] = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    dying.__wrapped__ = real
+    monkeypatch.setattr(predict_module, name, dying)
+    return calls
+
+
 def one_line_error(capsys, argv: list[str], code: int = 1) -> str:
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
@@ -79,8 +108,9 @@ def test_the_record_names_version_model_settings_and_sources(tmp_path: Path, cap
     blob = torch.load(model, weights_only=True)
     assert r["busiseg"] == busiseg_version() and r["busiseg"]
     assert r["command"] == ["busiseg", *argv]
-    assert r["model"] == {"path": str(model.resolve()), "kind": "pt", "digest": blob["digest"],
-                          "digest_of": "weights"}
+    assert r["model"] == {"path": str(model.resolve()), "kind": "pt",
+                          "weights_digest": blob["digest"], "file_sha256": file_sha256(model)}
+    assert r["finished"] is True
     assert r["device"] == "cpu" and r["cwd"] == str(Path.cwd())
     assert set(r["settings"]) == set(r["settings_source"]) == set(FIELDS)
     assert r["settings"]["threshold"] == 0.4 and r["settings"]["tta"] is True
@@ -168,13 +198,12 @@ def test_continue_skips_what_is_done_and_keeps_its_rows(tmp_path: Path, capsys):
     image(inputs / "b.png", seed=1)
     capsys.readouterr()
     assert main([*cli, "--continue"]) == 0
-    assert f"skipped: {inputs / 'a.png'}: output exists (--continue)" in capsys.readouterr().err
+    assert f"skipped: {inputs / 'a.png'}: {EXISTS}" in capsys.readouterr().err
     assert np.all(mask(out) == 7)  # not predicted again
     r = record(out)
     assert r["inputs"]["found"] == 2
     assert r["inputs"]["written"] == [{"image": str(inputs / "b.png"), "mask": "b_mask.png"}]
-    assert r["inputs"]["skipped"] == [{"path": str(inputs / "a.png"),
-                                       "reason": "output exists (--continue)"}]
+    assert r["inputs"]["skipped"] == [{"path": str(inputs / "a.png"), "reason": EXISTS}]
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [row["mask"] for row in rows] == ["a_mask.png", "b_mask.png"]
@@ -182,6 +211,132 @@ def test_continue_skips_what_is_done_and_keeps_its_rows(tmp_path: Path, capsys):
     with open(out / "predictions.csv") as fh:
         assert [row["mask"] for row in csv.DictReader(fh)] == ["a_mask.png", "b_mask.png"]
     assert len(record(out)["inputs"]["written"]) == 2
+
+
+def test_continue_resumes_a_killed_run_and_lists_every_image_once(tmp_path: Path, monkeypatch,
+                                                                  capsys):
+    model = model_file(tmp_path)
+    names = ["a", "b", "c", "d", "e"]
+    for seed, name in enumerate(names):
+        image(tmp_path / "in" / f"{name}.png", seed)
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user gives them
+    cli = ["predict", "in", "--model", str(model), "--out", "out", "--threshold", "0.5"]
+    kill_at(monkeypatch, "segment_with_score", 3)
+    assert main(cli) == 130
+    assert "--continue" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert [r["mask"] for r in rows(out)] == ["a_mask.png", "b_mask.png"]  # rows as they finish
+    assert sorted(p.name for p in out.glob("*_mask.png")) == ["a_mask.png", "b_mask.png"]
+    assert record(out)["finished"] is False and record(out)["settings"]["threshold"] == 0.5
+    calls = kill_at(monkeypatch, "segment_with_score", 0)
+    assert main([*cli, "--continue"]) == 0
+    assert len(calls) == 3  # c, d and e; a and b are not predicted again
+    assert [r["mask"] for r in rows(out)] == [f"{n}_mask.png" for n in names]
+    r = record(out)
+    assert r["finished"] is True and r["inputs"]["found"] == 5
+    assert r["inputs"]["written"] == [{"image": str(Path("in") / f"{n}.png"),
+                                       "mask": f"{n}_mask.png"} for n in "cde"]
+    assert r["inputs"]["skipped"] == [{"path": str(Path("in") / f"{n}.png"), "reason": EXISTS}
+                                      for n in "ab"]
+    assert main([*cli, "--continue"]) == 0 and len(calls) == 3  # all done: nothing twice
+    assert [r["mask"] for r in rows(out)] == [f"{n}_mask.png" for n in names]
+
+
+def test_a_mask_is_written_last_and_counts_only_with_its_row(tmp_path: Path, monkeypatch):
+    model = model_file(tmp_path)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    for seed, name in enumerate("abc"):
+        image(inputs / f"{name}.png", seed)
+    cli = ["predict", str(inputs), "--model", str(model), "--out", str(out), "--threshold",
+           "0.001", "--save-probabilities"]
+    kill_at(monkeypatch, "save_probability_png", 2)  # b: killed after its overlay
+    assert main(cli) == 130
+    assert (out / "b_overlay.png").is_file() and not (out / "b_prob.png").exists()
+    assert not (out / "b_mask.png").exists()  # no mask: b is not done
+    assert not list(out.glob(".*tmp*"))  # nothing half-written left beside
+    kill_at(monkeypatch, "save_probability_png", 0)
+    kill_at(monkeypatch, "append_score", 1)  # b: killed between its mask and its row
+    assert main([*cli, "--continue"]) == 130
+    assert (out / "b_mask.png").is_file() and [r["mask"] for r in rows(out)] == ["a_mask.png"]
+    (out / "b_mask.png").write_bytes(b"\x89PNG cut short")  # whatever it holds, no row: redo
+    with open(out / "predictions.csv", "a") as fh:
+        fh.write(f"{inputs / 'b.png'},b_mask.png,0.5")  # a row cut short is no row
+    kill_at(monkeypatch, "append_score", 0)
+    calls = kill_at(monkeypatch, "segment_with_score", 0)
+    assert main([*cli, "--continue"]) == 0
+    assert len(calls) == 2  # b and c
+    assert [r["mask"] for r in rows(out)] == ["a_mask.png", "b_mask.png", "c_mask.png"]
+    assert all(r["confidence"] != "" for r in rows(out))
+    assert np.all(mask(out, "b") == 255)
+
+
+@pytest.mark.parametrize("change, says", [
+    (["--threshold", "0.6"], "threshold 0.5 (this run: 0.6)"),
+    (["--threshold", "0.5", "--tta"], "tta False (this run: True)"),
+    (["--threshold", "0.5", "--presence-threshold", "0.3"],
+     "presence_threshold None (this run: 0.3)"),
+    (["--threshold", "0.5", "--mask-values", "1"], "--mask-values 255 (this run: 1)"),
+    (["--threshold", "0.5", "--mask-marks"], "without --mask-marks (this run: with)"),
+    (["--threshold", "0.5", "--model", "{other}"], "another model"),
+])
+def test_continue_refuses_to_mix_runs(tmp_path: Path, monkeypatch, capsys, change, says):
+    model, other = model_file(tmp_path), model_file(tmp_path, name="other.pt", seed=1)
+    for seed, name in enumerate("ab"):
+        image(tmp_path / "in" / f"{name}.png", seed)
+    out = tmp_path / "out"
+    base = ["predict", str(tmp_path / "in"), "--out", str(out), "--continue"]
+    kill_at(monkeypatch, "segment_with_score", 2)  # killed: the record says how it began
+    assert main([*base, "--model", str(model), "--threshold", "0.5"]) == 130
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = [*base, *(x.format(other=other) for x in change)]
+    if "--model" not in argv:
+        argv += ["--model", str(model)]
+    err = one_line_error(capsys, argv)
+    assert err.startswith("error: --continue: ") and says in err, err
+    assert "give another --out for this run, or drop --continue" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+
+
+def test_continue_takes_the_same_weights_from_another_file(tmp_path: Path, monkeypatch):
+    model = model_file(tmp_path)
+    packaged = model_file(tmp_path, MaskSettings(0.9), name="packaged.pt")  # same weights
+    for seed, name in enumerate("ab"):
+        image(tmp_path / "in" / f"{name}.png", seed)
+    out = tmp_path / "out"
+    cli = ["predict", str(tmp_path / "in"), "--out", str(out), "--threshold", "0.5"]
+    kill_at(monkeypatch, "segment_with_score", 2)
+    assert main([*cli, "--model", str(model)]) == 130
+    kill_at(monkeypatch, "segment_with_score", 0)
+    assert main([*cli, "--model", str(packaged), "--continue"]) == 0
+    r = record(out)["model"]
+    assert r["path"] == str(packaged.resolve()) and r["file_sha256"] != file_sha256(model)
+    assert r["weights_digest"] == torch.load(model, weights_only=True)["digest"]
+    assert [row["mask"] for row in rows(out)] == ["a_mask.png", "b_mask.png"]
+
+
+def test_inputs_with_one_name_fail_rather_than_overwrite(tmp_path: Path, capsys):
+    model = model_file(tmp_path)
+    a = image(tmp_path / "a" / "x.png")
+    b = tmp_path / "b" / "x.jpg"
+    b.parent.mkdir()
+    Image.fromarray(np.full((40, 50), 90, np.uint8)).save(b)
+    c = image(tmp_path / "c" / "X.png", seed=2)  # one file on macOS and Windows
+    out = tmp_path / "out"
+    cli = ["--model", str(model), "--out", str(out), "--threshold", "0.5"]
+    assert main(["predict", str(a), str(tmp_path / "b"), str(c), str(a), *cli]) == 1
+    err = capsys.readouterr().err
+    for later in (b, c, a):
+        assert f"skipped: {later}: its outputs would overwrite those of {a} (same name)" in err
+    assert [r["image"] for r in rows(out)] == [str(a)]
+    assert [f["path"] for f in record(out)["inputs"]["failed"]] == [str(b), str(c), str(a)]
+    assert record(out)["inputs"]["written"] == [{"image": str(a), "mask": "x_mask.png"}]
+    # nor across runs: with --continue, b/x.jpg is not taken for a/x.png, done before
+    assert main(["predict", str(b), *cli, "--continue"]) == 1
+    assert f"skipped: {b}: its outputs would overwrite those of {a} (same name, predicted by an " \
+        "earlier run)" in capsys.readouterr().err
+    assert [r["image"] for r in rows(out)] == [str(a)]
+    assert SUFFIXES is IMAGE_SUFFIXES  # one list of the image files busiseg reads
 
 
 def test_files_not_predicted_are_reported(tmp_path: Path, capsys):
@@ -206,8 +361,9 @@ def test_files_not_predicted_are_reported(tmp_path: Path, capsys):
     assert set(skipped) == {"a_mask.png", "b_mask.png", "a_overlay.png", "notes.txt", "more"}
     assert record(out)["inputs"]["found"] == 1
     # the library keeps its answer: skipped files are no failures
-    written, failures = predict_paths(model, [inputs], tmp_path / "lib", MaskSettings())
-    assert [p.name for p in written] == ["a_mask.png"] and failures == []
+    run = predict_run(model, [inputs], tmp_path / "lib", SourcedSettings.given(MaskSettings()))
+    assert [p.name for p in run.written] == ["a_mask.png"] and run.failures == []
+    assert record(tmp_path / "lib")["settings_source"]["threshold"] == "given by the caller"
 
 
 def test_the_record_is_written_when_nothing_was(tmp_path: Path, capsys):

@@ -299,3 +299,16 @@ def test_the_committed_model_card_states_its_record_s_figures_exactly():
     for key in ("cv_dice", "dice", "cv_dice_all", "detect_specificity"):
         assert f"{record[key]} [{record[key + '_ci_low']}, {record[key + '_ci_high']}]" in card
     assert "not a medical device" in card and "Baheya" in card
+
+
+def test_presence_from_another_run_takes_its_scores_image_by_image():
+    from busiseg.research.decisions import with_presence_from
+
+    masks = pd.DataFrame({"case_id": ["a", "b", "c"], "image_score": [0.1, 0.2, 0.3],
+                          "dice": [0.5, 0.6, 0.7]})
+    head = pd.DataFrame({"case_id": ["c", "a", "b"], "image_score": [0.9, 0.7, 0.8]})
+    got = with_presence_from(masks, head)
+    assert got["image_score"].tolist() == [0.7, 0.8, 0.9] and got["dice"].tolist() == [0.5, 0.6,
+                                                                                          0.7]
+    with pytest.raises(BusisegError, match="different images"):
+        with_presence_from(masks, head.iloc[:2])

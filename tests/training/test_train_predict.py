@@ -16,7 +16,7 @@ from PIL import Image
 
 import busiseg.training.checkpoint as checkpoint_module
 from busiseg.errors import BusisegError
-from busiseg.inference.predict import predict_paths
+from busiseg.inference.predict import predict_run
 from busiseg.inference.segment import MaskSettings
 from busiseg.modeling.model_file import load_model, save_model
 from busiseg.modeling.registry import build_model
@@ -150,7 +150,8 @@ def test_predict_writes_masks_at_original_size(tmp_path: Path):
     write_png(inputs / "grey_mask.png", np.zeros((5, 5), np.uint8))  # masks are not inputs
     (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    written, failures = predict_paths(model, [inputs], out)
+    run = predict_run(model, [inputs], out)
+    written, failures = run.written, run.failures
     assert sorted(p.name for p in written) == ["grey_mask.png", "photo_mask.png", "rgb_mask.png"]
     assert Image.open(out / "grey_mask.png").size == (83, 57)
     assert Image.open(out / "rgb_mask.png").size == (30, 40)

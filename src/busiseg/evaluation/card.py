@@ -10,9 +10,11 @@ cannot disagree with `dvc metrics show`.
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict
+from pathlib import Path
 
-from busiseg.data.classes import CLASSES
+from busiseg import __version__
+from busiseg.data.classes import ALL_CLASSES
 from busiseg.params import DataParams, Params, override_value
 
 BUSI_PAPER = ("Al-Dhabyani W, Gomaa M, Khaled H, Fahmy A. Dataset of breast ultrasound images. "
@@ -44,6 +46,15 @@ LIMITATIONS_BUSI = (
     "many normals the data hold (BUSI: 133 of 780 images).",
 )
 
+LIMITATIONS_OTHER = (
+    "Trained and scored on one dataset: nothing here says how the model does on data from other "
+    "hospitals, scanners or populations; score it on such data first (params.yaml "
+    "`external:`).",
+    "Lesion Dice counts images with a lesion only. Dice over all images also scores the normal "
+    "images: an empty mask on one counts 1, any mask on it 0, so it depends on how many normals "
+    "the data hold.",
+)
+
 LIMITATIONS_DEMO = (
     "These data are SYNTHETIC: busiseg's demo generator draws shapes in noise. The figures only "
     "show the pipeline runs; they say nothing about real ultrasound images.",
@@ -55,22 +66,34 @@ INTENDED_USE = (
     "diagnose, screen or decide the care of any person.")
 
 
+# the params sections the package stage declares in dvc.yaml (a test holds the two together):
+# every one that changes the model or its scores, not plot's
+SECTIONS = ("demo", "data", "preprocess", "split", "model", "train", "augment", "evaluate")
+
+
 def is_demo(p: Params) -> bool:
     return p.data.raw_dir == DataParams().raw_dir
+
+
+def is_busi(p: Params, ingest: dict) -> bool:
+    """BUSI's own text (its hospital, scanner, paper) only for data that look like it: the busi
+    layout, its three classes, its 780 images."""
+    return (not is_demo(p) and p.data.layout == "busi" and ingest.get("n_images") == 780
+            and all(ingest.get(f"n_images_{c}") for c in ("benign", "malignant", "normal")))
 
 
 def reproduce_command(p: Params) -> str:
     """`dvc exp run` with every param that differs from busiseg's defaults (the committed
     params.yaml's), quoted for the shell and for DVC's override grammar; `dvc repro` when none
-    differ."""
+    differ. The data folder is the reader's own copy: a placeholder, not this machine's path."""
     args = []
-    for section in fields(p):
-        value, default = getattr(p, section.name), getattr(Params(), section.name)
-        if not is_dataclass(value):
-            continue
+    for section in SECTIONS:
+        value, default = getattr(p, section), getattr(Params(), section)
         for key, v in asdict(value).items():
             if v != getattr(default, key):
-                args += ["-S", f"{section.name}.{key}="
+                if (section, key) == ("data", "raw_dir"):
+                    v = f"PATH/TO/{Path(v).name or 'DATA'}"
+                args += ["-S", f"{section}.{key}="
                          + ("null" if v is None else override_value(v))]
     return shlex.join(["uv", "run", "dvc", "exp", "run", *args]) if args else "uv run dvc repro"
 
@@ -129,19 +152,29 @@ def training_machine(tr: dict) -> str:
             + (f" in {seconds} s" if seconds is not None else ""))
 
 
-def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dict) -> str:
+def data_text(p: Params, ing: dict, busi: bool) -> str:
+    classes = ", ".join(f"{ing[f'n_images_{c}']} {c}" for c in ALL_CLASSES
+                        if ing.get(f"n_images_{c}"))
+    where = ("Synthetic BUSI-layout demo images made by `busiseg.data.demo`" if is_demo(p) else
+             f"BUSI ({BUSI_PAPER})" if busi else
+             f"`{Path(p.data.raw_dir).name}` (`data.layout: {p.data.layout}`)")
+    return (f"{where}: {ing.get('n_images')} images ({classes}), {ing.get('n_masks')} masks; "
+            f"{ing.get('n_duplicate_groups', 0)} groups of duplicate frames "
+            f"({ing.get('n_images_in_duplicate_groups', 0)} images), each kept in one split.")
+
+
+def model_card(p: Params, blob: dict, metrics: dict, sources: dict) -> str:
     """`metrics`: the stage outputs by name (ingest, split, train, eval); `blob`: the packaged
-    model file; `machine`: runtime.device.machine() where the card was written."""
+    model file."""
     ev, tr, sp, ing = (metrics.get(k, {}) for k in ("eval", "train", "split", "ingest"))
-    demo = is_demo(p)
-    dataset = "synthetic-demo" if demo else "BUSI"
+    demo, busi = is_demo(p), is_busi(p, ing)
+    dataset = "synthetic-demo" if demo else "BUSI" if busi else Path(p.data.raw_dir).name
     arch = blob["model"]
     members = int(blob.get("members") or 0)
     what = (f"{arch['arch']}" + (f" on {arch['encoder']}" if "encoder" in arch else "")
             + (f", an ensemble of its {members} fold models" if members else ""))
     name = f"busiseg-{arch['arch']}" + (f"-{members}fold" if members else "")
     pre = blob["preprocess"]
-    classes = ", ".join(f"{ing.get(f'n_images_{c}', 0)} {c}" for c in CLASSES)
     held = (f"{members}-fold cross-validation on the non-test images (out-of-fold figures: "
             "each image scored by the fold model that never trained on it; the ensemble on "
             "test)" if members else
@@ -175,12 +208,8 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dic
         "",
         "## Data",
         "",
-        ("Synthetic BUSI-layout demo images made by `busiseg.data.demo`" if demo else
-         f"BUSI (`{p.data.raw_dir}`; {BUSI_PAPER})") +
-        f": {ing.get('n_images')} images ({classes}), {ing.get('n_masks')} masks; "
-        f"{ing.get('n_duplicate_groups', 0)} groups of duplicate frames "
-        f"({ing.get('n_images_in_duplicate_groups', 0)} images), each kept in one split. "
-        f"Split (seed {p.split.seed}): {held}; test: {sp.get('n_test')} images.",
+        data_text(p, ing, busi)
+        + f" Split (seed {p.split.seed}): {held}; test: {sp.get('n_test')} images.",
         "",
         "## Results",
         "",
@@ -198,10 +227,10 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dic
         "",
         "## How it was made",
         "",
-        f"Trained on {training_machine(tr)}; card written on "
-        f"{machine.get('cpu_model') or machine.get('cpu')} with torch {machine.get('torch')}. "
-        "Reproduce it from the busiseg repository (bit for bit on a CPU with the same kernels, "
-        "`train.cpu_isa` or `ONEDNN_MAX_CPU_ISA`: docs/reproducibility.md):",
+        f"Trained on {training_machine(tr)}, card written by busiseg {__version__}. Reproduce "
+        "it from the busiseg repository at that version (bit for bit on a CPU with the same "
+        "kernels, `train.cpu_isa` or `ONEDNN_MAX_CPU_ISA`: docs/reproducibility.md), with "
+        "`data.raw_dir` your copy of the data:",
         "",
         "```",
         reproduce_command(p),
@@ -209,12 +238,13 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict, machine: dic
         "",
         "## Limitations",
         "",
-        *(f"- {x}" for x in (LIMITATIONS_DEMO if demo else LIMITATIONS_BUSI)),
+        *(f"- {x}" for x in (LIMITATIONS_DEMO if demo else LIMITATIONS_BUSI if busi
+                             else LIMITATIONS_OTHER)),
         "",
         "## Citation",
         "",
-        "busiseg (see CITATION.cff in its repository)" + ("" if demo else f"; the data: "
-                                                         f"{BUSI_PAPER}"),
+        "busiseg (see CITATION.cff in its repository)"
+        + (f"; the data: {BUSI_PAPER}" if busi else ""),
         "",
     ]
     return "\n".join(lines)

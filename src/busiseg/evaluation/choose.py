@@ -139,18 +139,24 @@ def choose(e: EvaluateParams, held: HeldOut) -> Choice:
     return Choice(best, sweeps[(best.tta, best.largest_cc, best.fill_holes)])
 
 
-def provenance(e: EvaluateParams, held_out: str) -> dict[str, str]:
+def provenance(e: EvaluateParams, chosen: MaskSettings, held_out: str) -> dict[str, str]:
     """Where each of `choose`'s settings came from, in words a model card and predict's record
-    can show beside the value; `held_out` names the images it chose on (e.g. "out of fold,
-    624 images")."""
+    can show beside the value; `chosen` is what choose returned (with select_on_val the params
+    alone do not say whether the threshold was tuned), `held_out` names the images it chose on
+    (e.g. "out of fold, 699 images")."""
     picked = f"chosen on held-out data ({held_out})"
-    pieces = {k: (f"{picked} among the pieces switched on (evaluate.select_on_val)"
-                  if e.select_on_val and getattr(e, k) else f"evaluate.{k}")
+    among = f"{picked} among the pieces switched on (evaluate.select_on_val)"
+    pieces = {k: among if e.select_on_val and getattr(e, k) else f"evaluate.{k}"
               for k in ("tta", "largest_cc", "fill_holes")}
+    if chosen.tuned_threshold:
+        threshold = f"{picked}, best lesion Dice (evaluate.tune_threshold)"
+    elif e.select_on_val and e.tune_threshold:
+        threshold = f"evaluate.threshold: tuning it lost on held-out data ({held_out})"
+    else:
+        threshold = "evaluate.threshold"
     gate = e.presence_threshold
     return {
-        "threshold": f"{picked}, best lesion Dice (evaluate.tune_threshold)"
-        if e.tune_threshold else "evaluate.threshold",
+        "threshold": threshold,
         **pieces,
         "presence_threshold": f"{picked}, best Dice over all images (evaluate.presence_threshold:"
         " auto)" if gate == "auto" else "evaluate.presence_threshold: off" if gate is None

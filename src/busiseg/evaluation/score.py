@@ -6,14 +6,17 @@ the same name in metrics/eval.json mean the same thing and can be compared side 
 
 Names follow the dataset layouts' rule (`{id}_mask`, further masks `_mask_1`, `_mask_2`, … of
 one case merged as ingest merges them), or a plain `{id}` for a tool that writes one mask per
-case under the case's own name. Masks are read as ingest reads them (0/1, 0/255, RGB, palette
-alike) and scored at their own resolution, so distances are in their pixels.
+case under the case's own name, but only in a folder without any `_mask` file: beside those a
+plain name is an image (BUSI's folders, predict's output folder), ignored and never scored.
+Masks are read as ingest reads them (0/1, 0/255, RGB, palette alike; more than two values
+binarised by ingest's rule, and said) and scored at their own resolution, so distances are in
+their pixels.
 """
 
 from __future__ import annotations
 
 import shlex
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import busiseg
+from busiseg import busiseg_version
 from busiseg.data.classes import ALL_CLASSES, CLASSES
 from busiseg.data.images import mask_to_bool, open_image, process_map
 from busiseg.data.ingest import _natural_key
@@ -40,58 +43,85 @@ from busiseg.evaluation.metrics import (
     rounded,
     summarize,
 )
+from busiseg.inference.predict import OWN_OUTPUT, OWN_SUFFIXES
 from busiseg.params import EvaluateParams, Params
 
 MASK_RULE = name_rule("{id}_mask", multi=True)  # the layouts' default (BUSI's) mask rule
-PREDICT_OWN = ("_overlay", "_prob")  # what busiseg predict writes beside its masks
 CSV_NAME, JSON_NAME = "scores.csv", "scores.json"
+RULE = "NAME_mask.png (further masks NAME_mask_1.png, ...) or NAME.png"
+
+# why a file in a mask folder is not scored (scores.json's `ignored_pred`/`ignored_truth`)
+IMAGE_BESIDE_MASKS = "an image: a name without _mask in a folder that holds NAME_mask files"
+IMAGE_IN_CLASS = "an image: a name without _mask in a BUSI class folder"
+SUBFOLDER = "a folder inside the mask folder (score does not look in)"
+OUTSIDE_CLASSES = f"outside the class folders ({', '.join(c + '/' for c in CLASSES)})"
+NOT_IMAGE = f"not an image file ({' '.join(IMAGE_SUFFIXES)})"
+CLUTTER = "the operating system's own file"
+BINARISED = "values binarised"  # in mask_to_bool's note on a mask of more than two values
 
 
 @dataclass
 class Found:
     """The masks of one folder by case id (`files`: first mask, then further ones), each case's
-    class folder ("" where the class comes from the mask) and every file not used, relative."""
+    class folder ("" where the class comes from the mask) and every file not used, relative,
+    with the reason."""
 
     root: Path
     files: dict[str, list[Path]] = field(default_factory=dict)
     cls: dict[str, str] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
+    ignored: list[dict[str, str]] = field(default_factory=list)
 
     def rel(self, p: Path) -> str:
         return p.relative_to(self.root).as_posix()
+
+    def ignore(self, p: Path, reason: str) -> None:
+        self.ignored.append({"path": self.rel(p) + ("/" if p.is_dir() else ""),
+                             "reason": reason})
+
+
+def _not_a_mask(p: Path, stem: str, own: tuple[str, ...]) -> str | None:
+    if p.is_dir():
+        return SUBFOLDER
+    if p.name.lower() in OS_CLUTTER:
+        return CLUTTER
+    if p.suffix.lower() not in IMAGE_SUFFIXES:
+        return NOT_IMAGE
+    if own and stem.endswith(own):
+        return OWN_OUTPUT
+    return None
 
 
 def collect(found: Found, folder: Path, cls: str = "", plain_masks: bool = True,
             own: tuple[str, ...] = ()) -> None:
     """Add the masks of one folder. A name without `_mask` is a mask of its own only in a
-    folder of masks (`plain_masks`), and even there not beside a `_mask` file of the same case,
-    whose image it then is; names ending in `own` are another tool's extras."""
+    folder of masks (`plain_masks`) that holds no `_mask` file at all: beside one it is an image
+    (a BUSI-like folder; predict's output folder, where an image whose prediction failed has no
+    mask) and is ignored, never scored. Names ending in `own` are another tool's extras."""
     ruled: dict[str, dict[int, Path]] = defaultdict(dict)
-    plain: dict[str, Path] = {}
+    plain: dict[str, list[Path]] = defaultdict(list)
     for p in sorted(folder.iterdir(), key=lambda p: p.name):
         stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-        if (p.is_dir() or p.suffix.lower() not in IMAGE_SUFFIXES
-                or p.name.lower() in OS_CLUTTER or stem.endswith(own)):
-            found.ignored.append(found.rel(p) + ("/" if p.is_dir() else ""))
+        reason = _not_a_mask(p, stem, own)
+        if reason is not None:
+            found.ignore(p, reason)
             continue
         m = MASK_RULE.match(stem)
         if m is None:
-            if not plain_masks:
-                found.ignored.append(found.rel(p))
-            elif stem in plain:
-                raise BusisegError(f"{p}: same case name as {plain[stem]}; keep one")
-            else:
-                plain[stem] = p
+            plain[stem].append(p)
             continue
         k = int(m["k"] or 0)
         if k in ruled[m["id"]]:
             raise BusisegError(f"{p}: same mask name as {ruled[m['id']][k]}; keep one")
         ruled[m["id"]][k] = p
-    for stem, p in plain.items():
-        if stem not in ruled:
-            ruled[stem][0] = p
+    images = IMAGE_IN_CLASS if not plain_masks else IMAGE_BESIDE_MASKS if ruled else None
+    for stem, paths in plain.items():
+        if images is not None:
+            for p in paths:
+                found.ignore(p, images)
+        elif len(paths) > 1:
+            raise BusisegError(f"{paths[1]}: same case name as {paths[0]}; keep one")
         else:
-            found.ignored.append(found.rel(p))
+            ruled[stem][0] = paths[0]
     for cid, masks in ruled.items():
         first = masks[min(masks)]
         if cid in found.files:
@@ -114,13 +144,13 @@ def find_truth(truth: Path) -> tuple[Found, str]:
         if p.is_dir() and p.name.lower() in CLASSES:
             collect(found, p, p.name.lower(), plain_masks=False)
         else:
-            found.ignored.append(found.rel(p) + ("/" if p.is_dir() else ""))
+            found.ignore(p, OUTSIDE_CLASSES)
     return found, "busi"
 
 
 def find_predictions(pred: Path) -> Found:
     found = Found(pred)
-    collect(found, pred, own=PREDICT_OWN)
+    collect(found, pred, own=OWN_SUFFIXES)
     return found
 
 
@@ -165,13 +195,19 @@ def boundary_per_image(pred: list[np.ndarray], true: list[np.ndarray],
     return hd95, nsd
 
 
-def score_params(bootstrap: int, seed: int, tolerance: float) -> Params:
-    """The options as evaluate's own params, so every interval is drawn as evaluate draws it."""
+def score_params(bootstrap: int | None = None, seed: int | None = None,
+                 tolerance: float | None = None) -> Params:
+    """The options as evaluate's own params (None: evaluate's default), so every interval is
+    drawn as evaluate draws it."""
+    base = EvaluateParams()
+    bootstrap = base.bootstrap if bootstrap is None else bootstrap
+    seed = base.bootstrap_seed if seed is None else seed
+    tolerance = base.surface_tolerance if tolerance is None else tolerance
     if bootstrap < 0:
         raise BusisegError(f"--bootstrap {bootstrap}: must be ≥ 0 (0 = no intervals)")
     if not tolerance > 0:
         raise BusisegError(f"--surface-tolerance {tolerance}: must be > 0 (pixels of the masks)")
-    return Params(evaluate=replace(EvaluateParams(), bootstrap=bootstrap, bootstrap_seed=seed,
+    return Params(evaluate=replace(base, bootstrap=bootstrap, bootstrap_seed=seed,
                                    surface_tolerance=tolerance))
 
 
@@ -186,11 +222,31 @@ def score_folders(pred: Path, truth: Path, bootstrap: int | None = None, seed: i
                   workers: int = 0) -> Scores:
     """Match, read and score; options left None take evaluate's defaults (`out` only goes into
     the command recorded)."""
-    base = EvaluateParams()
-    p = score_params(base.bootstrap if bootstrap is None else bootstrap,
-                     base.bootstrap_seed if seed is None else seed,
-                     base.surface_tolerance if tolerance is None else tolerance)
-    pred, truth = Path(pred), Path(truth)
+    p = score_params(bootstrap, seed, tolerance)
+    matched = match_folders(Path(pred), Path(truth))
+    cases = read_cases(matched, workers)
+    metrics, table = figures(p, cases.pred, cases.true, cases.classes)
+    table.insert(0, "case_id", cases.ids)
+    table.insert(1, "class", cases.classes)
+    return Scores(table, report(p, matched, cases, metrics, out))
+
+
+@dataclass
+class Matched:
+    """The two folders' masks and how they pair: `ids` the cases in both (truth's order),
+    `missing` truth cases without a prediction, `unmatched` prediction files without a truth."""
+
+    pred: Found
+    truth: Found
+    layout: str
+    ids: list[str]
+    missing: list[str]
+    unmatched: list[str]
+
+
+def match_folders(pred: Path, truth: Path) -> Matched:
+    """Find both folders' masks and pair them by case id; a folder that is none, holds no masks
+    or shares no case with the other ends in one line."""
     for option, folder in (("--pred", pred), ("--truth", truth)):
         if not folder.is_dir():
             raise BusisegError(f"{option} {folder}: " + ("is not a folder" if folder.exists()
@@ -200,72 +256,56 @@ def score_folders(pred: Path, truth: Path, bootstrap: int | None = None, seed: i
                            "of predicted masks and the folder of true masks")
     true_found, layout = find_truth(truth)
     pred_found = find_predictions(pred)
-    rule = "NAME_mask.png (further masks NAME_mask_1.png, ...) or NAME.png"
     if not true_found.files:
-        raise BusisegError(f"--truth {truth}: holds no masks ({rule}, or BUSI's class folders "
+        raise BusisegError(f"--truth {truth}: holds no masks ({RULE}, or BUSI's class folders "
                            "of them); point it at the true masks")
     if not pred_found.files:
-        raise BusisegError(f"--pred {pred}: holds no masks ({rule}); point it at the "
+        raise BusisegError(f"--pred {pred}: holds no masks ({RULE}); point it at the "
                            "predicted masks")
     ids = [c for c in true_found.files if c in pred_found.files]
     if not ids:
         raise BusisegError(f"--pred {pred}: none of its {len(pred_found.files)} mask(s) is named "
                            f"after one of the {len(true_found.files)} case(s) in {truth} "
-                           f"({rule}, NAME as in the truth); check the two folders")
+                           f"({RULE}, NAME as in the truth); check the two folders")
     missing = sorted((c for c in true_found.files if c not in pred_found.files), key=_natural_key)
     unmatched = sorted((pred_found.rel(f) for c, fs in pred_found.files.items()
                         if c not in true_found.files for f in fs), key=_natural_key)
+    return Matched(pred_found, true_found, layout, ids, missing, unmatched)
 
-    read = partial(_read_pair, true_found.files, pred_found.files)
+
+@dataclass
+class Cases:
+    """The matched cases read, in ingest's order: ids, classes, masks and the reading notes."""
+
+    ids: list[str]
+    classes: list[str]
+    true: list[np.ndarray]
+    pred: list[np.ndarray]
+    notes: list[str]
+
+
+def read_cases(matched: Matched, workers: int = 0) -> Cases:
+    """Read every matched pair (a prediction of another size than its truth ends in one line),
+    class each case (its class folder, else `lesion`/`normal` from the true mask) and put them
+    in ingest's order (class, then natural name), which the pipeline's split and test set keep,
+    so the bootstrap draws the same images as evaluate's on the same cases."""
+    ids = matched.ids
+    read = partial(_read_pair, matched.truth.files, matched.pred.files)
     pairs = process_map(read, ids, workers, desc="score")
     mismatched = [(c, t.shape, q.shape) for c, (t, q, _) in zip(ids, pairs) if t.shape != q.shape]
     if mismatched:
         c, ts, ps = mismatched[0]
         more = f" ({len(mismatched) - 1} more case(s) likewise)" if len(mismatched) > 1 else ""
-        raise BusisegError(f"{pred_found.files[c][0]}: mask is {ps[1]}x{ps[0]} but its truth "
-                           f"{true_found.files[c][0]} is {ts[1]}x{ts[0]}{more}; write the "
+        raise BusisegError(f"{matched.pred.files[c][0]}: mask is {ps[1]}x{ps[0]} but its truth "
+                           f"{matched.truth.files[c][0]} is {ts[1]}x{ts[0]}{more}; write the "
                            "predictions at the true masks' size")
-    classes = [true_found.cls[c] or ("lesion" if t.any() else "normal")
+    classes = [matched.truth.cls[c] or ("lesion" if t.any() else "normal")
                for c, (t, _, _) in zip(ids, pairs)]
-    # ingest's order (class, then natural name), which the pipeline's split and test set keep,
-    # so the bootstrap draws the same images as evaluate's on the same cases
     order = sorted(range(len(ids)), key=lambda i: (ALL_CLASSES.index(classes[i]),
                                                    _natural_key(ids[i])))
-    ids, classes = [ids[i] for i in order], [classes[i] for i in order]
-    true_list, pred_list = [pairs[i][0] for i in order], [pairs[i][1] for i in order]
-    notes = [n for i in order for n in pairs[i][2]]
-
-    metrics, table = figures(p, pred_list, true_list, classes)
-    table.insert(0, "case_id", ids)
-    table.insert(1, "class", classes)
-    report = {
-        "command": shlex.join(["busiseg", "score", "--pred", str(pred), "--truth", str(truth),
-                               *(["--out", str(out)] if out is not None else []),
-                               "--bootstrap", str(p.evaluate.bootstrap), "--bootstrap-seed",
-                               str(p.evaluate.bootstrap_seed), "--surface-tolerance",
-                               f"{p.evaluate.surface_tolerance:g}"]),
-        "busiseg_version": busiseg.__version__,
-        "pred": str(pred),
-        "truth": str(truth),
-        "truth_layout": layout,
-        "bootstrap": p.evaluate.bootstrap,
-        "bootstrap_seed": p.evaluate.bootstrap_seed,
-        "surface_tolerance": p.evaluate.surface_tolerance,
-        "metrics": metrics,
-        "matching": {
-            "n_truth": len(true_found.files),
-            "n_pred": len(pred_found.files),
-            "n_matched": len(ids),
-            "n_missing": len(missing),
-            "n_unmatched": len(unmatched),
-            "missing": missing,  # truth cases without a prediction (case ids)
-            "unmatched": unmatched,  # prediction files without a truth (relative to --pred)
-            "ignored_pred": pred_found.ignored,
-            "ignored_truth": true_found.ignored,
-        },
-        "notes": notes,  # what reading a mask took (binarised, palette, ...)
-    }
-    return Scores(table, report)
+    return Cases([ids[i] for i in order], [classes[i] for i in order],
+                 [pairs[i][0] for i in order], [pairs[i][1] for i in order],
+                 [n for i in order for n in pairs[i][2]])
 
 
 def _read_pair(truth: dict[str, list[Path]], pred: dict[str, list[Path]],
@@ -275,17 +315,58 @@ def _read_pair(truth: dict[str, list[Path]], pred: dict[str, list[Path]],
     return t, q, t_notes + q_notes
 
 
+def report(p: Params, matched: Matched, cases: Cases, metrics: dict,
+           out: Path | None = None) -> dict:
+    """scores.json: the command that redoes it, the version, the figures and what became of
+    every file in the two folders."""
+    pred, truth, e = matched.pred.root, matched.truth.root, p.evaluate
+    command = ["busiseg", "score", "--pred", str(pred), "--truth", str(truth),
+               *(["--out", str(out)] if out is not None else []),
+               "--bootstrap", str(e.bootstrap), "--bootstrap-seed", str(e.bootstrap_seed),
+               "--surface-tolerance", f"{e.surface_tolerance:g}"]
+    return {
+        "command": shlex.join(command),
+        "busiseg": busiseg_version(),  # as predict's predictions.json names it
+        "pred": str(pred),
+        "truth": str(truth),
+        "truth_layout": matched.layout,
+        "bootstrap": e.bootstrap,
+        "bootstrap_seed": e.bootstrap_seed,
+        "surface_tolerance": e.surface_tolerance,
+        "metrics": metrics,
+        "matching": {
+            "n_truth": len(matched.truth.files),
+            "n_pred": len(matched.pred.files),
+            "n_matched": len(cases.ids),
+            "n_missing": len(matched.missing),
+            "n_unmatched": len(matched.unmatched),
+            "missing": matched.missing,  # truth cases without a prediction (case ids)
+            "unmatched": matched.unmatched,  # prediction files without a truth (under --pred)
+            "ignored_pred": matched.pred.ignored,  # {path (under --pred), reason}
+            "ignored_truth": matched.truth.ignored,
+        },
+        "notes": cases.notes,  # what reading a mask took (binarised, palette, ...)
+    }
+
+
 def figures(p: Params, pred: list[np.ndarray], true: list[np.ndarray],
             classes: list[str]) -> tuple[dict, pd.DataFrame]:
     """evaluate's test figures without the ones that need a model's per-image score (AUROC,
     calibration, confidence): `summarize`, the lesion Dice's and the whole population's
-    intervals as score_test draws them, and the boundary figures over the lesion images."""
+    intervals as score_test draws them, and the boundary figures over the lesion images.
+
+    `normal_fp_area` is summarize's own when all masks are one size. Of masks of different
+    sizes it cannot be: summarize takes one N×H×W stack (here padded to the largest mask) and
+    divides each image's predicted area by that stack's one image size, and its per-image
+    areas are computed inline, not by a function score could call per size. So it is taken
+    here as summarize defines it (mean over the normal images of predicted area / image size),
+    each image over its own size, from the same per-image areas as scores.csv's `pred_area`."""
     pred_arr, true_arr = stacked(pred), stacked(true)
     metrics, counts = summarize(pred_arr, true_arr, classes)
     sizes = np.array([m.size for m in true], dtype=np.float64)
     pred_area = np.array([m.sum() for m in pred], dtype=np.float64) / sizes
     true_area = np.array([m.sum() for m in true], dtype=np.float64) / sizes
-    if len(set(m.shape for m in true)) > 1:  # summarize divides by one image size
+    if len(set(m.shape for m in true)) > 1:
         normal = true_area == 0
         metrics["normal_fp_area"] = (float(pred_area[normal].mean()) if normal.any()
                                      else float("nan"))
@@ -324,8 +405,14 @@ def named(items: list[str], limit: int = 20) -> str:
                     else "")
 
 
+def by_reason(ignored: list[dict[str, str]]) -> str:
+    return "; ".join(f"{n} {reason}" for reason, n in
+                     Counter(i["reason"] for i in ignored).most_common())
+
+
 def stderr_lines(report: dict) -> list[str]:
-    """The stderr lines: every truth case left unscored and every prediction not used."""
+    """The stderr lines: every truth case left unscored, every prediction not used, what was
+    ignored and why, and every mask binarised (an image named as a mask would be too)."""
     m, lines = report["matching"], []
     if m["missing"]:
         lines.append(f"score: {len(m['missing'])} truth case(s) without a prediction "
@@ -333,13 +420,19 @@ def stderr_lines(report: dict) -> list[str]:
     if m["unmatched"]:
         lines.append(f"score: {len(m['unmatched'])} prediction(s) without a truth "
                      f"(unmatched): {named(m['unmatched'])}")
-    if m["ignored_pred"] or m["ignored_truth"]:
-        lines.append(f"score: ignored {len(m['ignored_pred'])} file(s) in --pred and "
-                     f"{len(m['ignored_truth'])} in --truth (images, and files no name rule makes "
-                     f"a mask; listed in {JSON_NAME})")
-    if report["notes"]:
-        lines.append(f"score: {len(report['notes'])} mask(s) needed a reading rule, e.g. "
-                     f"{report['notes'][0]} (all in {JSON_NAME})")
+    for option, key in (("--pred", "ignored_pred"), ("--truth", "ignored_truth")):
+        if m[key]:
+            lines.append(f"score: ignored {len(m[key])} file(s) in {option} (listed in "
+                         f"{JSON_NAME}): {by_reason(m[key])}")
+    binarised = [n for n in report["notes"] if BINARISED in n]
+    if binarised:
+        lines.append(f"score: {len(binarised)} mask(s) had more than two values and were "
+                     f"binarised as ingest binarises them, e.g. {binarised[0]}; an image named "
+                     "as a mask would be too: check that these are masks")
+    others = [n for n in report["notes"] if BINARISED not in n]
+    if others:
+        lines.append(f"score: {len(others)} mask(s) needed a reading rule, e.g. "
+                     f"{others[0]} (all in {JSON_NAME})")
     return lines
 
 

@@ -28,8 +28,11 @@ METADATA_KEY = "busiseg"
 TOLERANCE = 1e-4  # largest probability difference ONNX Runtime may show against PyTorch
 
 
-def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out: Path) -> dict:
-    """Write `out` (dynamic batch, height and width) and return its metadata."""
+def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out: Path,
+                sources: dict | None = None) -> dict:
+    """Write `out` (dynamic batch, height and width) and return its metadata; `sources`: where
+    each setting came from (a packaged model's `settings_source`), carried on for predict's
+    record."""
     pre = blob["preprocess"]
     size = int(pre["size"])
     model = model.cpu().eval()
@@ -55,7 +58,8 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     meta = {"format": FORMAT, "version": VERSION, "opset": OPSET, "size": size,
             "input_mean": pre["input_mean"], "input_std": pre["input_std"], "channels": channels,
             **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"],
-            "any_size": bool(spatial), "outputs": outputs}
+            "any_size": bool(spatial), "outputs": outputs,
+            **({"settings_source": dict(sources)} if sources else {})}
     import onnx
 
     proto = onnx.load(str(out))

@@ -1,9 +1,11 @@
 """Segment new images with a trained model (PyTorch or ONNX): a mask PNG at the original size,
 and an overlay. The prediction itself is `inference.segment`, the path evaluate scores.
 
-Beside the masks, predictions.csv (one row per image) and predictions.json: how the masks were
-made (version, model and its digest, every setting and where it came from, device, command) and
-what became of every input, so a folder of masks can be traced without the shell history."""
+Beside the masks, predictions.csv (one row per image, added as each image is done) and
+predictions.json: how the masks were made (version, model and its digests, every setting and where
+it came from, device, command) and what became of every input, so a folder of masks can be traced
+without the shell history. Each image's mask is written last, so a killed run resumes with
+--continue (`plan_resume`, `check_resume`)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from busiseg import busiseg_version
 from busiseg.data.images import load_image
+from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path, atomic_write_text, file_sha256
 from busiseg.inference.onnx_model import load_onnx
@@ -26,13 +30,15 @@ from busiseg.inference.segment import Forward, MaskSettings, Stats, as_stats, se
 from busiseg.modeling.model_file import load_model
 from busiseg.runtime.device import place
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SUFFIXES = IMAGE_SUFFIXES
 SCORES = "predictions.csv"
 RECORD = "predictions.json"
 OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
-EXISTS = "output exists (--continue)"
+EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
+COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "confidence",
+           "flagged", "review_threshold")
 
 FIELDS = tuple(f.name for f in fields(MaskSettings))
 # metrics/eval.json's name for a field where it is not the field's own (MaskSettings.eval_keys)
@@ -49,6 +55,11 @@ class SourcedSettings:
     settings: MaskSettings
     sources: dict[str, str]
     origin: str
+
+    @classmethod
+    def given(cls, settings: MaskSettings, by: str = "the caller") -> SourcedSettings:
+        """Settings a library caller holds itself, every field sourced to it."""
+        return cls(settings, dict.fromkeys(FIELDS, f"given by {by}"), by)
 
 
 def field_sources(present: Iterable[str], label: str,
@@ -97,7 +108,8 @@ class Predictor:
     channels: int = 1  # what the model takes: 1 grey, 3 colour (preprocess.channels)
     own_sources: dict[str, str] = field(default_factory=dict)  # per field: "model: …"
     kind: str = "pt"  # pt | onnx
-    digest: str = ""  # .pt: its weights' digest; .onnx: the file's sha256
+    weights_digest: str | None = None  # the .pt blob's digest, or the one an export carries
+    file_sha256: str = ""  # of the model file: a packaged copy differs from train's file
 
 
 def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
@@ -113,23 +125,15 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
                          as_stats(meta["input_std"]), torch.device("cpu"),
                          MaskSettings.from_metadata(meta), int(meta.get("channels", 1)),
                          field_sources(meta, "model", _notes(meta)), "onnx",
-                         file_sha256(model_path))
+                         meta.get("weights_digest"), file_sha256(model_path))
     where, _ = place(device, "--device")
     model, blob = _named("--model", load_model, model_path, where)
     pre = blob["preprocess"]
-    own, sources = None, {}
-    if blob.get("settings") is not None:
-        try:
-            own = MaskSettings.from_metadata(blob["settings"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BusisegError(f"--model {model_path}: its settings are unreadable "
-                               f"({type(exc).__name__}: {exc}); package the model again, or "
-                               "give --from-eval or --threshold") from None
-        own = own.checked(f"--model {model_path} settings")
-        sources = field_sources(blob["settings"], "model", _notes(blob))
+    own = MaskSettings.from_model_file(blob, f"--model {model_path}")
+    sources = field_sources(blob["settings"], "model", _notes(blob)) if own else {}
     return Predictor(model, int(pre["size"]), as_stats(pre["input_mean"]),
                      as_stats(pre["input_std"]), where, own, int(pre.get("channels", 1)),
-                     sources, "pt", str(blob["digest"]))
+                     sources, "pt", str(blob["digest"]), file_sha256(model_path))
 
 
 def _named(option: str, load, *args):
@@ -156,7 +160,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure],
     """(images to predict, failures, skipped). A folder contributes its image files; what else
     it holds is skipped with its reason (masks beside their images, predict's own outputs,
     other files, subfolders), so the user learns why an image was not predicted. A file named
-    explicitly is predicted whatever its name; a missing path is a failure."""
+    explicitly is predicted whatever its name; a missing path is a failure, and so is an image
+    whose outputs would overwrite an earlier one's (`same_names`)."""
     files, failures, skipped = [], [], []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -174,7 +179,25 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure],
             files.append(item)
         else:
             failures.append(Failure(item, "no such file or folder"))
-    return files, failures, skipped
+    files, clashes = same_names(files)
+    return files, failures + clashes, skipped
+
+
+def same_names(files: list[Path]) -> tuple[list[Path], list[Failure]]:
+    """(the files whose outputs have names of their own, the rest as failures): a/x.png and
+    b/x.jpg, or one file given twice, would both write x_mask.png. Names are compared ignoring
+    case, as macOS and Windows file systems do."""
+    first: dict[str, Path] = {}
+    kept, clashes = [], []
+    for p in files:
+        key = mask_name(p).casefold()
+        if key in first:
+            clashes.append(Failure(p, f"its outputs would overwrite those of {first[key]} "
+                                      "(same name)"))
+        else:
+            first[key] = p
+            kept.append(p)
+    return kept, clashes
 
 
 def _skip_reason(p: Path) -> str | None:
@@ -213,7 +236,7 @@ class Outputs:
     overlays: bool = True
     probabilities: bool = False  # NAME_prob.png, 16-bit (`save_probability_png`)
     mask_value: int = 255  # a lesion pixel's value: 255 to view, 1 for label-reading tools
-    resume: bool = False  # --continue: an image whose mask is already in the folder is skipped
+    resume: bool = False  # --continue: an image done by an earlier run is skipped (plan_resume)
 
 
 @dataclass
@@ -227,21 +250,6 @@ class PredictRun:
 
 def mask_name(image: Path) -> str:
     return f"{image.stem}_mask.png"
-
-
-def predict_paths(model_path: Path, inputs: list[str | Path], out_dir: Path,
-                  settings: MaskSettings | None = None, device: str = "cpu",
-                  progress: bool | None = None, mask_marks: bool = False,
-                  overrides: dict | None = None,
-                  save_probabilities: bool = False) -> tuple[list[Path], list[Failure]]:
-    """`predict_run` for library callers that hold the settings themselves: (masks written,
-    failures)."""
-    chosen = None if settings is None else SourcedSettings(
-        settings, dict.fromkeys(FIELDS, "given to predict_paths"), "the caller")
-    run = predict_run(model_path, inputs, out_dir, chosen, device=device, progress=progress,
-                      mask_marks=mask_marks, overrides=overrides,
-                      outputs=Outputs(probabilities=save_probabilities))
-    return run.written, run.failures
 
 
 def resolve_settings(predictor: Predictor, model_path: Path, chosen: SourcedSettings | None,
@@ -285,42 +293,123 @@ def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str |
                            "one, or an existing folder)")
     predictor = load_predictor(model_path, device)
     chosen = resolve_settings(predictor, model_path, chosen, fallback_eval, overrides)
-    settings = chosen.settings
     files, failures, skipped = collect_inputs(inputs)
-    _make_folder(out_dir)
-    earlier = _read_scores(out_dir / SCORES) if outputs.resume else []
+
+    def record(rows: list[dict], finished: bool) -> dict:
+        return run_record(predictor, model_path, chosen, outputs, command, len(files), rows,
+                          skipped, failures, mask_marks, finished)
+
+    todo, kept = files, []
     if outputs.resume:
-        done = {p for p in files if (out_dir / mask_name(p)).exists()}
-        skipped += [Failure(p, EXISTS) for p in files if p in done]
-        todo = [p for p in files if p not in done]
-    else:
-        todo = files
-    written, rows = [], []
+        base = check_resume(out_dir / RECORD, record([], finished=False)) or Path.cwd()
+        todo, done, kept, clashes = plan_resume(out_dir, files, base)
+        skipped += [Failure(p, EXISTS) for p in done]
+        failures += clashes
+    _make_folder(out_dir)
+    write_scores(out_dir / SCORES, kept, chosen.settings)  # this run's rows: one per image done
+    _write_record(out_dir / RECORD, record([], finished=False))  # what --continue checks
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
+    rows = []
     for path in tqdm(todo, desc="predict", disable=not show or len(todo) < 2):
-        try:
-            image = load_image(path, mask_marks, predictor.channels)
-        except BusisegError as exc:
-            failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
-            continue
-        seg = segment_with_score(predictor.forward, image, predictor.size, predictor.input_mean,
-                                 predictor.input_std, settings, predictor.device)
-        _write_outputs(out_dir, path, image, seg, outputs)
-        written.append(out_dir / mask_name(path))
-        rows.append({"image": str(path), "mask": mask_name(path),
-                     "lesion_score": round(seg.score, 6), "lesion": int(seg.mask.any()),
-                     "confidence": round(seg.confidence, 6), "flagged": int(seg.flagged)})
-    now = {r["mask"] for r in rows}
-    write_scores(out_dir / SCORES, [r for r in earlier if r.get("mask") not in now] + rows,
-                 settings)
-    record = out_dir / RECORD
-    atomic_write_text(record, json.dumps(run_record(
-        predictor, model_path, chosen, outputs, command, len(files),
-        [{"image": r["image"], "mask": r["mask"]} for r in rows], skipped, failures, mask_marks),
-        indent=2) + "\n")
-    return PredictRun(written, failures, skipped, chosen, record)
+        row = _predict_one(predictor, chosen.settings, path, out_dir, outputs, mask_marks,
+                           failures)
+        if row is not None:
+            append_score(out_dir / SCORES, row, chosen.settings)
+            rows.append(row)
+    _write_record(out_dir / RECORD, record(rows, finished=True))
+    return PredictRun([out_dir / r["mask"] for r in rows], failures, skipped, chosen,
+                      out_dir / RECORD)
+
+
+def _predict_one(predictor: Predictor, settings: MaskSettings, path: Path, out_dir: Path,
+                 outputs: Outputs, mask_marks: bool, failures: list[Failure]) -> dict | None:
+    """One image's outputs, and its predictions.csv row; None (and a failure) if unreadable."""
+    try:
+        image = load_image(path, mask_marks, predictor.channels)
+    except BusisegError as exc:
+        failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
+        return None
+    seg = segment_with_score(predictor.forward, image, predictor.size, predictor.input_mean,
+                             predictor.input_std, settings, predictor.device)
+    _write_outputs(out_dir, path, image, seg, outputs)
+    return {"image": str(path), "mask": mask_name(path), "lesion_score": round(seg.score, 6),
+            "lesion": int(seg.mask.any()), "confidence": round(seg.confidence, 6),
+            "flagged": int(seg.flagged)}
+
+
+def plan_resume(out_dir: Path, files: list[Path], base: Path
+                ) -> tuple[list[Path], list[Path], list[dict], list[Failure]]:
+    """--continue: (images to predict, images done, the earlier rows to keep, clashes). An image
+    is done when its mask is in `out_dir` and its row in predictions.csv: the mask is written
+    last and the row after it, so a run killed mid-image left neither, or a mask without its
+    row, and that image is predicted again. Earlier rows whose mask is gone are dropped. An
+    image whose name an earlier run's other image took (its row's path, relative to `base`,
+    the earlier run's folder) is a clash, neither done nor predicted."""
+    rows = {r["mask"]: r for r in _read_scores(out_dir / SCORES)
+            if (out_dir / r["mask"]).is_file()}
+    todo, done, clashes = [], [], []
+    for p in files:
+        row = rows.get(mask_name(p))
+        if row is None:
+            todo.append(p)
+        elif (base / row["image"]).resolve() == p.resolve():
+            done.append(p)
+        else:
+            clashes.append(Failure(p, f"its outputs would overwrite those of {row['image']} "
+                                      "(same name, predicted by an earlier run)"))
+    return todo, done, list(rows.values()), clashes
+
+
+def check_resume(path: Path, now: dict) -> Path | None:
+    """--continue: refuse to add to a folder whose predictions.json (if any) says its masks came
+    from another model, other settings, other mask values or marks painted otherwise; else the
+    folder that record's relative paths are relative to (its cwd)."""
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+        difference = _difference(earlier, now)
+        base = Path(earlier["cwd"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError,
+            AttributeError) as exc:
+        raise BusisegError(f"--continue: {path} is unreadable ({first_line(exc)}); give "
+                           "another --out, or predict without --continue") from None
+    if difference:
+        raise BusisegError(f"--continue: the masks in {path.parent} were made with "
+                           f"{difference}; give another --out for this run, or drop --continue "
+                           "to predict every image again")
+    return base
+
+
+def _difference(earlier: dict, now: dict) -> str | None:
+    """The first way the run recorded in `earlier` differs from this one that shows in masks."""
+    was, model = earlier["model"], now["model"]
+    if not _model_ids(was) & _model_ids(model):
+        return (f"another model ({was.get('path')}, weights {_short(was.get('weights_digest'))};"
+                f" this run: {model['path']}, weights {_short(model['weights_digest'])})")
+    changed = [k for k in FIELDS if earlier["settings"].get(k) != now["settings"][k]]
+    if changed:
+        return ", ".join(f"{k} {earlier['settings'].get(k)} (this run: {now['settings'][k]})"
+                         for k in changed)
+    old, new = earlier["outputs"]["mask_values"], now["outputs"]["mask_values"]
+    if old != new:
+        return f"--mask-values {old[1]} (this run: {new[1]})"
+    if bool(earlier["outputs"].get("mask_marks")) != now["outputs"]["mask_marks"]:
+        return "{} --mask-marks (this run: {})".format(
+            *(("without", "with") if now["outputs"]["mask_marks"] else ("with", "without")))
+    return None
+
+
+def _short(digest: str | None) -> str:
+    return f"{digest[:12]}…" if digest else "unknown"
+
+
+def _model_ids(model: dict) -> set[str]:
+    """What identifies a recorded model: its weights' digest (one for the .pt and its export)
+    and its file's sha256; "digest" in a record from busiseg 0.1.0's first predict."""
+    return {str(model[k]) for k in ("weights_digest", "file_sha256", "digest") if model.get(k)}
 
 
 def _make_folder(out_dir: Path) -> None:
@@ -334,14 +423,22 @@ def _make_folder(out_dir: Path) -> None:
 
 
 def _write_outputs(out_dir: Path, path: Path, image: np.ndarray, seg, outputs: Outputs) -> None:
+    """The overlay and probability map first, the mask last, each written beside and renamed:
+    a mask in the folder means the image's outputs are whole (`plan_resume`)."""
     stem = path.stem
+    pieces = []
+    if outputs.overlays:
+        pieces.append((f"{stem}_overlay.png",
+                       lambda tmp: overlay(image, seg.mask).save(tmp, format="PNG")))
+    if outputs.probabilities:
+        pieces.append((f"{stem}_prob.png",
+                       lambda tmp: save_probability_png(seg.probability, tmp)))
+    pieces.append((mask_name(path), lambda tmp: Image.fromarray(
+        seg.mask.astype(np.uint8) * np.uint8(outputs.mask_value), "L").save(tmp, format="PNG")))
     try:
-        Image.fromarray(seg.mask.astype(np.uint8) * np.uint8(outputs.mask_value), "L").save(
-            out_dir / mask_name(path))
-        if outputs.overlays:
-            overlay(image, seg.mask).save(out_dir / f"{stem}_overlay.png")
-        if outputs.probabilities:
-            save_probability_png(seg.probability, out_dir / f"{stem}_prob.png")
+        for name, save in pieces:
+            with atomic_path(out_dir / name) as tmp:
+                save(tmp)
     except OSError as exc:
         raise BusisegError(f"--out {out_dir}: cannot write the outputs of {path.name} "
                            f"({first_line(exc)}); free space or choose another folder") from None
@@ -349,16 +446,20 @@ def _write_outputs(out_dir: Path, path: Path, image: np.ndarray, seg, outputs: O
 
 def run_record(predictor: Predictor, model_path: Path, chosen: SourcedSettings,
                outputs: Outputs, command: list[str] | None, found: int, written: list[dict],
-               skipped: list[Failure], failures: list[Failure], mask_marks: bool) -> dict:
-    """predictions.json: enough to redo the run (version, model digest, settings, command) and
-    to account for every input. `found`: the images found to predict, before --continue."""
+               skipped: list[Failure], failures: list[Failure], mask_marks: bool,
+               finished: bool) -> dict:
+    """predictions.json: enough to redo the run (version, model digests, settings, command) and
+    to account for every input of this run. `found`: the images found to predict, before
+    --continue skipped those done. Written when the run starts (`finished` false, nothing
+    written yet) and again when it ends."""
     return {
         "busiseg": busiseg_version(),
+        "finished": finished,
         "command": list(command) if command is not None else None,
         "cwd": str(Path.cwd()),  # what the relative paths here are relative to
         "model": {"path": str(model_path.resolve()), "kind": predictor.kind,
-                  "digest": predictor.digest,
-                  "digest_of": "weights" if predictor.kind == "pt" else "file (sha256)"},
+                  "weights_digest": predictor.weights_digest,
+                  "file_sha256": predictor.file_sha256},
         "device": str(predictor.device),
         "settings": chosen.settings.as_dict(),
         "settings_source": dict(chosen.sources),
@@ -366,61 +467,76 @@ def run_record(predictor: Predictor, model_path: Path, chosen: SourcedSettings,
                     "probabilities": outputs.probabilities, "continue": outputs.resume,
                     "mask_marks": mask_marks, "scores": SCORES},
         "inputs": {"found": found,
-                   "written": written,
+                   "written": [{"image": r["image"], "mask": r["mask"]} for r in written],
                    "skipped": [{"path": str(f.path), "reason": f.reason} for f in skipped],
                    "failed": [{"path": str(f.path), "reason": f.reason} for f in failures]},
     }
 
 
-def busiseg_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+def _write_record(path: Path, record: dict) -> None:
     try:
-        return version("busiseg")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        from busiseg import __version__
-
-        return __version__
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    except OSError as exc:
+        raise BusisegError(f"--out {path.parent}: cannot write {path.name} "
+                           f"({first_line(exc)}); free space or choose another folder") from None
 
 
 def _read_scores(path: Path) -> list[dict]:
-    """An earlier run's rows, kept by --continue for the images it does not predict again."""
+    """An earlier run's whole rows (a row cut short by a kill is left out), for --continue."""
     import csv
 
     if not path.is_file():
         return []
     try:
         with open(path, newline="") as fh:
-            return [row for row in csv.DictReader(fh) if row.get("mask")]
+            return [row for row in csv.DictReader(fh)
+                    if row.get("mask") and None not in row.values() and None not in row]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BusisegError(f"--continue: {path} is unreadable ({first_line(exc)}); move it "
                            "aside, or predict without --continue") from None
 
 
 def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
-    """Beside the masks, per image: its lesion score (the presence head's probability, or the
-    most confident pixel for a model without one), the decision (1: a lesion was drawn) and the
-    presence threshold that made it (empty: off); its confidence (`settings.confidence`), the
-    review flag (1: a reader should look) and the threshold that set it (empty: none). A row
-    kept from an earlier run (--continue) keeps the thresholds that run applied."""
+    """predictions.csv with its header and `rows` (the rows --continue keeps), replacing any
+    earlier file; `append_score` adds each image as it is done. Per image: its lesion score (the
+    presence head's probability, or the most confident pixel for a model without one), the
+    decision (1: a lesion was drawn) and the presence threshold that made it (empty: off); its
+    confidence (`settings.confidence`), the review flag (1: a reader should look) and the
+    threshold that set it (empty: none). A row kept from an earlier run keeps the thresholds
+    that run applied."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        _score_writer(fh, header=True).writerows(_score_row(r, settings) for r in rows)
+
+
+def append_score(path: Path, row: dict, settings: MaskSettings) -> None:
+    """One image's row, on disk before the next image starts."""
+    try:
+        with open(path, "a", newline="") as fh:
+            _score_writer(fh).writerow(_score_row(row, settings))
+    except OSError as exc:
+        raise BusisegError(f"--out {path.parent}: cannot write {path.name} "
+                           f"({first_line(exc)}); free space or choose another folder") from None
+
+
+def _score_writer(fh, header: bool = False):
     import csv
 
+    writer = csv.DictWriter(fh, COLUMNS, lineterminator="\n", extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    return writer
+
+
+def _score_row(row: dict, settings: MaskSettings) -> dict:
     def blank(value: float | None) -> float | str:
         return "" if value is None else value
 
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["image", "mask", "lesion_score", "lesion",
-                                     "presence_threshold", "confidence", "flagged",
-                                     "review_threshold"], lineterminator="\n",
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({"presence_threshold": blank(settings.presence_threshold),
-                          "review_threshold": blank(settings.review_threshold), **r}
-                         for r in rows)
+    return {"presence_threshold": blank(settings.presence_threshold),
+            "review_threshold": blank(settings.review_threshold), **row}
 
 
 def save_probability_png(probability: np.ndarray, path: Path) -> None:
     """A probability map as a 16-bit grey PNG: value = round(p × 65535), so p = value / 65535
     to within 8e-6, lossless and readable by any image tool (numpy, PIL, ITK, ImageJ)."""
     scaled = np.round(np.clip(probability, 0, 1) * 65535).astype(np.uint16)
-    Image.fromarray(scaled).save(path)
+    Image.fromarray(scaled).save(path, format="PNG")

@@ -177,6 +177,18 @@ class MaskSettings:
                    bool(meta["fill_holes"]), tuned_threshold=bool(meta.get("tuned_threshold")),
                    **optional_settings(meta))
 
+    @classmethod
+    def from_model_file(cls, blob: dict, source: str) -> MaskSettings | None:
+        """The settings a packaged model file carries (the package stage's `settings`), None
+        for train's own file, which carries none; malformed ones end in one line."""
+        if blob.get("settings") is None:
+            return None
+        try:
+            return cls.from_metadata(blob["settings"]).checked(source)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BusisegError(f"{source}: its settings are unreadable ({type(exc).__name__}: "
+                               f"{exc}); re-run the package stage (dvc repro)") from None
+
     def checked(self, source: str) -> MaskSettings:
         if self.confidence not in KINDS:
             raise BusisegError(f"{source}: confidence {self.confidence!r} is not one of "

@@ -1,11 +1,14 @@
 """Lesion-presence decisions re-fitted out of fold on evaluate's per-image table, with no
 training: which rule would have given the best Dice over all images on these predictions.
 
-    uv run python -m busiseg.research.decisions plots/evaluate/cv_per_image.csv
+    uv run python -m busiseg.research.decisions plots/evaluate/cv_per_image.csv \
+        [--presence-from OTHER_RUN/cv_per_image.csv]
 
 The table must come from a run with the gate off (`evaluate.presence_threshold: off`), so that
 every image's mask and Dice are the ungated ones. Each fold is decided by a rule fitted on the
-other folds only, as evaluate's `auto` is. Prints aggregate figures only.
+other folds only, as evaluate's `auto` is. `--presence-from` takes each image's lesion score
+from another run on the same split (masks from one model, presence from another, e.g. a presence
+head's). Prints aggregate figures only.
 
 Rules: `off`; `auto` (evaluate's: the grid threshold on the lesion score with the best held-out
 Dice over all images); `every_score` (the same with every held-out score a candidate, no grid
@@ -108,12 +111,25 @@ def decide(table: pd.DataFrame) -> dict:
     return out
 
 
+def with_presence_from(table: pd.DataFrame, other: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each image's lesion score replaced by `other`'s for the same image."""
+    if set(table["case_id"]) != set(other["case_id"]):
+        raise BusisegError("--presence-from: the two tables hold different images; give a run "
+                           "on the same split")
+    scores = other.set_index("case_id")["image_score"]
+    return table.assign(image_score=scores.loc[table["case_id"]].to_numpy())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("table")
+    ap.add_argument("--presence-from", metavar="OTHER_TABLE")
     args = ap.parse_args(argv)
-    print(json.dumps(decide(pd.read_csv(args.table, dtype={"case_id": str})), indent=1))
+    table = pd.read_csv(args.table, dtype={"case_id": str})
+    if args.presence_from:
+        table = with_presence_from(table, pd.read_csv(args.presence_from, dtype={"case_id": str}))
+    print(json.dumps(decide(table), indent=1))
 
 
 if __name__ == "__main__":
