@@ -157,6 +157,21 @@ def test_a_model_carrying_settings_predicts_with_them_in_an_empty_folder(
     assert set(r["settings_source"].values()) == {f"model: {NOTE}", "model"}
 
 
+def test_a_packaged_model_s_folder_is_a_model_for_predict(tmp_path: Path, capsys):
+    """What `dvc artifacts get busiseg-model` writes is a folder: --model takes it as its
+    model.pt."""
+    folder = tmp_path / "busiseg-model"
+    folder.mkdir()
+    model_file(folder, MaskSettings(0.001))
+    a = image(tmp_path / "a.png")
+    assert main(["predict", str(a), "--model", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert np.all(mask(tmp_path / "out") == 255)  # its own threshold, 0.001
+    r = record(tmp_path / "out")
+    assert r["settings"]["threshold"] == 0.001
+    assert r["model"]["weights_digest"] == torch.load(folder / "model.pt",
+                                                      weights_only=True)["digest"]
+
+
 def test_a_model_without_settings_still_needs_evaluates_file(tmp_path: Path, monkeypatch,
                                                              capsys):
     model = model_file(tmp_path)

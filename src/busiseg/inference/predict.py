@@ -27,7 +27,7 @@ from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path, atomic_write_text, file_sha256
 from busiseg.inference.onnx_model import load_onnx
 from busiseg.inference.segment import Forward, MaskSettings, Stats, as_stats, segment_with_score
-from busiseg.modeling.model_file import load_model
+from busiseg.modeling.model_file import load_model, model_file_path
 from busiseg.runtime.device import place
 
 SUFFIXES = IMAGE_SUFFIXES
@@ -115,7 +115,7 @@ class Predictor:
 def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
     """A .onnx file runs on ONNX Runtime; anything else must be a busiseg PyTorch model file.
     Either may carry the settings evaluate chose (an export always does, a packaged .pt too)."""
-    model_path = Path(model_path)
+    model_path = model_file_path(model_path)  # a packaged model's folder: its model.pt
     if model_path.suffix.lower() == ".onnx":
         if device not in ("cpu", "auto"):
             raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "

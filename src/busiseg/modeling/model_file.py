@@ -67,12 +67,17 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
     }, Path(path))
 
 
+def model_file_path(path: str | Path) -> Path:
+    """The model file a path names: itself, or in a packaged model's folder (what `dvc artifacts
+    get busiseg-model` writes) the model.pt inside it."""
+    path = Path(path)
+    return path / PACKAGED_NAME if path.is_dir() and (path / PACKAGED_NAME).is_file() else path
+
+
 def read_model_file(path: str | Path) -> dict:
     """The checked contents of a busiseg model file, without building the model; anything that
     is not one, or whose weights do not match their digest, is refused."""
-    path = Path(path)
-    if path.is_dir() and (path / PACKAGED_NAME).is_file():  # a packaged model's folder
-        path = path / PACKAGED_NAME
+    path = model_file_path(path)
     if not path.is_file():
         raise BusisegError(f"{path}: model file not found; train one with `dvc repro`, or fetch "
                            "the trained one with `dvc pull train`")
