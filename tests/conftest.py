@@ -13,11 +13,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
+from torch import nn
 
-from busiseg.data.cache import save_cache
+from busiseg.data.cache import load_cache, save_cache
+from busiseg.evaluation.evaluate import Loaded
 from busiseg.evaluation.plots import read_live_curves
+from busiseg.inference.segment import predict_probabilities
+from busiseg.modeling.archs import FoldEnsemble
 from busiseg.params import parse_params
 from busiseg.training.train import train
 
@@ -195,3 +200,46 @@ def run_train(tmp_path: Path, p, tag: str = "a") -> dict:
     metrics = train(p, cache, split, out / "model.pt", out / "ckpt.pt", out / "live")
     metrics["curves"] = read_live_curves(out / "live")
     return metrics
+
+
+# ---- crafted fold models: out-of-fold scoring whose every prediction is known -----------------
+
+
+def fold_data(tmp_path: Path, folds: int = 3) -> tuple[Path, Path]:
+    """tiny_data with every non-test case in one of `folds` folds."""
+    cache, split = tiny_data(tmp_path)
+    s = pd.read_csv(split, dtype={"case_id": str})
+    cv = s["split"] != "test"
+    s.loc[cv, "split"] = "cv"
+    s.loc[cv, "fold"] = np.arange(cv.sum()) % folds
+    s.to_csv(split, index=False)
+    return cache, split
+
+
+class Box(nn.Module):
+    """A lesion over the first `rows` image rows (and `cols`) whatever the image: each crafted
+    fold model draws its own, so a prediction shows which one made it."""
+
+    def __init__(self, rows: int, cols: slice = slice(None)) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.config = {"arch": "crafted"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.full_like(x, -20.0)
+        logits[..., : self.rows, self.cols] = 20.0
+        return logits
+
+
+def crafted_loaded(members: list[nn.Module], cache_path: Path, split_path: Path,
+                   spacing: np.ndarray | None = None) -> Loaded:
+    """What evaluate.load returns, for crafted members instead of a model file."""
+    cache = load_cache(cache_path)
+
+    def predict(forward, idx, tta):
+        prob, score = predict_probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25,
+                                            torch.device("cpu"), 4, tta=tta)
+        return prob[:, 0].numpy(), score.numpy()
+
+    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
+    return Loaded(FoldEnsemble(members), members, cache, split, predict, spacing=spacing)

@@ -8,16 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import tiny_data
-from torch import nn
+from conftest import Box, crafted_loaded, fold_data
 
 from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds, original_spacing
 from busiseg.evaluation.metrics import boundary_metrics
-from busiseg.inference.segment import predict_probabilities
-from busiseg.modeling.archs import FoldEnsemble
 from busiseg.params import parse_params
 
 SIZE = 48
@@ -155,41 +151,15 @@ def test_spacing_is_the_original_size_over_the_cache_size(tmp_path):
         original_spacing(manifest, ["a", "c"], 32)
 
 
-class Band(nn.Module):
-    """A box over the first k + 8 rows of every image, whatever the image: each fold model's
-    outline differs."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.config = {"arch": "crafted"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.full_like(x, -20.0)
-        logits[..., : self.k + 8, 4:20] = 20.0
-        return logits
-
-
 def folded(tmp_path: Path, spacing: bool) -> Loaded:
+    """Three crafted fold models, each a box over the first k + 8 rows: outlines that differ."""
     tmp_path.mkdir(exist_ok=True)
-    cache_path, split_path = tiny_data(tmp_path)
-    s = pd.read_csv(split_path, dtype={"case_id": str})
-    cv = s["split"] != "test"
-    s.loc[cv, "split"] = "cv"
-    s.loc[cv, "fold"] = np.arange(cv.sum()) % 3
-    s.to_csv(split_path, index=False)
+    cache_path, split_path = fold_data(tmp_path)
     cache = load_cache(cache_path)
-    members = [Band(k) for k in range(3)]
-
-    def predict(forward, idx, tta):
-        prob, score = predict_probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25,
-                                            torch.device("cpu"), 4, tta=tta)
-        return prob[:, 0].numpy(), score.numpy()
-
-    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     sizes = (original_spacing(write_manifest(tmp_path / "manifest.csv", cache_path),
                               cache.case_ids, cache.size) if spacing else None)
-    return Loaded(FoldEnsemble(members), members, cache, split, predict, spacing=sizes)
+    return crafted_loaded([Box(k + 8, slice(4, 20)) for k in range(3)], cache_path, split_path,
+                          sizes)
 
 
 def test_evaluate_reports_lesion_means_with_intervals_test_and_out_of_fold(tmp_path):

@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_data
+from conftest import Box, crafted_loaded, fold_data
 from torch import nn
 
 import busiseg.training.train as train_module
-from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds
 from busiseg.evaluation.metrics import bootstrap_ci
@@ -29,42 +28,13 @@ CPU = torch.device("cpu")
 SIZE = 32
 
 
-def fold_data(tmp_path: Path, folds: int = 3) -> tuple[Path, Path]:
-    """tiny_data with every non-test case in one of `folds` folds."""
-    cache, split = tiny_data(tmp_path)
-    s = pd.read_csv(split, dtype={"case_id": str})
-    cv = s["split"] != "test"
-    s.loc[cv, "split"] = "cv"
-    s.loc[cv, "fold"] = np.arange(cv.sum()) % folds
-    s.to_csv(split, index=False)
-    return cache, split
-
-
-class MarksItsFold(nn.Module):
-    """Predicts a lesion on the first k + 1 image rows whatever the image: a prediction shows
-    which fold model made it."""
-
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.config = {"arch": "crafted"}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.full_like(x, -20.0)
-        logits[..., : self.k + 1, :] = 20.0
-        return logits
+def MarksItsFold(k: int) -> Box:  # noqa: N802 - reads as the crafted model it builds
+    """Fold model k predicts a lesion on the first k + 1 rows: its predictions show its fold."""
+    return Box(k + 1)
 
 
 def loaded(members: list[nn.Module], cache_path: Path, split_path: Path) -> Loaded:
-    cache = load_cache(cache_path)
-
-    def predict(forward, idx, tta):
-        prob, score = predict_probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25,
-                                            CPU, 4, tta=tta)
-        return prob[:, 0].numpy(), score.numpy()
-
-    split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    return Loaded(FoldEnsemble(members), members, cache, split, predict)
+    return crafted_loaded(members, cache_path, split_path)
 
 
 def test_each_out_of_fold_prediction_comes_from_the_model_that_never_saw_the_case(tmp_path):
