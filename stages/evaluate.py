@@ -47,8 +47,9 @@ def main() -> None:
           f"{m['normal_empty_rate']}")
     print(f"evaluate: all images (normals too) Dice {m['dice_all']} [{m['dice_all_ci_low']}, "
           f"{m['dice_all_ci_high']}], detection sensitivity {m['detect_sensitivity']}, "
-          f"specificity {m['detect_specificity']}, AUROC {m['detect_auroc']}; presence threshold "
-          f"{m['presence_threshold'] if m['presence_threshold'] is not None else 'off'}")
+          f"specificity {m['detect_specificity']}, AUROC {m['detect_auroc']}; presence gate "
+          f"{m['presence_rule']}" + (f" at {m['presence_threshold']}"
+                                     if m["presence_threshold"] is not None else ""))
     print(f"evaluate: boundary (lesion images, original pixels) HD95 {m['hd95']} "
           f"[{m['hd95_ci_low']}, {m['hd95_ci_high']}], NSD {m['nsd']} [{m['nsd_ci_low']}, "
           f"{m['nsd_ci_high']}]")

@@ -31,9 +31,11 @@ def test_every_spelling_of_a_presence_threshold_has_one_parsed_form(value, parse
 
 @pytest.mark.parametrize("raw, needle", [
     ({"evaluate": {"presence_threshold": 1.5}},
-     "evaluate.presence_threshold is 1.5; choose off, auto or a number in [0, 1]"),
+     "evaluate.presence_threshold is 1.5; choose off, auto, expected or a number in "
+     "[0, 1]"),
     ({"evaluate": {"presence_threshold": "maybe"}},
-     "evaluate.presence_threshold is 'maybe'; choose off, auto or a number in [0, 1]"),
+     "evaluate.presence_threshold is 'maybe'; choose off, auto, expected or a number in "
+     "[0, 1]"),
     ({"train": {"epoch": 3}}, "unknown key 'train.epoch'; did you mean 'train.epochs'"),
     ({"trian": {}}, "unknown section 'trian'; did you mean 'train'"),
     ({"train": {"epochs": "ten"}}, "train.epochs must be int, got 'ten'"),

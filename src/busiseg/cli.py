@@ -89,10 +89,10 @@ def _overrides(args) -> dict:
     if args.presence_threshold is None:
         return {}
     value = parse_presence_threshold(args.presence_threshold, "--presence-threshold")
-    if value == "auto":
-        raise BusisegError("--presence-threshold auto: auto is chosen by the evaluate stage on "
-                           "held-out data; give a number in [0, 1] or off")
-    return {"presence_threshold": value}
+    if value in ("auto", "expected"):
+        raise BusisegError(f"--presence-threshold {value}: {value} is fitted by the evaluate "
+                           "stage on held-out data; give a number in [0, 1] or off")
+    return {"presence_threshold": value, "expected_dice": None}
 
 
 def predict(args, parser) -> int:

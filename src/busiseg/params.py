@@ -292,23 +292,26 @@ def parse_presence_threshold(value: object,
                              source: str = "params.yaml: evaluate.presence_threshold"):
     """The one reading of a presence threshold, wherever it is written (params.yaml, a preset,
     `-S`, `busiseg predict --presence-threshold`): off (and YAML's false or null) is None,
-    auto is "auto" (evaluate chooses it on held-out data), a number is the lesion score below
-    which a mask is emptied."""
+    auto is "auto" (evaluate chooses it on held-out data), expected is "expected" (the
+    expected-Dice rule, fitted on held-out data), a number is the lesion score below which a
+    mask is emptied."""
     word = value.strip().lower() if isinstance(value, str) else value
     if word is None or word is False or word == "off":  # not 0: a threshold of 0 keeps all
         return None
-    if word == "auto":
-        return "auto"
+    if word in ("auto", "expected"):
+        return word
     try:
         number = float(word) if not isinstance(word, bool) else float("nan")
     except (TypeError, ValueError):
         number = float("nan")
     if not 0 <= number <= 1:
-        raise BusisegError(f"{source} is {value!r}; choose off, auto or a number in [0, 1]")
+        raise BusisegError(f"{source} is {value!r}; choose off, auto, expected or a number in "
+                           "[0, 1]")
     return number
 
 
-PresenceThreshold = Annotated[float | Literal["auto"] | None, parse_presence_threshold]
+PresenceThreshold = Annotated[float | Literal["auto", "expected"] | None,
+                              parse_presence_threshold]
 
 
 @dataclass(frozen=True)
@@ -325,7 +328,8 @@ class EvaluateParams:
     bootstrap: int = 1000  # resamples of the test images for the 95 % intervals; 0 = none
     bootstrap_seed: int = 0
     # images whose lesion score is below it get an empty mask: off | auto (chosen on held-out
-    # data for the best dice_all) | a probability; read by parse_presence_threshold
+    # data for the best dice_all) | expected (keep a mask iff p·q̂ > 1 − p, fitted on held-out
+    # data) | a probability; read by parse_presence_threshold
     presence_threshold: PresenceThreshold = None
     # the per-image trust score (busiseg.inference.confidence) and the share of images, chosen
     # on held-out data, whose score is low enough to flag them for review (0 = none)

@@ -161,7 +161,7 @@ def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decisio
     probe = torch.randn(2, 1, 32, 32)
     got, want = split_output(forward(probe)), split_output(model(probe))
     assert torch.allclose(torch.sigmoid(got[1]), torch.sigmoid(want[1]), atol=1e-4)
-    assert loaded["presence_threshold"] == 0.4 and loaded["version"] == 2
+    assert loaded["presence_threshold"] == 0.4 and loaded["version"] == 3
 
     # the command line replaces the export's gate, with a number or with off
     for flag, gate_at in (("1", "1.0"), ("off", "")):
@@ -191,11 +191,12 @@ def test_onnx_exports_of_format_version_1_still_load_and_unknown_versions_do_not
             "preprocess": {"size": 32, "input_mean": 0.5, "input_std": 0.25}}
     path = tmp_path / "m.onnx"
     export_onnx(model, blob, MaskSettings(), path)
-    for version, loads in ((1, True), (3, False)):
+    for version, loads in ((1, True), (4, False)):
         proto = onnx.load(str(path))
         entry = next(e for e in proto.metadata_props if e.key == "busiseg")
         old = {k: v for k, v in json.loads(entry.value).items()  # as version 1 wrote them
-               if k not in ("confidence", "temperature", "review_threshold", "channels")}
+               if k not in ("confidence", "temperature", "review_threshold", "channels",
+                                 "expected_dice")}
         entry.value = json.dumps({**old, "version": version})
         onnx.save(proto, str(tmp_path / f"v{version}.onnx"))
         if loads:

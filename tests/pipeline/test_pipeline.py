@@ -227,9 +227,22 @@ def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, p
     prob, scores = m.predict(m.model, idx, settings.tta)
     middle = replace(settings, threshold=round(float(np.median(prob)), 4))
     package_model(packaged, alone / "middle.pt", middle.as_dict(), {})
-    want = {"model": scored["pred"].numpy().astype(bool), "middle": middle.masks(prob, scores)}
+    # and one under the expected-Dice rule: its flat curve (q̂ the same for every image, as the
+    # tiny model's confidences barely differ) keeps a mask iff the score beats a cut set in the
+    # widest gap between the test images' scores (none near it for ONNX's 1e-4 to move across)
+    ranked = np.sort(scores)
+    gap = int(np.argmax(np.diff(ranked)))
+    cut = float(ranked[gap] + ranked[gap + 1]) / 2
+    q0 = round((1 - cut) / cut, 6)
+    expected = replace(middle, presence_threshold=None, temperature=1.0,
+                       expected_dice=((0.0, q0), (1.0, q0)))
+    package_model(packaged, alone / "expected.pt", expected.as_dict(), {})
+    want = {"model": scored["pred"].numpy().astype(bool), "middle": middle.masks(prob, scores),
+            "expected": expected.masks(prob, scores)}
     assert 0 < want["middle"].mean() < 1
-    for name in ("model", "middle"):
+    kept = want["expected"].reshape(len(idx), -1).any(axis=1)
+    assert kept.any() and not kept.all() and want["middle"][~kept].any()  # the rule empties some
+    for name in ("model", "middle", "expected"):
         run(cli + ["export", "--model", f"{name}.pt", "--out", f"{name}.onnx"], alone, python_env)
         for kind in ("pt", "onnx"):
             out = run(cli + ["predict", "--model", f"{name}.{kind}", "images", "--out",

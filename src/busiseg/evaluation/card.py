@@ -28,6 +28,8 @@ HEADLINE = (
     ("detect_sensitivity", "detection sensitivity (lesion images given a mask)"),
     ("detect_specificity", "detection specificity (normal images left empty)"),
     ("detect_auroc", "detection AUROC of the lesion score"),
+    ("detect_specificity_at_sens95", "detection specificity at sensitivity ≥ 0.95 (the best cut "
+     "on the lesion score)"),
     ("detect_ece", "calibration error of the lesion score (ECE)"),
     ("aurc", "area under the risk-coverage curve of the confidence (lower is better)"),
     ("hd95", "95 % Hausdorff distance (original pixels, lesion images)"),
@@ -102,6 +104,9 @@ def _setting(value) -> str:
     """A setting as a reader says it: on/off, not Python's True/False/None."""
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, (list, tuple)) and value:  # the expected-Dice curve's (x, y) knots
+        return (f"{len(value)} knots: expected Dice {value[0][1]} at confidence {value[0][0]} "
+                f"up to {value[-1][1]} at {value[-1][0]}")
     return "off" if value is None else str(value)
 
 

@@ -1,7 +1,7 @@
 """Choosing on held-out data: everything evaluate picks before it looks at test.
 
 One function, `choose`, picks the pieces (flip TTA, largest component, hole filling), the pixel
-threshold, the presence threshold, the lesion score's temperature and the review threshold, in
+threshold, the lesion score's temperature, the presence decision and the review threshold, in
 that order, on held-out images only (val, all out-of-fold images, or the other folds), and returns
 them as one `MaskSettings`: the type predict, export and the external sets apply. Test scoring,
 out-of-fold scoring fold by fold and the single-split run all call it, so the chain is written
@@ -106,10 +106,10 @@ def has_lesion(truth: np.ndarray) -> np.ndarray:
 
 def choose(e: EvaluateParams, held: HeldOut) -> Choice:
     """Pieces and pixel threshold with the best held-out lesion Dice (the first of equals, and
-    candidates come simplest first); then, with those masks, the presence threshold for the best
-    Dice over all images (evaluate.presence_threshold auto, else the param's), the temperature
-    that calibrates the lesion score, and the review threshold that flags
-    evaluate.review_fraction of the images."""
+    candidates come simplest first); then the temperature that calibrates the lesion score; with
+    those masks the presence decision (evaluate.presence_threshold: auto, the threshold with the
+    best Dice over all images; expected, the expected-Dice curve; else the param's); and the
+    review threshold that flags evaluate.review_fraction of the images."""
     sweeps: dict[tuple, pd.DataFrame] = {}
     best, best_dice = None, -np.inf
     for c in candidates(e):
@@ -128,14 +128,17 @@ def choose(e: EvaluateParams, held: HeldOut) -> Choice:
         if best is None or dice > best_dice:  # max()'s rule: the first of equals (or NaNs)
             best, best_dice = replace(c, threshold=t, held_out_dice=dice), dice
     prob, scores = held.probs[best.tta], held.scores[best.tta]
-    gate_at = e.presence_threshold
-    if gate_at == "auto":
+    best = replace(best, temperature=presence.fit_temperature(scores, has_lesion(held.truth)))
+    trust = best.trust(prob, scores)
+    gate_at, curve = e.presence_threshold, None
+    if gate_at in ("auto", "expected"):
         masks = binarize(prob, best.threshold, best.largest_cc, best.fill_holes)
-        gate_at = presence.choose_threshold(masks, held.truth, scores)
-    best = replace(best, presence_threshold=gate_at,
-                   temperature=presence.fit_temperature(scores, has_lesion(held.truth)))
-    best = replace(best, review_threshold=review_threshold(e.review_fraction,
-                                                           best.trust(prob, scores)))
+        if gate_at == "auto":
+            gate_at = presence.choose_threshold(masks, held.truth, scores)
+        else:
+            gate_at, curve = None, presence.fit_expected_dice(masks, held.truth, trust)
+    best = replace(best, presence_threshold=gate_at, expected_dice=curve,
+                   review_threshold=review_threshold(e.review_fraction, trust))
     return Choice(best, sweeps[(best.tta, best.largest_cc, best.fill_holes)])
 
 
@@ -155,12 +158,23 @@ def provenance(e: EvaluateParams, chosen: MaskSettings, held_out: str) -> dict[s
     else:
         threshold = "evaluate.threshold"
     gate = e.presence_threshold
+    if gate == "expected":
+        expected = (f"{picked}: keep a mask iff p·q̂ > 1 − p, q̂ the lesion Dice expected at its "
+                    "confidence, isotonic on the held-out lesion images (evaluate."
+                    "presence_threshold: expected)" if chosen.expected_dice is not None else
+                    "evaluate.presence_threshold: expected, off: the held-out images lack lesion "
+                    "or normal images")
+    else:
+        expected = ("not used (evaluate.presence_threshold: "
+                    f"{'off' if gate is None else gate})")
     return {
         "threshold": threshold,
         **pieces,
         "presence_threshold": f"{picked}, best Dice over all images (evaluate.presence_threshold:"
         " auto)" if gate == "auto" else "evaluate.presence_threshold: off" if gate is None
-        else "evaluate.presence_threshold",
+        else "evaluate.presence_threshold: expected (the rule below, no threshold)"
+        if gate == "expected" else "evaluate.presence_threshold",
+        "expected_dice": expected,
         "temperature": f"fitted on held-out data ({held_out}) to calibrate the lesion score",
         "confidence": "evaluate.confidence",
         "review_threshold": f"{picked}: flags evaluate.review_fraction of the images"

@@ -28,6 +28,7 @@ from busiseg.evaluation import presence
 from busiseg.evaluation.choose import HeldOut, candidates, choose, has_lesion, tta_settings
 from busiseg.evaluation.metrics import (
     POPULATION_STATS,
+    SCORE_STATS,
     aurc,
     aurc_baselines,
     bootstrap_ci,
@@ -175,7 +176,7 @@ def population_intervals(p: Params, counts: np.ndarray, scores: np.ndarray | Non
     rows = population_rows(counts, scores)
     out = {}
     for key, stat in POPULATION_STATS.items():
-        if scores is None and key == "detect_auroc":
+        if scores is None and key in SCORE_STATS:
             continue
         low, high = interval(p, rows, stat)
         out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = low, high

@@ -59,6 +59,23 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+SENSITIVITY_FLOOR = 0.95  # the screening operating point: miss at most one lesion in twenty
+
+
+def specificity_at_sensitivity(labels: np.ndarray, scores: np.ndarray,
+                               floor: float = SENSITIVITY_FLOOR) -> float:
+    """The best specificity any cut on `scores` reaches while it still finds at least `floor`
+    of the lesion images (score ≥ cut counts as found): how good a detector the score is where a
+    screening reader would run it, whatever cut the gate itself chose. NaN when one class is
+    absent."""
+    labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
+    if labels.all() or not labels.any():
+        return float("nan")
+    found = np.sort(scores[labels])[::-1]
+    cut = found[max(1, int(np.ceil(floor * len(found) - 1e-9))) - 1]
+    return float((scores[~labels] < cut).mean())
+
+
 def detection(labels: np.ndarray, decisions: np.ndarray,
               scores: np.ndarray | None = None) -> dict:
     """Image level, lesion vs normal: sensitivity (lesion images given a mask), specificity
@@ -89,14 +106,16 @@ POPULATION_STATS = {  # key -> statistic of population_rows
     "detect_sensitivity": lambda r: detection(r[:, 2], r[:, 3])["detect_sensitivity"],
     "detect_specificity": lambda r: detection(r[:, 2], r[:, 3])["detect_specificity"],
     "detect_auroc": lambda r: auroc(r[:, 2].astype(bool), r[:, 4]),
+    "detect_specificity_at_sens95": lambda r: specificity_at_sensitivity(r[:, 2], r[:, 4]),
 }
+SCORE_STATS = ("detect_auroc", "detect_specificity_at_sens95")  # need a per-image score
 
 
 def population(counts: np.ndarray, scores: np.ndarray | None = None) -> dict:
     """Whole-population figures over every image, normals included: `dice_all` / `iou_all`
     (the public BUS benchmark's per-image convention) and image-level detection."""
     rows = population_rows(counts, scores)
-    keys = [k for k in POPULATION_STATS if scores is not None or k != "detect_auroc"]
+    keys = [k for k in POPULATION_STATS if scores is not None or k not in SCORE_STATS]
     return {k: POPULATION_STATS[k](rows) if len(rows) else float("nan") for k in keys}
 
 

@@ -5,7 +5,9 @@ A normal breast given a "lesion" costs a healthy woman a biopsy discussion, and 
 Dice never sees it. `evaluate.presence_threshold` empties the masks of images whose lesion score
 (the presence head's probability, or a model without one its most confident pixel) is below
 it; `auto` chooses it, like the pixel threshold, on held-out data only (val, or the other folds)
-for the best whole-population Dice (`dice_all`).
+for the best whole-population Dice (`dice_all`). `expected` keeps a mask where the calibrated
+lesion probability times the Dice the mask is expected to have beats the probability that there
+is no lesion at all, both fitted on held-out data the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +34,24 @@ def choose_threshold(masks: np.ndarray, truth: np.ndarray, scores: np.ndarray) -
         if d > best_dice + 1e-12:
             best, best_dice = float(t), d
     return best
+
+
+def fit_expected_dice(masks: np.ndarray, truth: np.ndarray,
+                      trust: np.ndarray) -> tuple[tuple[float, float], ...] | None:
+    """The curve of the expected-Dice rule (MaskSettings.keep): each held-out lesion image's
+    Dice against its confidence, fitted isotonic (a more confident mask is never expected to be
+    worse), as (confidence, Dice) knots rounded to 6 decimals, so that the rule evaluate applies
+    is the one eval.json, the packaged model and an export carry. None (the gate off) without
+    both lesion and normal images: with no normal image held out, emptying a mask can only lose."""
+    from sklearn.isotonic import IsotonicRegression
+
+    lesion = truth.reshape(len(truth), -1).any(axis=1)
+    if lesion.all() or not lesion.any():
+        return None
+    dice = dice_iou(confusion(masks[lesion], truth[lesion]))[0]
+    curve = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(trust[lesion], dice)
+    return tuple((round(float(x), 6), round(float(y), 6))
+                 for x, y in zip(curve.X_thresholds_, curve.y_thresholds_))
 
 
 def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:

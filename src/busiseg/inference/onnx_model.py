@@ -22,8 +22,8 @@ from busiseg.modeling.registry import is_smp
 
 OPSET = 18  # the opset the parity tests verify
 FORMAT = "busiseg-onnx"
-VERSION = 2  # 2: "presence" from every fold ensemble too; confidence, flag, channels metadata
-READS = (1, 2)  # the versions this code loads
+VERSION = 3  # 2: "presence" from every fold ensemble; confidence, flag, channels. 3: expected_dice
+READS = (1, 2, 3)  # the versions this code loads
 METADATA_KEY = "busiseg"
 TOLERANCE = 1e-4  # largest probability difference ONNX Runtime may show against PyTorch
 
@@ -39,7 +39,8 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     batch, height, width = (torch.export.Dim(n) for n in ("batch", "height", "width"))
     # timm's TensorFlow-style "same" padding makes a symbolic height/width export run for many
     # minutes; predict always feeds the training size, so smp models export at that size only
-    spatial = {} if is_smp(blob["model"]["arch"]) else {2: height, 3: width}
+    archs = [c["arch"] for c in blob["model"].get("parts", [blob["model"]])]  # a Blend's parts
+    spatial = {} if any(is_smp(a) for a in archs) else {2: height, 3: width}
     channels = int(pre.get("channels", 1))
     probe = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -37,14 +37,14 @@ OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
 EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
-COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "confidence",
-           "flagged", "review_threshold")
+COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "presence_rule",
+           "confidence", "flagged", "review_threshold")
 
 FIELDS = tuple(f.name for f in fields(MaskSettings))
 # metrics/eval.json's name for a field where it is not the field's own (MaskSettings.eval_keys)
 EVAL_NAMES = {"tta": "used_tta", "largest_cc": "used_largest_cc", "fill_holes": "used_fill_holes",
               "tuned_threshold": "used_tune_threshold", "temperature": "presence_temperature",
-              "held_out_dice": "val_dice"}
+              "held_out_dice": "val_dice", "expected_dice": "presence_expected_dice"}
 
 
 @dataclass(frozen=True)
@@ -272,7 +272,7 @@ def resolve_settings(predictor: Predictor, model_path: Path, chosen: SourcedSett
     if overrides:
         settings = replace(chosen.settings, **overrides).checked("--presence-threshold")
         sources = {**chosen.sources,
-                   **{k: f"flag --{k.replace('_', '-')}" for k in overrides}}
+                   **dict.fromkeys(overrides, "flag --presence-threshold")}
         chosen = SourcedSettings(settings, sources, chosen.origin)
     return chosen
 
@@ -500,7 +500,8 @@ def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
     """predictions.csv with its header and `rows` (the rows --continue keeps), replacing any
     earlier file; `append_score` adds each image as it is done. Per image: its lesion score (the
     presence head's probability, or the most confident pixel for a model without one), the
-    decision (1: a lesion was drawn) and the presence threshold that made it (empty: off); its
+    decision (1: a lesion was drawn), the presence threshold that made it (empty: none) and the
+    rule (off, threshold, or expected: MaskSettings.keep); its
     confidence (`settings.confidence`), the review flag (1: a reader should look) and the
     threshold that set it (empty: none). A row kept from an earlier run keeps the thresholds
     that run applied."""
@@ -532,6 +533,7 @@ def _score_row(row: dict, settings: MaskSettings) -> dict:
         return "" if value is None else value
 
     return {"presence_threshold": blank(settings.presence_threshold),
+            "presence_rule": settings.presence_rule,
             "review_threshold": blank(settings.review_threshold), **row}
 
 

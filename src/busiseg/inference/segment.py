@@ -121,6 +121,10 @@ class MaskSettings:
     largest_cc: bool = False
     fill_holes: bool = False
     presence_threshold: float | None = None  # lesion score below it: empty mask (None: off)
+    # the expected-Dice presence rule, when evaluate chose it (evaluate.presence_threshold:
+    # expected): knots (confidence, expected lesion Dice) of the curve `keep` reads; None: the
+    # threshold rule above, or no gate
+    expected_dice: tuple[tuple[float, float], ...] | None = None
     # the per-image trust score: its kind, the lesion score's calibration it reads, and the
     # value below which an image is flagged for review (None: none)
     confidence: str = "entropy"
@@ -131,10 +135,32 @@ class MaskSettings:
     tuned_threshold: bool = False
     held_out_dice: float | None = None
 
-    def masks(self, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """N×H×W probabilities and N lesion scores → the N masks, pieces applied, gated."""
+    @property
+    def presence_rule(self) -> str:
+        """Which presence decision empties masks: off, threshold or expected."""
+        return ("expected" if self.expected_dice is not None else
+                "off" if self.presence_threshold is None else "threshold")
+
+    def masks(self, probs: np.ndarray, scores: np.ndarray,
+              trust: np.ndarray | None = None) -> np.ndarray:
+        """N×H×W probabilities and N lesion scores → the N masks, pieces applied, gated.
+        `trust`: the images' confidence when `probs` are not at the training size (predict
+        resizes the map back first), for the expected-Dice rule that reads it."""
         pred = binarize(probs, self.threshold, self.largest_cc, self.fill_holes)
-        return gate(pred, scores, self.presence_threshold)
+        if self.expected_dice is None:
+            return gate(pred, scores, self.presence_threshold)
+        keep = self.keep(scores, self.trust(probs, scores) if trust is None else trust)
+        return pred & keep.reshape(-1, *([1] * (pred.ndim - 1)))
+
+    def keep(self, scores: np.ndarray, trust: np.ndarray) -> np.ndarray:
+        """The expected-Dice rule: keep an image's mask iff p · q̂ > 1 − p, p the calibrated
+        lesion probability and q̂ the lesion Dice expected at the mask's confidence. Emptying a
+        mask scores 1 on a normal image and loses the mask's Dice on a lesion image, so this is
+        the decision with the larger expected Dice over all images."""
+        p = calibrate(scores, self.temperature)
+        knots = np.asarray(self.expected_dice, dtype=np.float64)
+        q = np.interp(np.asarray(trust, dtype=np.float64), knots[:, 0], knots[:, 1])
+        return p * q > 1 - p
 
     def trust(self, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Each image's confidence (busiseg.inference.confidence), as evaluate scores it."""
@@ -145,6 +171,10 @@ class MaskSettings:
         """The settings as metrics/eval.json names them (what `from_eval` reads back)."""
         return {"threshold": self.threshold, "presence_threshold": self.presence_threshold,
                 "presence_temperature": self.temperature, "confidence": self.confidence,
+                "presence_rule": self.presence_rule,
+                "presence_expected_dice": None if self.expected_dice is None else {
+                    "confidence": [k[0] for k in self.expected_dice],
+                    "dice": [k[1] for k in self.expected_dice]},
                 "review_threshold": self.review_threshold, "val_dice": self.held_out_dice,
                 "used_tta": int(self.tta), "used_largest_cc": int(self.largest_cc),
                 "used_fill_holes": int(self.fill_holes),
@@ -203,6 +233,12 @@ class MaskSettings:
         if self.presence_threshold is not None and not 0 <= self.presence_threshold <= 1:
             raise BusisegError(f"{source}: presence threshold must be in [0, 1], got "
                                f"{self.presence_threshold}")
+        if self.expected_dice is not None:
+            knots = np.asarray(self.expected_dice, dtype=np.float64)
+            if (knots.ndim != 2 or knots.shape[1] != 2 or not len(knots)
+                    or np.any(np.diff(knots[:, 0]) < 0) or not np.all((knots >= 0) & (knots <= 1))):
+                raise BusisegError(f"{source}: the expected-Dice curve must be (confidence, Dice) "
+                                   "pairs in [0, 1], confidence increasing; re-run evaluate")
         return self
 
     def as_dict(self) -> dict:
@@ -224,7 +260,18 @@ def optional_settings(m: dict) -> dict:
         out["temperature"] = float(temperature)
     if m.get("confidence") is not None:
         out["confidence"] = str(m["confidence"])
+    curve = m.get("presence_expected_dice", m.get("expected_dice"))  # eval.json, ONNX
+    if curve is not None:
+        out["expected_dice"] = expected_dice_knots(curve)
     return out
+
+
+def expected_dice_knots(curve) -> tuple[tuple[float, float], ...]:
+    """The expected-Dice curve as stored: eval.json's {"confidence": [...], "dice": [...]}, or
+    the knot pairs an export or packaged model carries (`as_dict`)."""
+    pairs = zip(curve["confidence"], curve["dice"], strict=True) if isinstance(curve, dict) \
+        else curve
+    return tuple((float(x), float(y)) for x, y in pairs)
 
 
 def postprocess(mask: np.ndarray, largest_cc: bool, fill_holes: bool) -> np.ndarray:
@@ -279,5 +326,5 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
     trust = settings.trust(prob[:, 0].numpy(), score)
     full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",
                                            align_corners=False)[:, 0].numpy()
-    return Segmentation(settings.masks(full, score)[0], float(score[0]), float(trust[0]),
+    return Segmentation(settings.masks(full, score, trust)[0], float(score[0]), float(trust[0]),
                         bool(flag(trust, settings.review_threshold)[0]), full[0])

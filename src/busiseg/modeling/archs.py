@@ -318,6 +318,36 @@ class FoldEnsemble(nn.Module):
         return mask, _mean_logit([o[1] for o in outs])
 
 
+class Blend(nn.Module):
+    """Trained models as one: the mask from some (`masks_from`), the lesion score from others
+    (`presence_from`), each the mean of those models' probabilities as in FoldEnsemble. A presence
+    head trained jointly costs the segmentation some Dice, so the masks can come from a model
+    trained without one and the score from one trained with it; or several seeds of one recipe
+    average their masks and scores alike. One fold's Blend is one member of a FoldEnsemble, so
+    out of fold each image still sees only models that never trained on it."""
+
+    def __init__(self, parts: list[nn.Module], masks_from: list[int],
+                 presence_from: list[int]) -> None:
+        super().__init__()
+        if not masks_from or not presence_from or not set(masks_from) | set(presence_from) <= \
+                set(range(len(parts))):
+            raise ValueError(f"a blend of {len(parts)} models needs masks_from and presence_from "
+                             f"among 0..{len(parts) - 1}, got {masks_from}, {presence_from}")
+        self.parts = nn.ModuleList(parts)
+        self.masks_from, self.presence_from = list(masks_from), list(presence_from)
+        self.size_divisor = max(int(getattr(m, "size_divisor", 1)) for m in parts)
+        self.config = {"arch": "blend", "parts": [m.config for m in parts],
+                       "masks_from": self.masks_from, "presence_from": self.presence_from}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        used = sorted(set(self.masks_from) | set(self.presence_from))
+        outs = {i: split_output(self.parts[i](x)) for i in used}  # each part runs once
+        mask = _mean_logit([outs[i][0] for i in self.masks_from])
+        return mask, _mean_logit([outs[i][1] if outs[i][1] is not None
+                                  else outs[i][0].flatten(1).amax(1, keepdim=True)
+                                  for i in self.presence_from])
+
+
 def _mean_logit(logits: list[torch.Tensor]) -> torch.Tensor:
     """The logit of the members' mean probability."""
     prob = torch.stack([torch.sigmoid(t.float()) for t in logits]).mean(0)

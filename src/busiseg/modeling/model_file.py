@@ -15,7 +15,7 @@ import torch
 
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_torch_save
-from busiseg.modeling.archs import FoldEnsemble
+from busiseg.modeling.archs import Blend, FoldEnsemble
 from busiseg.modeling.pretrained import input_normalisation
 from busiseg.modeling.registry import arch_settings, build_model
 from busiseg.params import ModelParams, Params
@@ -109,15 +109,24 @@ def load_model(path: str | Path,
     pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"))
     members = blob.get("members", 0)
     if members:
-        model = FoldEnsemble([build_model(**blob["model"]) for _ in range(members)])
+        model = FoldEnsemble([build_from_config(blob["model"]) for _ in range(members)])
     else:
-        model = build_model(**blob["model"])
+        model = build_from_config(blob["model"])
     try:
         model.load_state_dict(blob["state_dict"], strict=True)
     except RuntimeError as exc:
         raise BusisegError(f"{path}: refused: weights do not fit model {blob['model']} "
                            f"({first_line(exc)})") from None
     return model.to(device).eval(), blob
+
+
+def build_from_config(config: dict) -> torch.nn.Module:
+    """An untrained model of a file's `model` config: one registry arch, or a Blend of several
+    (`busiseg.research.blend`), whose parts are registry archs."""
+    if config.get("arch") == "blend":
+        return Blend([build_model(**c) for c in config["parts"]], config["masks_from"],
+                     config["presence_from"])
+    return build_model(**config)
 
 
 PACKAGED_NAME = "model.pt"  # the file in a packaged model's folder (the busiseg-model artifact)
