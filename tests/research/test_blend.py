@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_params
@@ -103,6 +104,8 @@ def test_evaluated_out_of_fold_it_has_the_mask_run_s_dice_and_the_score_run_s_sc
     m = evaluate_blend(tmp_path / "blend.pt", tmp_path / "result.json", "off",
                        tmp_path / "params.yaml", tmp_path)
     assert m["presence_rule"] == "off" and (tmp_path / "result.json").is_file()
+    table = pd.read_csv(tmp_path / "result.cv_per_image.csv")
+    assert len(table) == (pd.read_csv(split)["split"] == "cv").sum()
     p = tiny_params()
     runs = {f: evaluate(p, f, cache, split)["cv_per_image"] for f in (plain, headed)}
     got = evaluate(load_params(tmp_path / "params.yaml"), tmp_path / "blend.pt", cache,

@@ -13,9 +13,10 @@ k of the blend is fold k of each, so out of fold an image still meets only model
 trained on it. The blend is an ordinary busiseg model file: predict and export take it as they
 take any. `--evaluate` scores it as the evaluate stage would (out of fold and on test, with
 params.yaml's evaluate section and the workspace's data/ of that split, which the runs' own
-workspace has), and writes the metrics (aggregates only) to RESULT.json, leaving DVC's outputs
-alone. Its kernels are the first masks model's (train.cpu_isa): the other parts compute within
-float rounding of their own runs.
+workspace has), and writes the metrics (aggregates only) to RESULT.json and the out-of-fold
+per-image table beside it (RESULT.cv_per_image.csv, for research.paired; per-image, so not for
+committing on real data), leaving DVC's outputs alone. Its kernels are the first masks
+model's (train.cpu_isa): the other parts compute within float rounding of their own runs.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def evaluate_blend(model: Path, out: Path, presence_threshold: str | None = None
     result = evaluate(p, model, data / "cache.npz", data / "split.csv",
                       manifest if manifest.is_file() else None)
     write_json(out, result["metrics"])
+    if "cv_per_image" in result:  # for research.paired; per image: never commit it for real data
+        result["cv_per_image"].to_csv(out.with_suffix(".cv_per_image.csv"), index=False)
     return result["metrics"]
 
 
