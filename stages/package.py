@@ -31,8 +31,10 @@ def main() -> None:
     settings = chosen.as_dict()
     blob = package_model("models/model.pt", OUT / PACKAGED_NAME, settings, sources)
     atomic_write_text(OUT / "README.md", model_card(p, blob, metrics, sources))
-    print(f"package: {OUT / PACKAGED_NAME} (threshold {settings['threshold']}, presence "
-          f"threshold {settings['presence_threshold']}) and its model card {OUT / 'README.md'}")
+    gate = chosen.presence_rule + (f" at {chosen.presence_threshold}"
+                                   if chosen.presence_threshold is not None else "")
+    print(f"package: {OUT / PACKAGED_NAME} (threshold {settings['threshold']}, presence gate "
+          f"{gate}) and its model card {OUT / 'README.md'}")
 
 
 if __name__ == "__main__":

@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 def _overrides(args) -> dict:
     """MaskSettings fields given on the command line, to apply over the evaluate file's or the
     export's: the presence threshold, read as params.yaml reads it (auto is evaluate's)."""
-    from busiseg.params import parse_presence_threshold
+    from busiseg.params import FITTED_PRESENCE, parse_presence_threshold
 
     if args.presence_threshold is None:
         return {}
     value = parse_presence_threshold(args.presence_threshold, "--presence-threshold")
-    if value in ("auto", "expected"):
+    if value in FITTED_PRESENCE:
         raise BusisegError(f"--presence-threshold {value}: {value} is fitted by the evaluate "
                            "stage on held-out data; give a number in [0, 1] or off")
     return {"presence_threshold": value, "expected_dice": None}

@@ -288,6 +288,9 @@ class AugmentParams:
         _require(self.shift <= 0.5, "augment.shift", "must be ≤ 0.5")
 
 
+FITTED_PRESENCE = ("auto", "expected")  # presence decisions evaluate fits on held-out data
+
+
 def parse_presence_threshold(value: object,
                              source: str = "params.yaml: evaluate.presence_threshold"):
     """The one reading of a presence threshold, wherever it is written (params.yaml, a preset,
@@ -298,7 +301,7 @@ def parse_presence_threshold(value: object,
     word = value.strip().lower() if isinstance(value, str) else value
     if word is None or word is False or word == "off":  # not 0: a threshold of 0 keeps all
         return None
-    if word in ("auto", "expected"):
+    if word in FITTED_PRESENCE:
         return word
     try:
         number = float(word) if not isinstance(word, bool) else float("nan")

@@ -171,3 +171,52 @@ def test_specificity_at_sensitivity_is_the_best_cut_that_finds_enough_lesions():
                  if (scores[labels] >= t).mean() >= 0.95)
     assert specificity_at_sensitivity(labels, scores) == brute
     assert np.isnan(specificity_at_sensitivity(labels[:20], scores[:20]))
+
+
+class Soft(nn.Module):
+    """A blurred disc whose outline's entropy depends on the resolution it is drawn at."""
+
+    config = {"arch": "crafted"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w),
+                                indexing="ij")
+        return (6 * (0.5 - (yy ** 2 + xx ** 2).sqrt())).expand(x.shape[0], 1, h, w).clone()
+
+
+def test_predict_reads_the_confidence_at_the_training_size_as_evaluate_does():
+    from busiseg.inference.confidence import confidence
+    from busiseg.inference.segment import predict_probabilities, segment_with_score
+
+    image = np.full((96, 128), 100, np.uint8)
+    small = torch.from_numpy(np.full((1, 1, 32, 32), 100, np.uint8))
+    prob, score = predict_probabilities(Soft(), small, 0.5, 0.25, torch.device("cpu"), 1)
+    plain = MaskSettings(threshold=0.5, temperature=1.0)
+    at_32 = float(plain.trust(prob[:, 0].numpy(), score.numpy().astype(float))[0])
+    full = segment_with_score(Soft(), image, 32, 0.5, 0.25, plain).probability
+    at_full = float(confidence(full[None], calibrate(score.numpy(), 1.0), 0.5)[0])
+    assert abs(at_32 - at_full) > 1e-3  # the resolutions disagree on this outline
+    # q̂ 1 on the training size's side of a cut between the two, 0 on the other side
+    cut = (at_32 + at_full) / 2
+    q = (0.0, 1.0) if at_32 > at_full else (1.0, 0.0)
+    s = replace(plain, temperature=0.05, expected_dice=((cut - 1e-4, q[0]), (cut + 1e-4, q[1])))
+    scores = score.numpy().astype(float)
+    assert s.keep(scores, np.array([at_32]))[0] and not s.keep(scores, np.array([at_full]))[0]
+    got = segment_with_score(Soft(), image, 32, 0.5, 0.25, s)
+    assert got.mask.any() and got.confidence == pytest.approx(at_32)
+
+
+def test_only_an_export_under_the_rule_is_format_3(tmp_path: Path):
+    from busiseg.inference.onnx_model import export_onnx, load_onnx
+    from busiseg.modeling.registry import build_model
+
+    model = build_model("unet", base=4, depth=2).eval()
+    blob = {"model": model.config, "digest": "0" * 64,
+            "preprocess": {"size": 32, "input_mean": 0.5, "input_std": 0.25}}
+    rule = MaskSettings(temperature=0.8, expected_dice=((0.1, 0.3), (0.7, 0.9)))
+    for settings, version in ((MaskSettings(presence_threshold=0.4), 2), (rule, 3)):
+        path = tmp_path / f"v{version}.onnx"
+        assert export_onnx(model, blob, settings, path)["version"] == version
+        meta = load_onnx(path)[1]
+        assert MaskSettings.from_metadata(meta) == settings

@@ -161,7 +161,7 @@ def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decisio
     probe = torch.randn(2, 1, 32, 32)
     got, want = split_output(forward(probe)), split_output(model(probe))
     assert torch.allclose(torch.sigmoid(got[1]), torch.sigmoid(want[1]), atol=1e-4)
-    assert loaded["presence_threshold"] == 0.4 and loaded["version"] == 3
+    assert loaded["presence_threshold"] == 0.4 and loaded["version"] == 2
 
     # the command line replaces the export's gate, with a number or with off
     for flag, gate_at in (("1", "1.0"), ("off", "")):

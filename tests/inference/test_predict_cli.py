@@ -456,3 +456,29 @@ def test_every_setting_has_a_name_in_evaluates_file():
     renamed here, or the record would call a setting read from the file a default."""
     keys = MaskSettings().eval_keys()
     assert all(name in keys or EVAL_NAMES.get(name) in keys for name in FIELDS)
+
+
+def test_a_model_under_the_expected_rule_records_it_and_continues(tmp_path: Path, capsys):
+    """The expected-Dice rule travels in the packaged settings (model file version 2, which an
+    older busiseg refuses rather than drop the gate): predict applies it, says so per image, and
+    --continue recognises its own earlier run under it."""
+    settings = MaskSettings(0.001, temperature=0.5, expected_dice=((0.2, 0.1), (0.9, 0.95)))
+    model = model_file(tmp_path, settings)
+    blob = torch.load(model, weights_only=True)
+    assert blob["version"] == 1  # a hand-made copy; the package stage writes 2 for this rule
+    from busiseg.modeling.model_file import package_model, read_model_file
+
+    packaged = package_model(model, tmp_path / "packaged.pt", settings.as_dict(), {})
+    assert packaged["version"] == 2 and read_model_file(tmp_path / "packaged.pt")["version"] == 2
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    image(inputs / "a.png")
+    cli = ["predict", str(inputs), "--model", str(tmp_path / "packaged.pt"), "--out", str(out)]
+    assert main(cli) == 0
+    with open(out / "predictions.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["presence_rule"] == "expected" and row["presence_threshold"] == ""
+    assert MaskSettings.from_metadata(record(out)["settings"]) == settings
+    image(inputs / "b.png", seed=1)
+    capsys.readouterr()
+    assert main([*cli, "--continue"]) == 0, capsys.readouterr().err
+    assert [w["image"] for w in record(out)["inputs"]["written"]] == [str(inputs / "b.png")]

@@ -24,6 +24,7 @@ from conftest import (
 from PIL import Image
 
 from busiseg.data.cache import load_cache
+from busiseg.inference.confidence import calibrate
 from busiseg.inference.onnx_model import load_onnx
 from busiseg.inference.segment import MaskSettings, binarize, probabilities
 from busiseg.modeling.model_file import load_model
@@ -232,9 +233,9 @@ def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, p
     # widest gap between the test images' scores (none near it for ONNX's 1e-4 to move across)
     ranked = np.sort(scores)
     gap = int(np.argmax(np.diff(ranked)))
-    cut = float(ranked[gap] + ranked[gap + 1]) / 2
-    q0 = round((1 - cut) / cut, 6)
-    expected = replace(middle, presence_threshold=None, temperature=1.0,
+    p_cut = float(calibrate((ranked[gap] + ranked[gap + 1]) / 2, 0.8))  # p at a temperature
+    q0 = round((1 - p_cut) / p_cut, 6)
+    expected = replace(middle, presence_threshold=None, temperature=0.8,
                        expected_dice=((0.0, q0), (1.0, q0)))
     package_model(packaged, alone / "expected.pt", expected.as_dict(), {})
     want = {"model": scored["pred"].numpy().astype(bool), "middle": middle.masks(prob, scores),

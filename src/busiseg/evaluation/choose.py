@@ -19,7 +19,7 @@ import pandas as pd
 from busiseg.evaluation import presence
 from busiseg.evaluation.metrics import PROBABILITY_GRID, confusion, lesion_dice_iou
 from busiseg.inference.segment import MaskSettings, binarize
-from busiseg.params import EvaluateParams
+from busiseg.params import FITTED_PRESENCE, EvaluateParams
 
 PIECES = ("tta", "largest_cc", "fill_holes", "tune_threshold")  # select_on_val's candidates
 
@@ -128,10 +128,13 @@ def choose(e: EvaluateParams, held: HeldOut) -> Choice:
         if best is None or dice > best_dice:  # max()'s rule: the first of equals (or NaNs)
             best, best_dice = replace(c, threshold=t, held_out_dice=dice), dice
     prob, scores = held.probs[best.tta], held.scores[best.tta]
-    best = replace(best, temperature=presence.fit_temperature(scores, has_lesion(held.truth)))
+    # rounded as eval.json, the packaged model and an export carry it: the p the expected-Dice
+    # rule reads here is then the p predict reads
+    best = replace(best, temperature=round(presence.fit_temperature(scores,
+                                                                    has_lesion(held.truth)), 6))
     trust = best.trust(prob, scores)
     gate_at, curve = e.presence_threshold, None
-    if gate_at in ("auto", "expected"):
+    if gate_at in FITTED_PRESENCE:
         masks = binarize(prob, best.threshold, best.largest_cc, best.fill_holes)
         if gate_at == "auto":
             gate_at = presence.choose_threshold(masks, held.truth, scores)

@@ -22,7 +22,10 @@ from busiseg.modeling.registry import is_smp
 
 OPSET = 18  # the opset the parity tests verify
 FORMAT = "busiseg-onnx"
-VERSION = 3  # 2: "presence" from every fold ensemble; confidence, flag, channels. 3: expected_dice
+# 2: "presence" from every fold ensemble; confidence, flag, channels. 3: the expected-Dice curve,
+# written only by exports that carry one, so that an older reader refuses what it cannot apply
+VERSION = 2
+VERSION_EXPECTED = 3
 READS = (1, 2, 3)  # the versions this code loads
 METADATA_KEY = "busiseg"
 TOLERANCE = 1e-4  # largest probability difference ONNX Runtime may show against PyTorch
@@ -56,7 +59,8 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; report one line
         raise BusisegError(f"{out}: ONNX export failed ({type(exc).__name__}: "
                            f"{first_line(exc, 200)})") from None
-    meta = {"format": FORMAT, "version": VERSION, "opset": OPSET, "size": size,
+    version = VERSION if settings.expected_dice is None else VERSION_EXPECTED
+    meta = {"format": FORMAT, "version": version, "opset": OPSET, "size": size,
             "input_mean": pre["input_mean"], "input_std": pre["input_std"], "channels": channels,
             **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"],
             "any_size": bool(spatial), "outputs": outputs,

@@ -37,8 +37,8 @@ OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
 EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
-COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "presence_rule",
-           "confidence", "flagged", "review_threshold")
+COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "confidence",
+           "flagged", "review_threshold", "presence_rule")
 
 FIELDS = tuple(f.name for f in fields(MaskSettings))
 # metrics/eval.json's name for a field where it is not the field's own (MaskSettings.eval_keys)

@@ -137,7 +137,8 @@ class MaskSettings:
 
     @property
     def presence_rule(self) -> str:
-        """Which presence decision empties masks: off, threshold or expected."""
+        """Which presence decision empties masks (off, threshold or expected): with `expected`
+        the presence threshold is null, which alone would read as no gate at all."""
         return ("expected" if self.expected_dice is not None else
                 "off" if self.presence_threshold is None else "threshold")
 
@@ -242,7 +243,12 @@ class MaskSettings:
         return self
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """JSON-shaped (the curve's knots as lists), so that a record read back from JSON, as
+        predict --continue reads its own, compares equal to the settings that wrote it."""
+        out = asdict(self)
+        if out["expected_dice"] is not None:
+            out["expected_dice"] = [list(k) for k in out["expected_dice"]]
+        return out
 
 
 def optional_settings(m: dict) -> dict:
@@ -267,8 +273,9 @@ def optional_settings(m: dict) -> dict:
 
 
 def expected_dice_knots(curve) -> tuple[tuple[float, float], ...]:
-    """The expected-Dice curve as stored: eval.json's {"confidence": [...], "dice": [...]}, or
-    the knot pairs an export or packaged model carries (`as_dict`)."""
+    """The expected-Dice curve from either of its stored shapes: eval.json's two lists
+    ({"confidence": [...], "dice": [...]}, readable beside the other metrics) or the knot pairs
+    an export or packaged model carries (`as_dict`)."""
     pairs = zip(curve["confidence"], curve["dice"], strict=True) if isinstance(curve, dict) \
         else curve
     return tuple((float(x), float(y)) for x, y in pairs)
@@ -303,7 +310,7 @@ def segment(forward: Forward, image: np.ndarray, size: int, mean: Stats, std: St
 
 class Segmentation(NamedTuple):
     mask: np.ndarray  # bool, the image's size
-    score: float  # the lesion score the presence threshold gates
+    score: float  # the lesion score the presence decision reads
     confidence: float  # how far to trust this prediction (busiseg.inference.confidence)
     flagged: bool  # confidence below the review threshold: a reader should look
     probability: np.ndarray  # float32 map, the image's size
@@ -315,9 +322,9 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
     """One image of any size (grey H×W, or colour H×W×3 for a 3-channel model) → its mask,
     lesion score, confidence and probability map. The image is resized to the training size
     exactly as preprocess resized the training images; the probability map, not the mask, is
-    resized back, so the outline stays smooth. An image whose score is below the presence
-    threshold gets an empty mask. The confidence is taken at the training size, as evaluate
-    takes it."""
+    resized back, so the outline stays smooth. An image the presence decision rejects (score
+    below the threshold, or the expected-Dice rule) gets an empty mask. The confidence is taken
+    at the training size, as evaluate takes it, and the expected-Dice rule reads that one."""
     small = torch.from_numpy(resize_image(image, size))
     small = (small.permute(2, 0, 1) if small.ndim == 3 else small[None])[None]
     prob, presence = predict_probabilities(forward, small, mean, std,

@@ -313,9 +313,7 @@ class FoldEnsemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [split_output(m(x)) for m in self.members]
         mask = _mean_logit([o[0] for o in outs])
-        if outs[0][1] is None:  # no heads: each member's most confident pixel
-            return mask, _mean_logit([o[0].flatten(1).amax(1, keepdim=True) for o in outs])
-        return mask, _mean_logit([o[1] for o in outs])
+        return mask, _mean_logit([lesion_logit(o) for o in outs])
 
 
 class Blend(nn.Module):
@@ -343,9 +341,15 @@ class Blend(nn.Module):
         used = sorted(set(self.masks_from) | set(self.presence_from))
         outs = {i: split_output(self.parts[i](x)) for i in used}  # each part runs once
         mask = _mean_logit([outs[i][0] for i in self.masks_from])
-        return mask, _mean_logit([outs[i][1] if outs[i][1] is not None
-                                  else outs[i][0].flatten(1).amax(1, keepdim=True)
-                                  for i in self.presence_from])
+        return mask, _mean_logit([lesion_logit(outs[i]) for i in self.presence_from])
+
+
+def lesion_logit(out: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """One model's answer to "is there a lesion?" (N×1 logits) from its split output: its
+    presence head, or without one its most confident pixel (the scale segment's lesion score
+    reads a head-less model on, pass by pass)."""
+    masks, presence = out
+    return presence if presence is not None else masks.flatten(1).amax(1, keepdim=True)
 
 
 def _mean_logit(logits: list[torch.Tensor]) -> torch.Tensor:

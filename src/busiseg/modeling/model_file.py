@@ -23,6 +23,10 @@ from busiseg.runtime.device import pin_kernels
 
 FORMAT = "busiseg-model"
 VERSION = 1
+# 2: a packaged model whose settings carry the expected-Dice curve (MaskSettings.expected_dice),
+# written only then, so that an older reader refuses a gate it would silently drop
+VERSION_EXPECTED = 2
+READS = (VERSION, VERSION_EXPECTED)
 
 
 def model_kwargs(m: ModelParams, presence: bool = False, channels: int = 1) -> dict:
@@ -89,9 +93,10 @@ def read_model_file(path: str | Path) -> dict:
                            f"that are not loaded for safety ({reason})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise BusisegError(f"{path}: refused: not a busiseg model file")
-    if blob.get("version") != VERSION:
+    if blob.get("version") not in READS:
         raise BusisegError(f"{path}: model file version {blob.get('version')} is not supported "
-                           f"by this busiseg (expects {VERSION}); retrain or upgrade")
+                           f"by this busiseg (reads {', '.join(map(str, READS))}); retrain or "
+                           "upgrade")
     state = blob.get("state_dict")
     if not isinstance(state, dict) or weights_digest(state) != blob.get("digest"):
         raise BusisegError(f"{path}: refused: the weights do not match the file's digest "
@@ -108,21 +113,21 @@ def load_model(path: str | Path,
     # what the record did, before their first convolution
     pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"))
     members = blob.get("members", 0)
-    if members:
-        model = FoldEnsemble([build_from_config(blob["model"]) for _ in range(members)])
-    else:
-        model = build_from_config(blob["model"])
     try:
+        if members:
+            model = FoldEnsemble([build_from_config(blob["model"]) for _ in range(members)])
+        else:
+            model = build_from_config(blob["model"])
         model.load_state_dict(blob["state_dict"], strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise BusisegError(f"{path}: refused: weights do not fit model {blob['model']} "
                            f"({first_line(exc)})") from None
     return model.to(device).eval(), blob
 
 
 def build_from_config(config: dict) -> torch.nn.Module:
-    """An untrained model of a file's `model` config: one registry arch, or a Blend of several
-    (`busiseg.research.blend`), whose parts are registry archs."""
+    """An untrained model of a file's `model` config. A Blend (`busiseg.research.blend`) is no
+    registry arch, which params.yaml could then name for training; its parts are."""
     if config.get("arch") == "blend":
         return Blend([build_model(**c) for c in config["parts"]], config["masks_from"],
                      config["presence_from"])
@@ -139,5 +144,6 @@ def package_model(src: str | Path, dst: str | Path, settings: dict, sources: dic
     blob = read_model_file(src)
     blob["settings"] = dict(settings)
     blob["settings_source"] = dict(sources)
+    blob["version"] = VERSION if settings.get("expected_dice") is None else VERSION_EXPECTED
     atomic_torch_save(blob, Path(dst))
     return blob

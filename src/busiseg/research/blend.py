@@ -10,7 +10,9 @@ cost some lesion Dice, gated by a second model's head; and seed ensembles (`--ma
 --presence A B`: each fold's models from two training seeds, averaged). Every file must come
 from the same `split.folds` cross-validation on the same split (same data, `split.seed`): fold
 k of the blend is fold k of each, so out of fold an image still meets only models that never
-trained on it. The blend is an ordinary busiseg model file: predict and export take it as they
+trained on it. Model files do not record their split, so this is checked no further than the
+number of folds and the input: runs on other splits would leak training images into the
+out-of-fold figures. The blend is an ordinary busiseg model file: predict and export take it as they
 take any. `--evaluate` scores it as the evaluate stage would (out of fold and on test, with
 params.yaml's evaluate section and the workspace's data/ of that split, which the runs' own
 workspace has), and writes the metrics (aggregates only) to RESULT.json and the out-of-fold
@@ -35,6 +37,9 @@ from busiseg.pipeline.stage import write_json
 
 
 def blend(masks: list[Path], presence: list[Path], out: Path) -> dict:
+    """Write the blend to `out` and return its model-file contents. A run named in both lists is
+    one part, run once per image; its record (`blob["blend"]`) names each file, its weights'
+    digest and its role, so the blend says what it was made of."""
     files = list(dict.fromkeys([*masks, *presence]))  # each file one part, in order given
     loaded = [load_model(f) for f in files]
     first = loaded[0][1]
@@ -73,6 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--presence-threshold", help="evaluate.presence_threshold for --evaluate")
     args = ap.parse_args(argv)
     try:
+        if args.presence_threshold is not None:
+            if not args.evaluate:
+                raise BusisegError("--presence-threshold sets the gate --evaluate scores with; "
+                                   "give --evaluate RESULT.json too")
+            parse_presence_threshold(args.presence_threshold, "--presence-threshold")
         blob = blend(args.masks, args.presence, args.out)
         print(f"blend: {args.out} ({blob['members']} folds; "
               + ", ".join(f"{b['role']} from {b['file']}" for b in blob["blend"]) + ")")

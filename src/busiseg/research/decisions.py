@@ -45,7 +45,9 @@ def _best_cut(candidates, scores, dice, lesion) -> float | None:
 
 def _expected_keep(fit: pd.DataFrame, apply: pd.DataFrame, p_fit: np.ndarray | None = None,
                    p_apply: np.ndarray | None = None) -> np.ndarray:
-    """p · q̂ > 1 − p; p the calibrated lesion score unless given (a stacked probability)."""
+    """p · q̂ > 1 − p; p the calibrated lesion score unless given (a stacked probability). Written
+    apart from evaluate's (MaskSettings.keep) on purpose: on a gate-off table it re-fits the rule
+    without the models, and a test holds evaluate's out-of-fold decisions to it."""
     from sklearn.isotonic import IsotonicRegression
 
     lesion = fit["class"].to_numpy() != "normal"
