@@ -273,11 +273,11 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings) -> dict:
     te_idx, te_rows = subset(m.cache, m.split, "test")
     te_true = m.truth(te_idx)
     te_prob, scores = m.predict(m.model, te_idx, settings.tta)
-    te_pred = settings.masks(te_prob, scores)
+    trust = settings.trust(te_prob, scores)  # read by the expected-Dice rule too
+    te_pred = settings.masks(te_prob, scores, trust)
     metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
     ece, table = presence.reliability(calibrate(scores, settings.temperature),
                                       has_lesion(te_true))
-    trust = settings.trust(te_prob, scores)
     flagged = flag(trust, settings.review_threshold)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     bounds, boundary = boundary_figures(p, te_pred, te_true, m.spacing_of(te_idx))
@@ -352,10 +352,10 @@ def score_out_of_fold(p: Params, m: Loaded, oof: HeldOut, fold: np.ndarray,
         mine = fold == k
         s = choose(p.evaluate, oof.rows(fold != k)).settings
         prob, scores = oof.probs[s.tta][mine], oof.scores[s.tta][mine]
-        cv_pred[mine] = s.masks(prob, scores)
+        cv_trust[mine] = s.trust(prob, scores)
+        cv_pred[mine] = s.masks(prob, scores, cv_trust[mine])
         cv_scores[mine] = scores
         cv_calibrated[mine] = calibrate(scores, s.temperature)
-        cv_trust[mine] = s.trust(prob, scores)
         cv_flagged[mine] = flag(cv_trust[mine], s.review_threshold)
         m.step(f"fold {k} chosen on the others")
     ece, reliability = presence.reliability(cv_calibrated, has_lesion(oof.truth))

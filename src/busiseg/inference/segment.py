@@ -145,8 +145,9 @@ class MaskSettings:
     def masks(self, probs: np.ndarray, scores: np.ndarray,
               trust: np.ndarray | None = None) -> np.ndarray:
         """N×H×W probabilities and N lesion scores → the N masks, pieces applied, gated.
-        `trust`: the images' confidence when `probs` are not at the training size (predict
-        resizes the map back first), for the expected-Dice rule that reads it."""
+        `trust`: the images' confidence, which the expected-Dice rule reads, when the caller
+        holds it already; it must be the training size's (predict's `probs` are resized back
+        to the image, so predict passes it)."""
         pred = binarize(probs, self.threshold, self.largest_cc, self.fill_holes)
         if self.expected_dice is None:
             return gate(pred, scores, self.presence_threshold)
