@@ -42,6 +42,8 @@ def load_presets(path: str | Path | None = None,
     base = read_yaml(Path(params_path).read_text()) or {}
     presets = {}
     for name, entry in raw.items():
+        if str(name).startswith("."):  # a template that presets merge (YAML anchors), not a preset
+            continue
         if not isinstance(entry, dict) or not isinstance(entry.get("set"), dict):
             raise BusisegError(f"{path}: preset '{name}' needs a 'set:' mapping of overrides")
         overrides = dict(entry["set"])
