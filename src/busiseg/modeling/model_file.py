@@ -111,7 +111,8 @@ def load_model(path: str | Path,
     blob = read_model_file(path)
     # the kernels it was trained with (train.cpu_isa): evaluate and predict then compute exactly
     # what the record did, before their first convolution
-    pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"))
+    pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"),
+                source=f"{path}'s recorded train.cpu_isa")
     members = blob.get("members", 0)
     try:
         if members:
