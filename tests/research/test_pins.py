@@ -13,7 +13,7 @@ from conftest import REPO
 
 from busiseg.params import parse_params
 from busiseg.research import protocol
-from busiseg.research.presets import PRESETS, apply_overrides, exp_command, load_presets
+from busiseg.research.presets import PINS, PRESETS, apply_overrides, exp_command, load_presets
 from busiseg.runtime.placement import QueueSlot, cpu_threads
 from busiseg.training import cross_validation
 
@@ -72,6 +72,9 @@ def test_a_recorded_preset_s_printed_command_pins_what_its_record_ran_with(prese
         kernels = "AVX2"
     assert printed.get("train.cpu_isa") == ISA[kernels], (
         f"{preset}'s command must pin train.cpu_isa={ISA[kernels]}, the kernels of its record")
+    if "pins" in rec:  # the record's own statement of its pins agrees with the preset's
+        assert {k: str(v) for k, v in rec["pins"].items() if k in PINS} == {
+            k: printed[k] for k in PINS}
 
 
 def test_every_recorded_preset_is_tested_and_the_unrecorded_list_holds_no_stale_name():

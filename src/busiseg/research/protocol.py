@@ -30,7 +30,7 @@ from pathlib import Path
 from busiseg.evaluation.choose import PIECES
 from busiseg.params import load_params, override_value, parse_params, read_yaml
 from busiseg.research.ablate import ablate
-from busiseg.research.presets import PRESETS, apply_overrides, exp_command, load_presets
+from busiseg.research.presets import PINS, PRESETS, apply_overrides, exp_command, load_presets
 from busiseg.runtime.device import machine
 
 REPO = Path(__file__).resolve().parents[3]
@@ -112,6 +112,7 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
     path = _noise_path(preset.name, seed) if noisy else OUT / f"{preset.name}.json"
     rec = json.loads(path.read_text()) if path.is_file() else {}
     rec.update({"preset": preset.name, "about": preset.about, "overrides": preset.overrides,
+                "pins": {k: preset.overrides[k] for k in PINS if k in preset.overrides},
                 "raw_dir": raw_dir, "machine": machine()})
     if noisy:
         rec["split_seed"] = seed
