@@ -97,13 +97,12 @@ def _overrides(args) -> dict:
 
 def predict(args, parser) -> int:
     from busiseg.inference.predict import (
-        RECORD,
-        SCORES,
         Outputs,
         predict_run,
         settings_from_eval,
         settings_from_flags,
     )
+    from busiseg.inference.run_record import RECORD, SCORES
 
     flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes
     if args.from_eval and flags:

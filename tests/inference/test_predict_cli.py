@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,12 @@ from busiseg.files import file_sha256
 from busiseg.inference.predict import (
     EVAL_NAMES,
     EXISTS,
-    FIELDS,
     MASK_LIKE,
     SUFFIXES,
     SourcedSettings,
     predict_run,
 )
-from busiseg.inference.segment import MaskSettings
+from busiseg.inference.segment import SETTING_NAMES, MaskSettings
 from busiseg.modeling.model_file import save_model
 from busiseg.modeling.registry import build_model
 
@@ -112,7 +112,7 @@ def test_the_record_names_version_model_settings_and_sources(tmp_path: Path, cap
                           "weights_digest": blob["digest"], "file_sha256": file_sha256(model)}
     assert r["finished"] is True
     assert r["device"] == "cpu" and r["cwd"] == str(Path.cwd())
-    assert set(r["settings"]) == set(r["settings_source"]) == set(FIELDS)
+    assert set(r["settings"]) == set(r["settings_source"]) == set(SETTING_NAMES)
     assert r["settings"]["threshold"] == 0.4 and r["settings"]["tta"] is True
     assert r["settings"]["presence_threshold"] == 0.2
     src = r["settings_source"]
@@ -249,9 +249,10 @@ def test_continue_resumes_a_killed_run_and_lists_every_image_once(tmp_path: Path
     assert [r["mask"] for r in rows(out)] == [f"{n}_mask.png" for n in names]
     r = record(out)
     assert r["finished"] is True and r["inputs"]["found"] == 5
-    assert r["inputs"]["written"] == [{"image": str(Path("in") / f"{n}.png"),
+    given = Path.cwd() / "in"  # the relative paths given, written absolute
+    assert r["inputs"]["written"] == [{"image": str(given / f"{n}.png"),
                                        "mask": f"{n}_mask.png"} for n in "cde"]
-    assert r["inputs"]["skipped"] == [{"path": str(Path("in") / f"{n}.png"), "reason": EXISTS}
+    assert r["inputs"]["skipped"] == [{"path": str(given / f"{n}.png"), "reason": EXISTS}
                                       for n in "ab"]
     assert main([*cli, "--continue"]) == 0 and len(calls) == 3  # all done: nothing twice
     assert [r["mask"] for r in rows(out)] == [f"{n}_mask.png" for n in names]
@@ -455,7 +456,7 @@ def test_every_setting_has_a_name_in_evaluates_file():
     """The sources read a field off an evaluate file by these names: one renamed there must be
     renamed here, or the record would call a setting read from the file a default."""
     keys = MaskSettings().eval_keys()
-    assert all(name in keys or EVAL_NAMES.get(name) in keys for name in FIELDS)
+    assert all(name in keys or EVAL_NAMES.get(name) in keys for name in SETTING_NAMES)
 
 
 def test_a_model_under_the_expected_rule_records_it_and_continues(tmp_path: Path, capsys):
@@ -482,3 +483,49 @@ def test_a_model_under_the_expected_rule_records_it_and_continues(tmp_path: Path
     capsys.readouterr()
     assert main([*cli, "--continue"]) == 0, capsys.readouterr().err
     assert [w["image"] for w in record(out)["inputs"]["written"]] == [str(inputs / "b.png")]
+
+
+def test_continue_from_three_folders_keeps_every_image_path_resolvable(tmp_path: Path,
+                                                                       monkeypatch):
+    """Two images predicted from the data's folder, a third with --continue from another folder,
+    a fourth from a third: every row's image path resolves wherever the reader stands (absolute,
+    as predictions.json says), and an older folder whose rows are relative to its run's cwd comes
+    back absolute too."""
+    model = model_file(tmp_path)
+    data = tmp_path / "data"
+    for i in range(4):
+        image(data / f"img_{i}.png", seed=i)
+    out = tmp_path / "out"
+    cli = ["--model", str(model), "--threshold", "0.5", "--continue", "--no-overlay"]
+    runs = ((data, ["img_0.png", "img_1.png"]), (tmp_path / "elsewhere", ["../data/img_2.png"]),
+            (tmp_path / "a" / "b", ["../../data/img_3.png"]))
+    for here, args in runs:
+        here.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(here)
+        assert main(["predict", *args, "--out", os.path.relpath(out, here), *cli]) == 0
+    monkeypatch.chdir(tmp_path / "a")  # a reader somewhere else again
+    got = rows(out)
+    assert [r["mask"] for r in got] == [f"img_{i}_mask.png" for i in range(4)]
+    for i, r in enumerate(got):
+        assert Path(r["image"]).is_absolute()
+        assert Path(r["image"]).resolve() == (data / f"img_{i}.png").resolve()
+    rec = record(out)
+    assert rec["image_paths"] == "absolute"
+    assert [Path(w["image"]).resolve() for w in rec["inputs"]["written"]] == [
+        (data / "img_3.png").resolve()]
+    # a folder an older busiseg wrote: rows relative to its cwd, no image_paths in its record
+    with open(out / "predictions.csv", newline="") as fh:
+        old = list(csv.DictReader(fh))
+    for r in old:
+        r["image"] = os.path.relpath(r["image"], data)
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, list(old[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(old)
+    rec.pop("image_paths")
+    rec["cwd"] = str(data)
+    (out / "predictions.json").write_text(json.dumps(rec))
+    image(data / "img_4.png", seed=4)
+    assert main(["predict", "../data/img_4.png", "--out", str(out), *cli]) == 0  # from a/
+    assert [Path(r["image"]).resolve() for r in rows(out)] == [
+        (data / f"img_{i}.png").resolve() for i in range(5)]

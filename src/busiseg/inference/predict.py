@@ -1,11 +1,7 @@
 """Segment new images with a trained model (PyTorch or ONNX): a mask PNG at the original size,
-and an overlay. The prediction itself is `inference.segment`, the path evaluate scores.
-
-Beside the masks, predictions.csv (one row per image, added as each image is done) and
-predictions.json: how the masks were made (version, model and its digests, every setting and where
-it came from, device, command) and what became of every input, so a folder of masks can be traced
-without the shell history. Each image's mask is written last, so a killed run resumes with
---continue (`plan_resume`, `check_resume`)."""
+and an overlay. The prediction itself is `inference.segment`, the path evaluate scores; what the
+run leaves beside the masks is `inference.run_record`. Each image's mask is written last, so a
+killed run resumes with --continue (`inference.resume`)."""
 
 from __future__ import annotations
 
@@ -13,34 +9,46 @@ import json
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from busiseg import busiseg_version
 from busiseg.data.images import load_image
 from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.errors import BusisegError, first_line
-from busiseg.files import atomic_path, atomic_write_text, file_sha256
+from busiseg.files import atomic_path, file_sha256
 from busiseg.inference.onnx_model import load_onnx
-from busiseg.inference.segment import Forward, MaskSettings, Stats, as_stats, segment_with_score
+from busiseg.inference.resume import check_resume, plan_resume
+from busiseg.inference.run_record import (
+    RECORD,
+    SCORES,
+    Failure,
+    append_score,
+    input_path,
+    mask_name,
+    run_record,
+    write_record,
+    write_scores,
+)
+from busiseg.inference.segment import (
+    SETTING_NAMES,
+    Forward,
+    MaskSettings,
+    Stats,
+    as_stats,
+    segment_with_score,
+)
 from busiseg.modeling.model_file import load_model, model_file_path
 from busiseg.runtime.device import place
 
 SUFFIXES = IMAGE_SUFFIXES
-SCORES = "predictions.csv"
-RECORD = "predictions.json"
 OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
 EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
-COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "confidence",
-           "flagged", "review_threshold", "presence_rule")
-
-FIELDS = tuple(f.name for f in fields(MaskSettings))
 # metrics/eval.json's name for a field where it is not the field's own (MaskSettings.eval_keys)
 EVAL_NAMES = {"tta": "used_tta", "largest_cc": "used_largest_cc", "fill_holes": "used_fill_holes",
               "tuned_threshold": "used_tune_threshold", "temperature": "presence_temperature",
@@ -59,7 +67,7 @@ class SourcedSettings:
     @classmethod
     def given(cls, settings: MaskSettings, by: str = "the caller") -> SourcedSettings:
         """Settings a library caller holds itself, every field sourced to it."""
-        return cls(settings, dict.fromkeys(FIELDS, f"given by {by}"), by)
+        return cls(settings, dict.fromkeys(SETTING_NAMES, f"given by {by}"), by)
 
 
 def field_sources(present: Iterable[str], label: str,
@@ -69,7 +77,7 @@ def field_sources(present: Iterable[str], label: str,
     present, notes = set(present), notes or {}
     return {name: (f"{label}: {notes[name]}" if notes.get(name) else label)
             if name in present or EVAL_NAMES.get(name) in present else "default"
-            for name in FIELDS}
+            for name in SETTING_NAMES}
 
 
 def settings_from_flags(threshold: float | None, tta: bool, largest_cc: bool,
@@ -81,7 +89,7 @@ def settings_from_flags(threshold: float | None, tta: bool, largest_cc: bool,
     given = {"threshold": threshold is not None, "tta": tta, "largest_cc": largest_cc,
              "fill_holes": fill_holes}
     return SourcedSettings(settings, {name: f"flag --{name.replace('_', '-')}"
-                                      if given.get(name) else "default" for name in FIELDS},
+                                      if given.get(name) else "default" for name in SETTING_NAMES},
                            "options")
 
 
@@ -148,12 +156,6 @@ def _notes(m: dict) -> dict[str, str]:
     """The writer's word on where each setting came from (`settings_source`), when it left one."""
     notes = m.get("settings_source")
     return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
-
-
-@dataclass
-class Failure:
-    path: Path
-    reason: str
 
 
 def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure], list[Failure]]:
@@ -248,10 +250,6 @@ class PredictRun:
     record: Path
 
 
-def mask_name(image: Path) -> str:
-    return f"{image.stem}_mask.png"
-
-
 def resolve_settings(predictor: Predictor, model_path: Path, chosen: SourcedSettings | None,
                      fallback_eval: Path | None, overrides: dict | None) -> SourcedSettings:
     """`chosen` (the command line's flags or --from-eval), else the model's own, else
@@ -268,7 +266,8 @@ def resolve_settings(predictor: Predictor, model_path: Path, chosen: SourcedSett
                                "evaluate`")
         chosen = settings_from_eval(fallback_eval)
     if chosen is None:
-        chosen = SourcedSettings(MaskSettings(), dict.fromkeys(FIELDS, "default"), "defaults")
+        chosen = SourcedSettings(MaskSettings(), dict.fromkeys(SETTING_NAMES, "default"),
+                                 "defaults")
     if overrides:
         settings = replace(chosen.settings, **overrides).checked("--presence-threshold")
         sources = {**chosen.sources,
@@ -307,7 +306,7 @@ def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str |
         failures += clashes
     _make_folder(out_dir)
     write_scores(out_dir / SCORES, kept, chosen.settings)  # this run's rows: one per image done
-    _write_record(out_dir / RECORD, record([], finished=False))  # what --continue checks
+    write_record(out_dir / RECORD, record([], finished=False))  # what --continue checks
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -318,7 +317,7 @@ def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str |
         if row is not None:
             append_score(out_dir / SCORES, row, chosen.settings)
             rows.append(row)
-    _write_record(out_dir / RECORD, record(rows, finished=True))
+    write_record(out_dir / RECORD, record(rows, finished=True))
     return PredictRun([out_dir / r["mask"] for r in rows], failures, skipped, chosen,
                       out_dir / RECORD)
 
@@ -334,82 +333,9 @@ def _predict_one(predictor: Predictor, settings: MaskSettings, path: Path, out_d
     seg = segment_with_score(predictor.forward, image, predictor.size, predictor.input_mean,
                              predictor.input_std, settings, predictor.device)
     _write_outputs(out_dir, path, image, seg, outputs)
-    return {"image": str(path), "mask": mask_name(path), "lesion_score": round(seg.score, 6),
+    return {"image": input_path(path), "mask": mask_name(path), "lesion_score": round(seg.score, 6),
             "lesion": int(seg.mask.any()), "confidence": round(seg.confidence, 6),
             "flagged": int(seg.flagged)}
-
-
-def plan_resume(out_dir: Path, files: list[Path], base: Path
-                ) -> tuple[list[Path], list[Path], list[dict], list[Failure]]:
-    """--continue: (images to predict, images done, the earlier rows to keep, clashes). An image
-    is done when its mask is in `out_dir` and its row in predictions.csv: the mask is written
-    last and the row after it, so a run killed mid-image left neither, or a mask without its
-    row, and that image is predicted again. Earlier rows whose mask is gone are dropped. An
-    image whose name an earlier run's other image took (its row's path, relative to `base`,
-    the earlier run's folder) is a clash, neither done nor predicted."""
-    rows = {r["mask"]: r for r in _read_scores(out_dir / SCORES)
-            if (out_dir / r["mask"]).is_file()}
-    todo, done, clashes = [], [], []
-    for p in files:
-        row = rows.get(mask_name(p))
-        if row is None:
-            todo.append(p)
-        elif (base / row["image"]).resolve() == p.resolve():
-            done.append(p)
-        else:
-            clashes.append(Failure(p, f"its outputs would overwrite those of {row['image']} "
-                                      "(same name, predicted by an earlier run)"))
-    return todo, done, list(rows.values()), clashes
-
-
-def check_resume(path: Path, now: dict) -> Path | None:
-    """--continue: refuse to add to a folder whose predictions.json (if any) says its masks came
-    from another model, other settings, other mask values or marks painted otherwise; else the
-    folder that record's relative paths are relative to (its cwd)."""
-    if not path.is_file():
-        return None
-    try:
-        earlier = json.loads(path.read_text())
-        difference = _difference(earlier, now)
-        base = Path(earlier["cwd"])
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError,
-            AttributeError) as exc:
-        raise BusisegError(f"--continue: {path} is unreadable ({first_line(exc)}); give "
-                           "another --out, or predict without --continue") from None
-    if difference:
-        raise BusisegError(f"--continue: the masks in {path.parent} were made with "
-                           f"{difference}; give another --out for this run, or drop --continue "
-                           "to predict every image again")
-    return base
-
-
-def _difference(earlier: dict, now: dict) -> str | None:
-    """The first way the run recorded in `earlier` differs from this one that shows in masks."""
-    was, model = earlier["model"], now["model"]
-    if not _model_ids(was) & _model_ids(model):
-        return (f"another model ({was.get('path')}, weights {_short(was.get('weights_digest'))};"
-                f" this run: {model['path']}, weights {_short(model['weights_digest'])})")
-    changed = [k for k in FIELDS if earlier["settings"].get(k) != now["settings"][k]]
-    if changed:
-        return ", ".join(f"{k} {earlier['settings'].get(k)} (this run: {now['settings'][k]})"
-                         for k in changed)
-    old, new = earlier["outputs"]["mask_values"], now["outputs"]["mask_values"]
-    if old != new:
-        return f"--mask-values {old[1]} (this run: {new[1]})"
-    if bool(earlier["outputs"].get("mask_marks")) != now["outputs"]["mask_marks"]:
-        return "{} --mask-marks (this run: {})".format(
-            *(("without", "with") if now["outputs"]["mask_marks"] else ("with", "without")))
-    return None
-
-
-def _short(digest: str | None) -> str:
-    return f"{digest[:12]}…" if digest else "unknown"
-
-
-def _model_ids(model: dict) -> set[str]:
-    """What identifies a recorded model: its weights' digest (one for the .pt and its export)
-    and its file's sha256; "digest" in a record from busiseg 0.1.0's first predict."""
-    return {str(model[k]) for k in ("weights_digest", "file_sha256", "digest") if model.get(k)}
 
 
 def _make_folder(out_dir: Path) -> None:
@@ -442,99 +368,6 @@ def _write_outputs(out_dir: Path, path: Path, image: np.ndarray, seg, outputs: O
     except OSError as exc:
         raise BusisegError(f"--out {out_dir}: cannot write the outputs of {path.name} "
                            f"({first_line(exc)}); free space or choose another folder") from None
-
-
-def run_record(predictor: Predictor, model_path: Path, chosen: SourcedSettings,
-               outputs: Outputs, command: list[str] | None, found: int, written: list[dict],
-               skipped: list[Failure], failures: list[Failure], mask_marks: bool,
-               finished: bool) -> dict:
-    """predictions.json: enough to redo the run (version, model digests, settings, command) and
-    to account for every input of this run. `found`: the images found to predict, before
-    --continue skipped those done. Written when the run starts (`finished` false, nothing
-    written yet) and again when it ends."""
-    return {
-        "busiseg": busiseg_version(),
-        "finished": finished,
-        "command": list(command) if command is not None else None,
-        "cwd": str(Path.cwd()),  # what the relative paths here are relative to
-        "model": {"path": str(model_path.resolve()), "kind": predictor.kind,
-                  "weights_digest": predictor.weights_digest,
-                  "file_sha256": predictor.file_sha256},
-        "device": str(predictor.device),
-        "settings": chosen.settings.as_dict(),
-        "settings_source": dict(chosen.sources),
-        "outputs": {"mask_values": [0, outputs.mask_value], "overlays": outputs.overlays,
-                    "probabilities": outputs.probabilities, "continue": outputs.resume,
-                    "mask_marks": mask_marks, "scores": SCORES},
-        "inputs": {"found": found,
-                   "written": [{"image": r["image"], "mask": r["mask"]} for r in written],
-                   "skipped": [{"path": str(f.path), "reason": f.reason} for f in skipped],
-                   "failed": [{"path": str(f.path), "reason": f.reason} for f in failures]},
-    }
-
-
-def _write_record(path: Path, record: dict) -> None:
-    try:
-        atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-    except OSError as exc:
-        raise BusisegError(f"--out {path.parent}: cannot write {path.name} "
-                           f"({first_line(exc)}); free space or choose another folder") from None
-
-
-def _read_scores(path: Path) -> list[dict]:
-    """An earlier run's whole rows (a row cut short by a kill is left out), for --continue."""
-    import csv
-
-    if not path.is_file():
-        return []
-    try:
-        with open(path, newline="") as fh:
-            return [row for row in csv.DictReader(fh)
-                    if row.get("mask") and None not in row.values() and None not in row]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise BusisegError(f"--continue: {path} is unreadable ({first_line(exc)}); move it "
-                           "aside, or predict without --continue") from None
-
-
-def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
-    """predictions.csv with its header and `rows` (the rows --continue keeps), replacing any
-    earlier file; `append_score` adds each image as it is done. Per image: its lesion score (the
-    presence head's probability, or the most confident pixel for a model without one), the
-    decision (1: a lesion was drawn), the presence threshold that made it (empty: none) and the
-    rule (off, threshold, or expected: MaskSettings.keep); its
-    confidence (`settings.confidence`), the review flag (1: a reader should look) and the
-    threshold that set it (empty: none). A row kept from an earlier run keeps the thresholds
-    that run applied."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        _score_writer(fh, header=True).writerows(_score_row(r, settings) for r in rows)
-
-
-def append_score(path: Path, row: dict, settings: MaskSettings) -> None:
-    """One image's row, on disk before the next image starts."""
-    try:
-        with open(path, "a", newline="") as fh:
-            _score_writer(fh).writerow(_score_row(row, settings))
-    except OSError as exc:
-        raise BusisegError(f"--out {path.parent}: cannot write {path.name} "
-                           f"({first_line(exc)}); free space or choose another folder") from None
-
-
-def _score_writer(fh, header: bool = False):
-    import csv
-
-    writer = csv.DictWriter(fh, COLUMNS, lineterminator="\n", extrasaction="ignore")
-    if header:
-        writer.writeheader()
-    return writer
-
-
-def _score_row(row: dict, settings: MaskSettings) -> dict:
-    def blank(value: float | None) -> float | str:
-        return "" if value is None else value
-
-    return {"presence_threshold": blank(settings.presence_threshold),
-            "presence_rule": settings.presence_rule,
-            "review_threshold": blank(settings.review_threshold), **row}
 
 
 def save_probability_png(probability: np.ndarray, path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -250,6 +250,9 @@ class MaskSettings:
         if out["expected_dice"] is not None:
             out["expected_dice"] = [list(k) for k in out["expected_dice"]]
         return out
+
+
+SETTING_NAMES = tuple(f.name for f in fields(MaskSettings))  # what a mask's making depends on
 
 
 def optional_settings(m: dict) -> dict:
