@@ -188,3 +188,18 @@ def test_evaluate_reports_lesion_means_with_intervals_test_and_out_of_fold(tmp_p
     plain = evaluate_folds(p, folded(tmp_path / "plain", spacing=False))["metrics"]
     assert not {k for k in plain if "hd95" in k or "nsd" in k}
     assert {k: v for k, v in metrics.items() if "hd95" not in k and "nsd" not in k} == plain
+
+
+def test_the_overlay_draws_the_outline_the_metrics_measure():
+    """One outline rule: predict's overlay edge is exactly the contour HD95 and NSD start from,
+    the reference rule above included (a mask cut by the image's edge has an outline there)."""
+    from busiseg.data.images import outline as busiseg_outline
+    from busiseg.inference.predict import overlay
+
+    mask = disc(9) | square(0, 30, side=10)  # the square touches the top edge
+    drawn = np.asarray(overlay(np.zeros(mask.shape, np.uint8), mask))
+    edge = (drawn == [255, 40, 40]).all(axis=2)
+    assert edge[0, 30:40].all()
+    assert np.array_equal(edge, busiseg_outline(mask))
+    assert np.array_equal(edge, outline(mask))
+    assert np.array_equal(busiseg_outline(np.stack([mask, ~mask]))[0], edge)

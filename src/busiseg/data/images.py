@@ -266,6 +266,20 @@ def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None,
     return union
 
 
+def outline(masks: np.ndarray) -> np.ndarray:
+    """The pixels of a mask (H×W, or each of N×H×W) with a 4-neighbour outside it, beyond the
+    image's edge counting as outside, so a mask cut by the border has an outline there too: the
+    one-pixel contour MONAI and Metrics Reloaded measure boundary distances from, and the line
+    predict draws on its overlays."""
+    from scipy import ndimage
+
+    masks = np.asarray(masks, dtype=bool)
+    cross = ndimage.generate_binary_structure(2, 1)
+    if masks.ndim == 3:  # no neighbours across images
+        cross = np.stack([np.zeros_like(cross), cross, np.zeros_like(cross)])
+    return masks & ~ndimage.binary_erosion(masks, structure=cross)
+
+
 def fill_outline(mask: np.ndarray) -> np.ndarray:
     """A contour drawn on black (HC18's annotations) -> the region it encloses (`close_outline`)."""
     return close_outline(mask)[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from busiseg.data.classes import TUMOUR_CLASSES
+from busiseg.data.images import outline
 from busiseg.errors import BusisegError
 
 PROBABILITY_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # candidate pixel/presence thresholds
@@ -153,18 +154,6 @@ def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str],
     return out, counts
 
 
-def boundaries(masks: np.ndarray) -> np.ndarray:
-    """The pixels of each N×H×W mask with a 4-neighbour outside it (beyond the image's edge
-    counts as outside, so a mask cut by the border still has an outline there): the one-pixel
-    contour MONAI and Metrics Reloaded measure from."""
-    from scipy import ndimage
-
-    masks = np.asarray(masks, dtype=bool)
-    cross = np.zeros((3, 3, 3), dtype=bool)  # no neighbours across images
-    cross[1] = ndimage.generate_binary_structure(2, 1)
-    return masks & ~ndimage.binary_erosion(masks, structure=cross)
-
-
 def _stack(masks: np.ndarray) -> np.ndarray:
     masks = np.asarray(masks, dtype=bool)
     return masks[:, 0] if masks.ndim == 4 and masks.shape[1] == 1 else masks
@@ -177,7 +166,7 @@ def boundary_metrics(pred: np.ndarray, true: np.ndarray, spacing: np.ndarray,
 
     pred, true: N×H×W boolean masks (N×1×H×W accepted). spacing: N×2 (or one 2-vector for all)
     size of a pixel along rows and columns, in the unit the distances and `tolerance` are in.
-    Distances run from each boundary pixel (`boundaries`) to the nearest boundary pixel of the
+    Distances run from each boundary pixel (`outline`) to the nearest boundary pixel of the
     other mask, Euclidean in that unit. HD95 is the larger of the two directed 95th percentiles
     (P's boundary to T's, T's to P's; numpy's linear interpolation), as in MONAI and Metrics
     Reloaded, not the percentile of their union. NSD is the share of both boundaries within
@@ -201,7 +190,7 @@ def boundary_metrics(pred: np.ndarray, true: np.ndarray, spacing: np.ndarray,
         raise BusisegError("boundary_metrics: every pixel spacing must be a positive number")
     if not tolerance >= 0:
         raise BusisegError(f"boundary_metrics: tolerance is {tolerance}; it must be ≥ 0")
-    edge_p, edge_t = boundaries(pred), boundaries(true)
+    edge_p, edge_t = outline(pred), outline(true)
     hd95, nsd = np.zeros(n), np.ones(n)
     for i in range(n):
         p, t = edge_p[i], edge_t[i]

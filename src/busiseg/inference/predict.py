@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from busiseg.data.images import load_image
+from busiseg.data.images import load_image, outline
 from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path, file_sha256
@@ -221,14 +221,9 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> Image.Image:
         np.float32)
     tint = np.array([255, 40, 40], dtype=np.float32)
     rgb[mask] = 0.65 * rgb[mask] + 0.35 * tint
-    edge = mask & ~_erode(mask)
+    edge = outline(mask)
     rgb[edge] = tint
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    m = np.pad(mask, 1, constant_values=False)
-    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,12 @@ first val Dice is 0.500, not 0.520). The run therefore pins the kernels to AVX2,
 x86-64 CPU of the last decade has, and the threads to 2, so one reference serves every such
 machine; a CPU without AVX2 (or not x86) has no reference and the test skips.
 
-    uv run python -m busiseg.research.golden            # run and compare with the record
+A second golden run shrinks busi-lite0-fast-cv5 the same way but keeps its placement: five folds
+of one thread each, trained side by side in processes of their own, so a change to that path (or
+to a default it reads) shows too. Its kernels are AVX2 like the first, not the preset's AVX-512,
+so that every x86-64 machine has one reference.
+
+    uv run python -m busiseg.research.golden            # run both and compare with the records
     uv run python -m busiseg.research.golden --record   # re-record after an intended change
 """
 
@@ -35,12 +40,21 @@ from busiseg.params import read_yaml
 from busiseg.research.presets import apply_overrides, load_presets
 
 REPO = Path(__file__).resolve().parents[3]
-RECORD = REPO / "tests" / "research" / "golden_busi.json"
-RECIPE = "busi-lite0-cv5"
 SUBSET = {"benign": 24, "malignant": 16, "normal": 12}  # the first images of each class
 SHRINK = {"preprocess.size": 64, "train.epochs": 2, "split.folds": 2, "train.threads": 2,
           "train.device": "cpu", "evaluate.device": "cpu", "evaluate.bootstrap": 200,
           "train.progress": "off"}
+# five folds of the preset's one thread each, side by side as its placement puts them
+SHRINK_SIDE_BY_SIDE = {"preprocess.size": 64, "train.epochs": 2, "split.folds": 5,
+                       "train.cpu_isa": "avx2", "train.device": "cpu", "evaluate.device": "cpu",
+                       "evaluate.bootstrap": 200, "train.progress": "off"}
+GOLDEN = {  # recipe -> (its record, how it is shrunk)
+    "busi-lite0-cv5": (REPO / "tests" / "research" / "golden_busi.json", SHRINK),
+    "busi-lite0-fast-cv5": (REPO / "tests" / "research" / "golden_busi_side_by_side.json",
+                            SHRINK_SIDE_BY_SIDE),
+}
+RECIPE = "busi-lite0-cv5"
+RECORD = GOLDEN[RECIPE][0]
 KERNELS = "AVX2"
 PIN = {"ONEDNN_MAX_CPU_ISA": KERNELS, "ATEN_CPU_CAPABILITY": KERNELS.lower(),
        "MKL_ENABLE_INSTRUCTIONS": KERNELS, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
@@ -73,18 +87,18 @@ def make_subset(raw: Path, dest: Path) -> Path:
     return dest
 
 
-def golden_params(raw_dir: Path) -> dict:
+def golden_params(raw_dir: Path, recipe: str = RECIPE) -> dict:
     base = read_yaml((REPO / "params.yaml").read_text())
-    recipe = load_presets(params_path=REPO / "params.yaml")[RECIPE].overrides
-    return apply_overrides(base, {**recipe, **SHRINK, "data.raw_dir": str(raw_dir)})
+    overrides = load_presets(params_path=REPO / "params.yaml")[recipe].overrides
+    return apply_overrides(base, {**overrides, **GOLDEN[recipe][1], "data.raw_dir": str(raw_dir)})
 
 
-def run(raw: Path, work: Path) -> dict:
-    """The golden run in `work`; its results (no timings) as a dict."""
+def run(raw: Path, work: Path, recipe: str = RECIPE) -> dict:
+    """The golden run of `recipe` in `work`; its results (no timings) as a dict."""
     import torch
 
     subset = make_subset(raw, work / "raw")
-    params = golden_params(subset)
+    params = golden_params(subset, recipe)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, **PIN}
     for stage in STAGES:
@@ -117,12 +131,12 @@ def differences(got: dict, want: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def record_header() -> dict:
+def record_header(recipe: str = RECIPE) -> dict:
     from busiseg.runtime.device import machine
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
-    return {"what": f"{RECIPE} shrunk: {SUBSET} first images per class, {SHRINK}",
+    return {"what": f"{recipe} shrunk: {SUBSET} first images per class, {GOLDEN[recipe][1]}",
             "command": "uv run python -m busiseg.research.golden --record",
             "kernels_pinned": KERNELS, "pinned_env": PIN, "recorded_at_commit": commit or None,
             "machine": machine()}
@@ -133,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw-dir", type=Path,
                     default=REPO.parent / "shared" / "data" / "Dataset_BUSI_with_GT")
-    ap.add_argument("--record", action="store_true", help=f"write {RECORD.name} from this run")
+    ap.add_argument("--record", action="store_true", help="write the records from this run")
+    ap.add_argument("--recipe", choices=sorted(GOLDEN), action="append",
+                    help="one golden run (repeatable); default: all")
     args = ap.parse_args(argv)
     if not (args.raw_dir / "benign").is_dir():
         print(f"error: {args.raw_dir}: not a Dataset_BUSI_with_GT folder; pass --raw-dir",
@@ -142,17 +158,22 @@ def main(argv: list[str] | None = None) -> int:
     if not cpu_has(KERNELS.lower()):
         print(f"error: this CPU has no {KERNELS}: no golden reference for it", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        result = run(args.raw_dir, Path(tmp))
-    if args.record:
-        RECORD.write_text(json.dumps({**record_header(), "result": result}, indent=1) + "\n")
-        print(f"golden: recorded {RECORD.relative_to(REPO)} (eval dice {result['eval']['dice']}, "
-              f"cv_dice {result['eval'].get('cv_dice')})")
-        return 0
-    want = json.loads(RECORD.read_text())["result"]
-    diff = differences(result, want)
-    print("\n".join(diff) if diff else "golden: identical to the record")
-    return 1 if diff else 0
+    moved = False
+    for recipe in args.recipe or GOLDEN:
+        record = GOLDEN[recipe][0]
+        with tempfile.TemporaryDirectory() as tmp:
+            result = run(args.raw_dir, Path(tmp), recipe)
+        if args.record:
+            record.write_text(json.dumps({**record_header(recipe), "result": result}, indent=1)
+                              + "\n")
+            print(f"golden {recipe}: recorded {record.relative_to(REPO)} (eval dice "
+                  f"{result['eval']['dice']}, cv_dice {result['eval'].get('cv_dice')})")
+            continue
+        diff = differences(result, json.loads(record.read_text())["result"])
+        print("\n".join(f"{recipe}: {d}" for d in diff) if diff
+              else f"golden {recipe}: identical to the record")
+        moved = moved or bool(diff)
+    return 1 if moved else 0
 
 
 if __name__ == "__main__":
