@@ -122,16 +122,26 @@ def population(counts: np.ndarray, scores: np.ndarray | None = None) -> dict:
 
 def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str],
               scores: np.ndarray | None = None) -> tuple[dict, np.ndarray]:
-    """Test-set figures: Dice/IoU over lesion images only; normals scored by false positives;
-    and the whole population (`population`), with `scores` (per image) for the AUROC."""
+    """Test-set figures of N×H×W masks of one size (`summarize_counts`), and their per-image
+    confusion counts."""
     counts = confusion(pred, target)
+    pixels = np.full(len(counts), pred[0].size if len(pred) else 1, dtype=np.float64)
+    return summarize_counts(counts, pixels, classes, scores), counts
+
+
+def summarize_counts(counts: np.ndarray, pixels: np.ndarray, classes: list[str],
+                     scores: np.ndarray | None = None) -> dict:
+    """Test-set figures from per-image confusion counts (tp, fp, fn) and each image's pixel
+    count, so images of different sizes (`busiseg score`) are summarised as evaluate's are:
+    Dice/IoU over lesion images only; normals scored by false positives, as a share of their
+    own image; and the whole population (`population`), with `scores` (per image) for the
+    AUROC."""
     dice, iou = dice_iou(counts)
     classes_arr = np.asarray(classes)
-    lesion = target.reshape(len(target), -1).any(axis=1)
+    lesion = (counts[:, 0] + counts[:, 2]) > 0
     normal = ~lesion
     tp, fp, fn = counts[lesion].sum(axis=0) if lesion.any() else (0, 0, 0)
-    n_pixels = pred[0].size if len(pred) else 1
-    pred_area = pred.reshape(len(pred), -1).sum(axis=1)
+    pred_area = counts[:, 0] + counts[:, 1]
     out = {
         "n_lesion_images": int(lesion.sum()),
         "n_normal_images": int(normal.sum()),
@@ -148,10 +158,10 @@ def summarize(pred: np.ndarray, target: np.ndarray, classes: list[str],
         out[f"iou_{cls}"] = float(iou[sel].mean()) if sel.any() else float("nan")
     out["normal_empty_rate"] = (float((pred_area[normal] == 0).mean()) if normal.any()
                                 else float("nan"))
-    out["normal_fp_area"] = (float(pred_area[normal].mean() / n_pixels) if normal.any()
+    out["normal_fp_area"] = (float((pred_area[normal] / pixels[normal]).mean()) if normal.any()
                              else float("nan"))
     out.update(population(counts, scores))
-    return out, counts
+    return out
 
 
 def _stack(masks: np.ndarray) -> np.ndarray:

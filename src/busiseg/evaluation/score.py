@@ -38,10 +38,11 @@ from busiseg.evaluation.evaluate import (
 )
 from busiseg.evaluation.metrics import (
     boundary_metrics,
+    confusion,
     dice_iou,
     lesion_dice_per_image,
     rounded,
-    summarize,
+    summarize_counts,
 )
 from busiseg.inference.predict import OWN_OUTPUT, OWN_SUFFIXES
 from busiseg.params import EvaluateParams, Params
@@ -352,24 +353,15 @@ def report(p: Params, matched: Matched, cases: Cases, metrics: dict,
 def figures(p: Params, pred: list[np.ndarray], true: list[np.ndarray],
             classes: list[str]) -> tuple[dict, pd.DataFrame]:
     """evaluate's test figures without the ones that need a model's per-image score (AUROC,
-    calibration, confidence): `summarize`, the lesion Dice's and the whole population's
-    intervals as score_test draws them, and the boundary figures over the lesion images.
-
-    `normal_fp_area` is summarize's own when all masks are one size. Of masks of different
-    sizes it cannot be: summarize takes one N×H×W stack (here padded to the largest mask) and
-    divides each image's predicted area by that stack's one image size, and its per-image
-    areas are computed inline, not by a function score could call per size. So it is taken
-    here as summarize defines it (mean over the normal images of predicted area / image size),
-    each image over its own size, from the same per-image areas as scores.csv's `pred_area`."""
-    pred_arr, true_arr = stacked(pred), stacked(true)
-    metrics, counts = summarize(pred_arr, true_arr, classes)
+    calibration, confidence): `summarize_counts` over each image at its own size, the lesion
+    Dice's and the whole population's intervals as score_test draws them, and the boundary
+    figures over the lesion images."""
+    true_arr = stacked(true)
+    counts = np.stack([confusion(a[None], b[None])[0] for a, b in zip(pred, true, strict=True)])
     sizes = np.array([m.size for m in true], dtype=np.float64)
-    pred_area = np.array([m.sum() for m in pred], dtype=np.float64) / sizes
-    true_area = np.array([m.sum() for m in true], dtype=np.float64) / sizes
-    if len(set(m.shape for m in true)) > 1:
-        normal = true_area == 0
-        metrics["normal_fp_area"] = (float(pred_area[normal].mean()) if normal.any()
-                                     else float("nan"))
+    metrics = summarize_counts(counts, sizes, classes)
+    pred_area = (counts[:, 0] + counts[:, 1]) / sizes
+    true_area = (counts[:, 0] + counts[:, 2]) / sizes
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     hd95, nsd = boundary_per_image(pred, true, p.evaluate.surface_tolerance)
     metrics = rounded({**metrics, "dice_ci_low": low, "dice_ci_high": high,
