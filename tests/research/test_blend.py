@@ -13,10 +13,16 @@ from conftest import tiny_params
 from busiseg.errors import BusisegError
 from busiseg.inference.onnx_model import export_onnx, load_onnx
 from busiseg.inference.segment import MaskSettings
-from busiseg.modeling.archs import FoldEnsemble, _mean_logit, split_output
+from busiseg.modeling.archs import FoldEnsemble, split_output
 from busiseg.modeling.model_file import load_model, model_kwargs, save_model
 from busiseg.modeling.registry import build_model
 from busiseg.research.blend import blend
+
+
+def mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
+    """The rule, written out apart from the production code: the members' probabilities
+    averaged."""
+    return sum(torch.sigmoid(t) for t in logits) / len(logits)
 
 
 def cv_model(path: Path, seed: int, presence: bool, folds: int = 2, base: int = 4) -> Path:
@@ -38,10 +44,12 @@ def test_each_fold_takes_its_mask_from_one_run_and_its_score_from_the_other(tmp_
     with torch.inference_mode():
         for k in range(2):
             mask, score = model.members[k](x)
-            # the mean of one probability is that probability, as a logit clamped at 1e-7
-            assert torch.allclose(mask, _mean_logit([a.members[k](x)]), atol=1e-5)
-            assert torch.allclose(score, _mean_logit([split_output(b.members[k](x))[1]]),
-                                  atol=1e-5)
+            # the mean of one probability is that probability
+            assert torch.allclose(torch.sigmoid(mask), mean_probability([a.members[k](x)]),
+                                  atol=1e-6)
+            assert torch.allclose(torch.sigmoid(score),
+                                  mean_probability([split_output(b.members[k](x))[1]]),
+                                  atol=1e-6)
         mask, score = split_output(model(x))  # the fold ensemble of blends
         assert torch.allclose(torch.sigmoid(mask), torch.sigmoid(split_output(a(x))[0]),
                               atol=1e-5)
@@ -61,8 +69,13 @@ def test_seeds_averaged_run_each_part_once_and_export_like_any_model(tmp_path: P
     with torch.inference_mode():
         mask, score = model.members[0](x)
         outs = [split_output(r.members[0](x)) for r in runs]
-        assert torch.allclose(mask, _mean_logit([o[0] for o in outs]), atol=1e-5)
-        assert torch.allclose(score, _mean_logit([o[1] for o in outs]), atol=1e-5)
+        assert torch.allclose(torch.sigmoid(mask), mean_probability([o[0] for o in outs]),
+                              atol=1e-6)
+        assert torch.allclose(torch.sigmoid(score), mean_probability([o[1] for o in outs]),
+                              atol=1e-6)
+        # a plain average of logits is another rule: the test would see it
+        assert not torch.allclose(torch.sigmoid(mask), torch.sigmoid(
+            sum(o[0] for o in outs) / len(outs)), atol=1e-6)
     meta = export_onnx(model, blob, MaskSettings(), tmp_path / "seeds.onnx")
     forward, _ = load_onnx(tmp_path / "seeds.onnx")
     with torch.inference_mode():
