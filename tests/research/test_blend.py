@@ -25,12 +25,13 @@ def mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
     return sum(torch.sigmoid(t) for t in logits) / len(logits)
 
 
-def cv_model(path: Path, seed: int, presence: bool, folds: int = 2, base: int = 4) -> Path:
+def cv_model(path: Path, seed: int, presence: bool, folds: int = 2, base: int = 4,
+             split: dict | None = None) -> Path:
     p = tiny_params()
     torch.manual_seed(seed)
     kwargs = {**model_kwargs(p.model, presence=presence), "base": base}
     ensemble = FoldEnsemble([build_model(**kwargs) for _ in range(folds)])
-    save_model(path, ensemble.state_dict(), kwargs, p, 32, members=folds)
+    save_model(path, ensemble.state_dict(), kwargs, p, 32, members=folds, split=split)
     return path
 
 
@@ -95,7 +96,18 @@ def test_runs_that_do_not_fit_together_are_refused_in_one_line(tmp_path: Path):
                p, 32)
     with pytest.raises(BusisegError, match="not a cross-validation model"):
         blend([single], [two], tmp_path / "x.pt")
+    one = cv_model(tmp_path / "one.pt", 0, presence=False,
+                   split={"seed": 0, "folds": 2, "sha256": "a" * 64})
+    other = cv_model(tmp_path / "other.pt", 1, presence=True,
+                     split={"seed": 1, "folds": 2, "sha256": "b" * 64})
+    with pytest.raises(BusisegError, match=r"other.pt: trained on another split \(seed 1, "
+                       r"split.csv bbbbbbbbbbbb\) than .*one.pt \(seed 0, split.csv aaaaaaaaaaaa\)"
+                       r"; blend runs of one split$"):
+        blend([one], [other], tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
+    same = cv_model(tmp_path / "same.pt", 1, presence=True,
+                    split={"seed": 0, "folds": 2, "sha256": "a" * 64})
+    assert blend([one], [same], tmp_path / "ok.pt")["split"]["sha256"] == "a" * 64
 
 
 def test_evaluated_out_of_fold_it_has_the_mask_run_s_dice_and_the_score_run_s_scores(

@@ -230,3 +230,14 @@ def test_a_checkpoint_belongs_to_its_training_code(tmp_path: Path, monkeypatch):
     assert run_hash(tiny_params(), [data]) == before
     loss.write_text("A = 2\n")
     assert run_hash(tiny_params(), [data]) != before
+
+
+def test_a_model_file_records_the_split_it_trained_on(tmp_path: Path):
+    """seed, folds and the digest of split.csv: what a composition of models checks."""
+    from busiseg.files import file_sha256
+
+    p = tiny_params()
+    run_train(tmp_path, p)
+    blob = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    assert blob["split"] == {"seed": p.split.seed, "folds": p.split.folds,
+                             "sha256": file_sha256(tmp_path / "split.csv")}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from busiseg.errors import BusisegError, first_line
-from busiseg.files import atomic_torch_save
+from busiseg.files import atomic_torch_save, file_sha256
 from busiseg.modeling.archs import Blend, FoldEnsemble
 from busiseg.modeling.pretrained import input_normalisation
 from busiseg.modeling.registry import arch_settings, build_model
@@ -50,12 +50,20 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def split_identity(p: Params, split_path: Path) -> dict:
+    """The split a model was trained on: its seed, its folds and the digest of split.csv, so
+    models composed into one (a blend) can be refused when their folds are not the same."""
+    return {"seed": p.split.seed, "folds": p.split.folds, "sha256": file_sha256(split_path)}
+
+
 def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
-               members: int = 0, encoder_weights: dict | None = None) -> None:
+               members: int = 0, encoder_weights: dict | None = None,
+               split: dict | None = None) -> None:
     """Weights plus what inference needs to feed them (size, normalisation). The threshold and
     post-processing are evaluate's choice, so train's file has none: the package stage writes
     them into a copy (`package_model`), and an evaluate setting changes without re-training.
-    With `members`, `state` is a FoldEnsemble's: K fold models of one architecture."""
+    With `members`, `state` is a FoldEnsemble's: K fold models of one architecture. `split`:
+    `split_identity` of the split it trained on (empty in files written without one)."""
     mean, std = input_normalisation(p.model, p.preprocess.channels)
     atomic_torch_save({
         "format": FORMAT,
@@ -68,6 +76,7 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
                        "channels": p.preprocess.channels},
         "encoder_weights": dict(encoder_weights or {}),
         "params": {k: asdict(getattr(p, k)) for k in ("preprocess", "model", "train", "augment")},
+        "split": dict(split or {}),
     }, Path(path))
 
 

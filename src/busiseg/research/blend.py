@@ -10,9 +10,10 @@ cost some lesion Dice, gated by a second model's head; and seed ensembles (`--ma
 --presence A B`: each fold's models from two training seeds, averaged). Every file must come
 from the same `split.folds` cross-validation on the same split (same data, `split.seed`): fold
 k of the blend is fold k of each, so out of fold an image still meets only models that never
-trained on it. Model files do not record their split, so this is checked no further than the
-number of folds and the input: runs on other splits would leak training images into the
-out-of-fold figures. The blend is an ordinary busiseg model file: predict and export take it as they
+trained on it. Model files record their split (seed, folds, the digest of split.csv), and a
+part trained on another split is refused: it would leak training images into the out-of-fold
+figures. Files written before they recorded it are checked no further than the number of folds
+and the input. The blend is an ordinary busiseg model file: predict and export take it as they
 take any. `--evaluate` scores it as the evaluate stage would (out of fold and on test, with
 params.yaml's evaluate section and the workspace's data/ of that split, which the runs' own
 workspace has), and writes the metrics (aggregates only) to RESULT.json and the out-of-fold
@@ -53,6 +54,12 @@ def blend(masks: list[Path], presence: list[Path], out: Path) -> dict:
         if blob["preprocess"] != first["preprocess"]:
             raise BusisegError(f"{f}: its input ({blob['preprocess']}) differs from {files[0]}'s "
                                f"({first['preprocess']}); blend models fed alike")
+        split, split0 = blob.get("split") or {}, first.get("split") or {}
+        if split and split0 and split != split0:
+            raise BusisegError(f"{f}: trained on another split (seed {split.get('seed')}, "
+                               f"split.csv {str(split.get('sha256'))[:12]}) than {files[0]} "
+                               f"(seed {split0.get('seed')}, split.csv "
+                               f"{str(split0.get('sha256'))[:12]}); blend runs of one split")
     where = {f: i for i, f in enumerate(files)}
     ensemble = FoldEnsemble([
         Blend([model.members[k] for model, _ in loaded], [where[f] for f in masks],

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from busiseg.errors import BusisegError
-from busiseg.modeling.model_file import model_kwargs, save_model
+from busiseg.modeling.model_file import model_kwargs, save_model, split_identity
 from busiseg.params import Params, TrainParams
 from busiseg.runtime import distributed
 from busiseg.runtime.device import pick_device
@@ -75,7 +75,7 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
     wall = time.perf_counter() - start
     if not distributed.current().main:
         return {}  # rank 0 assembles and writes the ensemble
-    assemble(p, folds_dir, model_path)
+    assemble(p, folds_dir, model_path, split_path)
     seconds = sum(s["seconds"] for s in summaries)
     images = sum(s["seconds"] * (s["images_per_s"] or 0) for s in summaries)
     return {
@@ -93,7 +93,7 @@ def train_cross_validation(p: Params, cache_path: Path, split_path: Path, model_
     }
 
 
-def assemble(p: Params, folds_dir: Path, model_path: Path) -> None:
+def assemble(p: Params, folds_dir: Path, model_path: Path, split_path: Path) -> None:
     """The K fold files as one FoldEnsemble model file."""
     state, size, source = {}, None, None
     for k in range(p.split.folds):
@@ -103,7 +103,7 @@ def assemble(p: Params, folds_dir: Path, model_path: Path) -> None:
     kwargs = model_kwargs(p.model, presence=p.train.presence_weight > 0,
                           channels=p.preprocess.channels)
     save_model(model_path, state, kwargs, p, size, members=p.split.folds,
-               encoder_weights=source)
+               encoder_weights=source, split=split_identity(p, split_path))
     for k in range(p.split.folds):
         (folds_dir / f"fold_{k}.pt").unlink()
 

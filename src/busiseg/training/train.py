@@ -25,7 +25,7 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation.metrics import confusion, dice_iou, lesion_dice_iou
 from busiseg.inference.segment import input_batches, normalize
 from busiseg.modeling.archs import check_input_size, presence_head, split_output
-from busiseg.modeling.model_file import model_kwargs, save_model
+from busiseg.modeling.model_file import model_kwargs, save_model, split_identity
 from busiseg.modeling.pretrained import init_encoder, input_normalisation, weights_files
 from busiseg.modeling.registry import build_model
 from busiseg.params import Params, TrainParams
@@ -109,7 +109,8 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}"
               f"{scores}  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
 
-    summary = finish(t, run, model_path, fold, write=ranks.main)
+    summary = finish(t, run, model_path, fold, write=ranks.main,
+                     split=split_identity(p, split_path))
     if ranks.main:  # the finished run leaves only a small marker, nothing to resume by mistake
         checkpoint.mark_complete(ckpt_path, key,
                                  *((summary, run.history) if fold is not None else ()))
@@ -362,7 +363,7 @@ def log_epoch(live, row: dict) -> None:
 
 
 def finish(t: Trainer, run: checkpoint.Progress, model_path: Path, fold: int | None = None,
-           write: bool = True) -> dict:
+           write: bool = True, split: dict | None = None) -> dict:
     """Save the kept weights and summarise the run. A fold model keeps its last epoch: choosing
     the epoch on the fold it is then scored on would inflate the cross-validation score
     (nnU-Net's fixed schedule, scored at its end)."""
@@ -372,7 +373,7 @@ def finish(t: Trainer, run: checkpoint.Progress, model_path: Path, fold: int | N
         {k: v.detach().cpu() for k, v in t.model.state_dict().items()}
     if write:
         save_model(model_path, state, t.kwargs, p, t.data.size,
-                   encoder_weights=t.encoder_source)
+                   encoder_weights=t.encoder_source, split=split)
     images_seen = t.steps_per_epoch * t.batch_size * len(run.history)
     summary = {
         "best_epoch": best_row["epoch"],
