@@ -13,13 +13,23 @@ from conftest import REAL_BUSI
 from busiseg.research import golden
 
 
-def test_the_record_is_pinned_to_kernels_every_x86_64_machine_has():
-    record = json.loads(golden.RECORD.read_text())
+@pytest.mark.parametrize("recipe", sorted(golden.GOLDEN))
+def test_the_record_is_pinned_to_kernels_every_x86_64_machine_has(recipe):
+    record = json.loads(golden.GOLDEN[recipe][0].read_text())
     assert record["kernels_pinned"] == golden.KERNELS == "AVX2"
     assert record["pinned_env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     result = record["result"]
     assert result["ingest"]["n_images"] == sum(golden.SUBSET.values())
     assert len(result["model_digest"]) == 64 and "cv_dice" in result["eval"]
+
+
+def test_the_side_by_side_golden_run_trains_five_one_thread_folds_at_once():
+    """The fast recipe's placement, not a shrunk stand-in: its record must show five folds side
+    by side with one thread each, as busi-lite0-fast-cv5 trains on a 2-core CPU."""
+    train = json.loads(golden.GOLDEN["busi-lite0-fast-cv5"][0].read_text())["result"]["train"]
+    assert (train["folds"], train["fold_workers"], train["threads"]) == (5, 5, 1)
+    main = json.loads(golden.RECORD.read_text())["result"]["train"]
+    assert (main["fold_workers"], main["threads"]) == (1, 2)
 
 
 def test_differences_name_every_moved_value():
@@ -34,10 +44,11 @@ def test_differences_name_every_moved_value():
 @pytest.mark.realdata
 @pytest.mark.skipif(not (REAL_BUSI / "benign").is_dir(), reason="needs the real BUSI")
 @pytest.mark.skipif(not golden.cpu_has("avx2"), reason="no AVX2: no golden reference here")
-def test_the_golden_run_reproduces_its_record_exactly(tmp_path: Path):
-    got = golden.run(REAL_BUSI, tmp_path)
-    want = json.loads(golden.RECORD.read_text())["result"]
+@pytest.mark.parametrize("recipe", sorted(golden.GOLDEN))
+def test_the_golden_run_reproduces_its_record_exactly(tmp_path: Path, recipe: str):
+    got = golden.run(REAL_BUSI, tmp_path, recipe)
+    want = json.loads(golden.GOLDEN[recipe][0].read_text())["result"]
     moved = golden.differences(got, want)
-    assert not moved, ("the golden run moved (recorded -> now); fix the change, or if it is "
-                       "intended re-record with `uv run python -m busiseg.research.golden "
-                       "--record` and re-run the recipes it stands for:\n" + "\n".join(moved))
+    assert not moved, (f"the golden run of {recipe} moved (recorded -> now); fix the change, or "
+                       "if it is intended re-record with `uv run python -m busiseg.research.golden"
+                       " --record` and re-run the recipes it stands for:\n" + "\n".join(moved))

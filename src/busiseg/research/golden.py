@@ -13,10 +13,10 @@ first val Dice is 0.500, not 0.520). The run therefore pins the kernels to AVX2,
 x86-64 CPU of the last decade has, and the threads to 2, so one reference serves every such
 machine; a CPU without AVX2 (or not x86) has no reference and the test skips.
 
-A second golden run shrinks busi-lite0-fast-cv5 the same way but keeps its placement: five folds
-of one thread each, trained side by side in processes of their own, so a change to that path (or
-to a default it reads) shows too. Its kernels are AVX2 like the first, not the preset's AVX-512,
-so that every x86-64 machine has one reference.
+A second golden run shrinks busi-lite0-fast-cv5 likewise (one epoch) but keeps its placement:
+five folds of one thread each, trained side by side in processes of their own, so a change to
+that path (or to a default it reads) shows too. Its kernels are AVX2 like the first, not the
+preset's AVX-512, so that every x86-64 machine has one reference.
 
     uv run python -m busiseg.research.golden            # run both and compare with the records
     uv run python -m busiseg.research.golden --record   # re-record after an intended change
@@ -45,7 +45,7 @@ SHRINK = {"preprocess.size": 64, "train.epochs": 2, "split.folds": 2, "train.thr
           "train.device": "cpu", "evaluate.device": "cpu", "evaluate.bootstrap": 200,
           "train.progress": "off"}
 # five folds of the preset's one thread each, side by side as its placement puts them
-SHRINK_SIDE_BY_SIDE = {"preprocess.size": 64, "train.epochs": 2, "split.folds": 5,
+SHRINK_SIDE_BY_SIDE = {"preprocess.size": 64, "train.epochs": 1, "split.folds": 5,
                        "train.cpu_isa": "avx2", "train.device": "cpu", "evaluate.device": "cpu",
                        "evaluate.bootstrap": 200, "train.progress": "off"}
 GOLDEN = {  # recipe -> (its record, how it is shrunk)
