@@ -3,6 +3,7 @@ several seeds averaged), fold by fold, as one ordinary model file."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -26,8 +27,9 @@ def mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
 
 
 def cv_model(path: Path, seed: int, presence: bool, folds: int = 2, base: int = 4,
-             split: dict | None = None) -> Path:
+             split: dict | None = None, cpu_isa: str = "native") -> Path:
     p = tiny_params()
+    p = replace(p, train=replace(p.train, cpu_isa=cpu_isa))
     torch.manual_seed(seed)
     kwargs = {**model_kwargs(p.model, presence=presence), "base": base}
     ensemble = FoldEnsemble([build_model(**kwargs) for _ in range(folds)])
@@ -108,6 +110,19 @@ def test_runs_that_do_not_fit_together_are_refused_in_one_line(tmp_path: Path):
     same = cv_model(tmp_path / "same.pt", 1, presence=True,
                     split={"seed": 0, "folds": 2, "sha256": "a" * 64})
     assert blend([one], [same], tmp_path / "ok.pt")["split"]["sha256"] == "a" * 64
+    # every part is checked, not only against the first: here the first recorded none
+    with pytest.raises(BusisegError, match=r"other.pt: trained on another split .* than "
+                       r".*one.pt"):
+        blend([two], [one, other], tmp_path / "x.pt")
+    assert blend([two], [one], tmp_path / "mixed.pt")["split"] == {}  # one part unchecked
+    # parts pinned to different kernels compute in one process with one set, named
+    pinned = cv_model(tmp_path / "pinned.pt", 2, presence=True, cpu_isa="avx2")
+    with pytest.raises(BusisegError, match=r"pinned.pt: trained with train.cpu_isa=avx2, "
+                       r".*two.pt with native; .*give --cpu-isa"):
+        blend([two], [pinned], tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+    made = blend([two], [pinned], tmp_path / "native.pt", cpu_isa="native")
+    assert made["params"]["train"]["cpu_isa"] == "native"
 
 
 def test_evaluated_out_of_fold_it_has_the_mask_run_s_dice_and_the_score_run_s_scores(

@@ -18,6 +18,7 @@ from conftest import REPO
 
 RESULTS = REPO / "docs" / "results"
 FIGURE = re.compile(r"(?<![\w.])([+\-−]?\d+\.(\d+))(\s*min\b)?")
+TIMES = re.compile(r"(\d+\.\d(?:\s*(?:\+|to|and)\s*\d+\.\d)+)\s*min\b")  # "53.0 to 72.9 min"
 # numbers that are no measured figure: versions, a DOI
 NOT_A_FIGURE = re.compile(r"(torch|Python|version|busiseg) $|doi\.org/$|doi:$")
 DOCUMENTS = ["README.md", "docs/results.md", *sorted(
@@ -29,6 +30,8 @@ def _leaves(x, key: str = ""):
         for k, v in x.items():
             yield from _leaves(v, k)
     elif isinstance(x, list):
+        if len(x) > 3 and all(isinstance(v, (int, float)) for v in x):
+            return  # a curve (per epoch, per image): no figure a document states
         for v in x:
             yield from _leaves(v, key)
     elif isinstance(x, (int, float)) and not isinstance(x, bool):
@@ -49,6 +52,10 @@ def recorded() -> tuple[set[float], set[float]]:
 
 def unbacked(text: str, values: set[float], minutes: set[float]) -> list[str]:
     out = []
+    for m in TIMES.finditer(text):  # every number of a list of times is a time
+        for token in re.findall(r"\d+\.\d", m.group(1)):
+            if not any(round(v, 1) == float(token) for v in minutes):
+                out.append(f"line {text[:m.start()].count(chr(10)) + 1}: {token} min")
     for m in FIGURE.finditer(text):
         token, places, is_time = m.group(1), len(m.group(2)), bool(m.group(3))
         if (places < 2 and not is_time) or NOT_A_FIGURE.search(text[max(0, m.start() - 20):
@@ -76,3 +83,4 @@ def test_the_check_finds_a_figure_no_record_holds():
     assert unbacked("cv_dice **0.771** [0.751, 0.792], 53.0 min, 0.013 less, torch 2.15",
                     values, minutes) == ["line 1: 0.751", "line 1: 0.792"]
     assert unbacked("52.9 min", values, minutes) == ["line 1: 52.9 min"]
+    assert unbacked("52.1 to 53.0 min", values, minutes) == ["line 1: 52.1 min"]

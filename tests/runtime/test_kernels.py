@@ -33,7 +33,7 @@ conv(x).square().sum().backward()
 h = hashlib.sha256(x.grad.numpy().tobytes() + conv.weight.grad.numpy().tobytes())
 print("probe", h.hexdigest()[:16], device.kernel_isa(), flush=True)
 """
-ONEDNN_ISA = {"AVX2": "Intel AVX2", "AVX512": "Intel AVX-512", "SSE41": "Intel SSE4.1"}
+ONEDNN_ISA = {"AVX2": "Intel AVX2", "AVX512": "Intel AVX-512", "SSE41": "Intel SSE4.1"}  # prefixes
 
 
 def probe(pin: str, env: dict, cap: str | None = None) -> list[str]:
@@ -69,20 +69,28 @@ def test_the_pin_is_what_onednn_dispatches(python_env):
     if not x86():
         pytest.skip("oneDNN's x86 instruction sets only")
     pinned = probe("avx2", python_env)
-    assert pinned[1:3] == ["AVX2", ONEDNN_ISA["AVX2"]]
+    assert pinned[1] == "AVX2" and pinned[2] == ONEDNN_ISA["AVX2"]
     assert "avx2" in pinned[3]
     assert pinned == probe("native", python_env, cap="AVX2")
     lowered = probe("sse41", python_env)
-    assert lowered[2] == ONEDNN_ISA["SSE41"] and "avx" not in lowered[3]
+    assert lowered[2].startswith(ONEDNN_ISA["SSE41"]) and "avx" not in lowered[3]
     if not avx512():
         pytest.skip("no AVX-512 here: the avx512 pin cannot differ from native")
     native = probe("native", python_env)
-    assert native[1:3] == ["AVX512", ONEDNN_ISA["AVX512"]]
-    assert probe("avx512", python_env) == native  # the pin is this CPU's own fp32 kernels
+    assert native[1] == "AVX512" and native[2].startswith(ONEDNN_ISA["AVX512"])
+    pinned512 = probe("avx512", python_env)  # AVX512_CORE: oneDNN names it apart from native's
+    assert pinned512[2].startswith(ONEDNN_ISA["AVX512"])
+    # the pin is this CPU's own fp32 kernels: the same digest and forward kernel
+    assert (pinned512[0], pinned512[3]) == (native[0], native[3])
     assert native[0] != pinned[0]  # the kernel sets round differently: why the pin exists
 
 
 def test_a_cap_the_user_set_is_kept_or_refused_never_replaced(monkeypatch):
+    fresh_process(monkeypatch)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX512_CORE")  # oneDNN's older name for the cap
+    with pytest.raises(BusisegError, match=r"^DNNL_MAX_CPU_ISA=AVX512_CORE contradicts"):
+        pin_kernels("avx2")
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
     pin_kernels("avx2")
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"
@@ -96,8 +104,29 @@ def test_a_cap_the_user_set_is_kept_or_refused_never_replaced(monkeypatch):
     assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
 
 
+def test_one_process_computes_with_one_kernel_set(monkeypatch):
+    """oneDNN reads the cap once: a second, different pin in one process (two models pinned
+    differently) is refused, not silently computed with the first set."""
+    fresh_process(monkeypatch)
+    pin_kernels("avx2")
+    pin_kernels("avx2")  # the same set again: fine
+    with pytest.raises(BusisegError, match=r"^this process already computes with AVX2 kernels "
+                       r"\(pinned for an earlier model; .*train.cpu_isa=avx512 needs "
+                       r"AVX512_CORE: run it in a process of its own$"):
+        pin_kernels("avx512")
+
+
+def fresh_process(monkeypatch) -> None:
+    """No cap in the environment and none pinned yet, both restored after the test."""
+    from busiseg.runtime import device
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "unset")  # recorded, so the teardown restores it
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(device, "_pinned", None)
+
+
 def test_a_trained_model_carries_its_pin_to_evaluate_and_predict(tmp_path, monkeypatch):
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    fresh_process(monkeypatch)
     cache, split = tiny_data(tmp_path)
     p = parse_params({"preprocess": {"size": 32}, "model": {"base": 4, "depth": 2},
                       "train": {"epochs": 1, "threads": 1, "cpu_isa": "avx2"}})

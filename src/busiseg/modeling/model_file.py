@@ -113,15 +113,17 @@ def read_model_file(path: str | Path) -> dict:
     return blob
 
 
-def load_model(path: str | Path,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               cpu_isa: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model (a FoldEnsemble for a cross-validation run) from a busiseg model file
-    (or a packaged model's folder); refuse anything else."""
+    (or a packaged model's folder); refuse anything else. `cpu_isa` replaces the file's own
+    kernel pin (a blend of parts pinned differently computes with one set)."""
     blob = read_model_file(path)
     # the kernels it was trained with (train.cpu_isa): evaluate and predict then compute exactly
     # what the record did, before their first convolution
-    pin_kernels(blob.get("params", {}).get("train", {}).get("cpu_isa", "native"),
-                source=f"{path}'s recorded train.cpu_isa")
+    recorded = blob.get("params", {}).get("train", {}).get("cpu_isa", "native")
+    pin_kernels(cpu_isa or recorded, source="--cpu-isa" if cpu_isa else
+                f"{path}'s recorded train.cpu_isa")
     members = blob.get("members", 0)
     try:
         if members:

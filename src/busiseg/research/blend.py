@@ -32,17 +32,26 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.files import atomic_torch_save
 from busiseg.modeling.archs import Blend, FoldEnsemble
-from busiseg.modeling.model_file import load_model, weights_digest
+from busiseg.modeling.model_file import load_model, read_model_file, weights_digest
 from busiseg.params import load_params, parse_presence_threshold
 from busiseg.pipeline.stage import write_json
 
 
-def blend(masks: list[Path], presence: list[Path], out: Path) -> dict:
+def blend(masks: list[Path], presence: list[Path], out: Path, cpu_isa: str | None = None) -> dict:
     """Write the blend to `out` and return its model-file contents. A run named in both lists is
     one part, run once per image; its record (`blob["blend"]`) names each file, its weights'
-    digest and its role, so the blend says what it was made of."""
+    digest and its role, so the blend says what it was made of. One process computes with one
+    kernel set: parts pinned to different ones (train.cpu_isa) need `cpu_isa`, which the blend
+    then records as its own."""
     files = list(dict.fromkeys([*masks, *presence]))  # each file one part, in order given
-    loaded = [load_model(f) for f in files]
+    pins = {f: read_model_file(f).get("params", {}).get("train", {}).get("cpu_isa", "native")
+            for f in files}
+    other = next((f for f in files if pins[f] != pins[files[0]]), None)
+    if cpu_isa is None and other is not None:
+        raise BusisegError(f"{other}: trained with train.cpu_isa={pins[other]}, {files[0]} with "
+                           f"{pins[files[0]]}; one process computes with one kernel set: give "
+                           "--cpu-isa native|avx2|avx512 for the blend")
+    loaded = [load_model(f, cpu_isa=cpu_isa) for f in files]
     first = loaded[0][1]
     for f, (_, blob) in zip(files, loaded):
         if not blob.get("members"):
@@ -54,10 +63,12 @@ def blend(masks: list[Path], presence: list[Path], out: Path) -> dict:
         if blob["preprocess"] != first["preprocess"]:
             raise BusisegError(f"{f}: its input ({blob['preprocess']}) differs from {files[0]}'s "
                                f"({first['preprocess']}); blend models fed alike")
-        split, split0 = blob.get("split") or {}, first.get("split") or {}
-        if split and split0 and split != split0:
+    known = [(f, b["split"]) for f, (_, b) in zip(files, loaded) if b.get("split")]
+    for f, split in known[1:]:
+        f0, split0 = known[0]
+        if split != split0:
             raise BusisegError(f"{f}: trained on another split (seed {split.get('seed')}, "
-                               f"split.csv {str(split.get('sha256'))[:12]}) than {files[0]} "
+                               f"split.csv {str(split.get('sha256'))[:12]}) than {f0} "
                                f"(seed {split0.get('seed')}, split.csv "
                                f"{str(split0.get('sha256'))[:12]}); blend runs of one split")
     where = {f: i for i, f in enumerate(files)}
@@ -71,6 +82,11 @@ def blend(masks: list[Path], presence: list[Path], out: Path) -> dict:
                        "role": "+".join(r for r, fs in (("masks", masks), ("presence", presence))
                                         if f in fs)} for f, (_, b) in zip(files, loaded)]}
     blob.pop("settings", None), blob.pop("settings_source", None)  # evaluate chooses anew
+    # the split every part recorded; none where a part predates split records (unchecked)
+    blob["split"] = known[0][1] if known and len(known) == len(files) else {}
+    if cpu_isa is not None:  # the kernels the blend computes with, as evaluate and predict read
+        blob["params"] = {**blob["params"], "train": {**blob["params"]["train"],
+                                                      "cpu_isa": cpu_isa}}
     atomic_torch_save(blob, out)
     return blob
 
@@ -83,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--evaluate", type=Path, metavar="RESULT_JSON")
     ap.add_argument("--presence-threshold", help="evaluate.presence_threshold for --evaluate")
+    ap.add_argument("--cpu-isa", choices=("native", "avx2", "avx512"),
+                    help="the kernels of a blend whose parts were pinned to different ones")
     args = ap.parse_args(argv)
     try:
         if args.presence_threshold is not None:
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise BusisegError("--presence-threshold sets the gate --evaluate scores with; "
                                    "give --evaluate RESULT.json too")
             parse_presence_threshold(args.presence_threshold, "--presence-threshold")
-        blob = blend(args.masks, args.presence, args.out)
+        blob = blend(args.masks, args.presence, args.out, args.cpu_isa)
         print(f"blend: {args.out} ({blob['members']} folds; "
               + ", ".join(f"{b['role']} from {b['file']}" for b in blob["blend"]) + ")")
         if args.evaluate:

@@ -59,23 +59,35 @@ def place(setting: str, param: str, *, threads: int = 0, processes: int = 1,
 KERNEL_PINS = {"avx2": "AVX2", "avx512": "AVX512_CORE"}  # oneDNN's names for train.cpu_isa
 
 
+CAP_NAMES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # the cap, and its older name
+_pinned: str | None = None  # the cap busiseg set in this process: oneDNN reads it only once
+
+
 def pin_kernels(cpu_isa: str, source: str = "train.cpu_isa") -> None:
     """Cap oneDNN's instruction set (train.cpu_isa): kernels of different sets round differently,
     so a run reproduces bit for bit only with the same set. oneDNN reads the cap once, at the
     first convolution of the process, so this must come before any; `native` leaves it to the CPU
     (or to ONEDNN_MAX_CPU_ISA, as .ci/run sets it). A cap already in the environment is the
     user's: kept where it names the same set, refused where it contradicts the pin, since either
-    silent choice would compute other numbers than the user or the record asked for. A cap above
-    the CPU's best does nothing: an AVX2-only machine runs AVX2 whatever the pin, and says so in
-    its kernel_isa."""
+    silent choice would compute other numbers than the user or the record asked for; and one
+    process cannot compute with two sets, so a second pin that differs from the first is refused
+    too. A cap above the CPU's best does nothing: an AVX2-only machine runs AVX2 whatever the
+    pin, and says so in its kernel_isa."""
+    global _pinned
     if cpu_isa == "native":
         return
     want = KERNEL_PINS[cpu_isa]
-    have = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
-    if have and have.upper() != want:
-        raise BusisegError(f"ONEDNN_MAX_CPU_ISA={have} contradicts {source}={cpu_isa} "
-                           f"(oneDNN's {want}); unset ONEDNN_MAX_CPU_ISA or set it to {want}")
-    os.environ["ONEDNN_MAX_CPU_ISA"] = want
+    for name in CAP_NAMES:
+        have = os.environ.get(name, "").strip()
+        if not have or have.upper() == want:
+            continue
+        if name == CAP_NAMES[0] and have == _pinned:
+            raise BusisegError(f"this process already computes with {have} kernels (pinned for "
+                               f"an earlier model; oneDNN reads the cap once), but {source}="
+                               f"{cpu_isa} needs {want}: run it in a process of its own")
+        raise BusisegError(f"{name}={have} contradicts {source}={cpu_isa} (oneDNN's {want}); "
+                           f"unset {name} or set it to {want}")
+    os.environ[CAP_NAMES[0]] = _pinned = want
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
