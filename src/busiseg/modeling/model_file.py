@@ -113,16 +113,25 @@ def read_model_file(path: str | Path) -> dict:
     return blob
 
 
+def recorded_cpu_isa(blob: dict) -> str:
+    """The kernels a model file's weights were trained with (train.cpu_isa)."""
+    return blob.get("params", {}).get("train", {}).get("cpu_isa", "native")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                cpu_isa: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Rebuild the model (a FoldEnsemble for a cross-validation run) from a busiseg model file
     (or a packaged model's folder); refuse anything else. `cpu_isa` replaces the file's own
     kernel pin (a blend of parts pinned differently computes with one set)."""
-    blob = read_model_file(path)
+    return model_from_file(read_model_file(path), path, device, cpu_isa)
+
+
+def model_from_file(blob: dict, path: str | Path, device: str | torch.device = "cpu",
+                    cpu_isa: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """`load_model` for a file already read (`read_model_file`)."""
     # the kernels it was trained with (train.cpu_isa): evaluate and predict then compute exactly
     # what the record did, before their first convolution
-    recorded = blob.get("params", {}).get("train", {}).get("cpu_isa", "native")
-    pin_kernels(cpu_isa or recorded, source="--cpu-isa" if cpu_isa else
+    pin_kernels(cpu_isa or recorded_cpu_isa(blob), source="--cpu-isa" if cpu_isa else
                 f"{path}'s recorded train.cpu_isa")
     members = blob.get("members", 0)
     try:

@@ -32,7 +32,12 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.files import atomic_torch_save
 from busiseg.modeling.archs import Blend, FoldEnsemble
-from busiseg.modeling.model_file import load_model, read_model_file, weights_digest
+from busiseg.modeling.model_file import (
+    model_from_file,
+    read_model_file,
+    recorded_cpu_isa,
+    weights_digest,
+)
 from busiseg.params import load_params, parse_presence_threshold
 from busiseg.pipeline.stage import write_json
 
@@ -44,14 +49,14 @@ def blend(masks: list[Path], presence: list[Path], out: Path, cpu_isa: str | Non
     kernel set: parts pinned to different ones (train.cpu_isa) need `cpu_isa`, which the blend
     then records as its own."""
     files = list(dict.fromkeys([*masks, *presence]))  # each file one part, in order given
-    pins = {f: read_model_file(f).get("params", {}).get("train", {}).get("cpu_isa", "native")
-            for f in files}
+    read = {f: read_model_file(f) for f in files}
+    pins = {f: recorded_cpu_isa(b) for f, b in read.items()}
     other = next((f for f in files if pins[f] != pins[files[0]]), None)
     if cpu_isa is None and other is not None:
         raise BusisegError(f"{other}: trained with train.cpu_isa={pins[other]}, {files[0]} with "
                            f"{pins[files[0]]}; one process computes with one kernel set: give "
                            "--cpu-isa native|avx2|avx512 for the blend")
-    loaded = [load_model(f, cpu_isa=cpu_isa) for f in files]
+    loaded = [model_from_file(read[f], f, cpu_isa=cpu_isa) for f in files]
     first = loaded[0][1]
     for f, (_, blob) in zip(files, loaded):
         if not blob.get("members"):
