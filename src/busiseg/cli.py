@@ -92,7 +92,7 @@ def _overrides(args) -> dict:
     if value in FITTED_PRESENCE:
         raise BusisegError(f"--presence-threshold {value}: {value} is fitted by the evaluate "
                            "stage on held-out data; give a number in [0, 1] or off")
-    return {"presence_threshold": value, "expected_dice": None}
+    return {"presence_threshold": value, "presence_expected_dice": None}
 
 
 def predict(args, parser) -> int:

@@ -27,7 +27,7 @@ from busiseg.research.decisions import _expected_keep
 
 def test_the_rule_keeps_a_mask_exactly_where_its_expected_dice_beats_emptying_it():
     knots = ((0.2, 0.1), (0.8, 0.9))  # q̂ rises from 0.1 to 0.9, flat outside the knots
-    s = MaskSettings(temperature=1.0, expected_dice=knots)
+    s = MaskSettings(presence_temperature=1.0, presence_expected_dice=knots)
     scores = np.array([0.6, 0.6, 0.3, 0.95, 0.55, 0.55])
     trust = np.array([0.1, 0.8, 1.0, 0.05, 0.5, 0.6])
     q = np.array([0.1, 0.9, 0.9, 0.1, 0.5, 0.1 + 0.8 * 0.4 / 0.6])  # by hand, at each trust
@@ -39,7 +39,7 @@ def test_the_rule_keeps_a_mask_exactly_where_its_expected_dice_beats_emptying_it
     assert s.presence_rule == "expected" and MaskSettings().presence_rule == "off"
     assert MaskSettings(presence_threshold=0.3).presence_rule == "threshold"
     # the temperature calibrates p before the rule reads it
-    cooled = replace(s, temperature=0.25)
+    cooled = replace(s, presence_temperature=0.25)
     assert np.array_equal(cooled.keep(scores, trust),
                           calibrate(scores, 0.25) * q > 1 - calibrate(scores, 0.25))
 
@@ -80,9 +80,9 @@ def test_choose_fits_the_rule_on_held_out_data_and_it_beats_no_gate():
     held = _held_out()
     e = tiny_params().evaluate
     s = choose(replace(e, presence_threshold="expected"), held).settings
-    assert s.presence_threshold is None and s.expected_dice is not None
+    assert s.presence_threshold is None and s.presence_expected_dice is not None
     off = choose(e, held).settings
-    assert (s.threshold, s.temperature) == (off.threshold, off.temperature)
+    assert (s.threshold, s.presence_temperature) == (off.threshold, off.presence_temperature)
     prob, scores = held.probs[False], held.scores[False]
     kept = s.masks(prob, scores).reshape(len(prob), -1).any(axis=1)
     drawn = off.masks(prob, scores).reshape(len(prob), -1).any(axis=1)
@@ -90,23 +90,23 @@ def test_choose_fits_the_rule_on_held_out_data_and_it_beats_no_gate():
     assert presence.dice_all(s.masks(prob, scores), held.truth) > presence.dice_all(
         off.masks(prob, scores), held.truth)  # ...and Dice over all images gains
     sources = provenance(replace(e, presence_threshold="expected"), s, "out of fold, 48 images")
-    assert "p·q̂ > 1 − p" in sources["expected_dice"]
-    assert "not used" in provenance(e, off, "x")["expected_dice"]
+    assert "p·q̂ > 1 − p" in sources["presence_expected_dice"]
+    assert "not used" in provenance(e, off, "x")["presence_expected_dice"]
 
 
 def test_eval_json_the_package_and_an_export_carry_the_rule(tmp_path: Path):
     import json
 
-    s = MaskSettings(temperature=0.7, expected_dice=((0.1, 0.2), (0.9, 0.8)))
+    s = MaskSettings(presence_temperature=0.7, presence_expected_dice=((0.1, 0.2), (0.9, 0.8)))
     (tmp_path / "eval.json").write_text(json.dumps({
         "threshold": 0.5, "used_tta": 0, "used_largest_cc": 0, "used_fill_holes": 0,
         **{k: v for k, v in s.eval_keys().items() if not k.startswith("used_")}}))
     assert json.loads((tmp_path / "eval.json").read_text())["presence_rule"] == "expected"
     assert MaskSettings.from_eval(tmp_path / "eval.json") == s
     meta = json.loads(json.dumps(s.as_dict()))  # the ONNX metadata and the packaged settings
-    assert MaskSettings.from_metadata(meta) == s
+    assert MaskSettings.from_dict(meta) == s
     with pytest.raises(BusisegError, match="expected-Dice curve"):
-        MaskSettings.from_metadata({**meta, "expected_dice": [[0.9, 0.2], [0.1, 0.8]]}
+        MaskSettings.from_dict({**meta, "presence_expected_dice": [[0.9, 0.2], [0.1, 0.8]]}
                                    ).checked("m.onnx")
 
 
@@ -119,7 +119,7 @@ def test_predict_refuses_expected_on_the_command_line_and_a_number_replaces_the_
     with pytest.raises(BusisegError, match="fitted by the evaluate stage"):
         _overrides(Args())
     Args.presence_threshold = "0.4"
-    assert _overrides(Args()) == {"presence_threshold": 0.4, "expected_dice": None}
+    assert _overrides(Args()) == {"presence_threshold": 0.4, "presence_expected_dice": None}
     assert parse_params({"evaluate": {"presence_threshold": "expected"}}
                         ).evaluate.presence_threshold == "expected"
 
@@ -192,15 +192,16 @@ def test_predict_reads_the_confidence_at_the_training_size_as_evaluate_does():
     image = np.full((96, 128), 100, np.uint8)
     small = torch.from_numpy(np.full((1, 1, 32, 32), 100, np.uint8))
     prob, score = predict_probabilities(Soft(), small, 0.5, 0.25, torch.device("cpu"), 1)
-    plain = MaskSettings(threshold=0.5, temperature=1.0)
-    at_32 = float(plain.trust(prob[:, 0].numpy(), score.numpy().astype(float))[0])
+    plain = MaskSettings(threshold=0.5, presence_temperature=1.0)
+    at_32 = float(plain.confidences(prob[:, 0].numpy(), score.numpy().astype(float))[0])
     full = segment_with_score(Soft(), image, 32, 0.5, 0.25, plain).probability
     at_full = float(confidence(full[None], calibrate(score.numpy(), 1.0), 0.5)[0])
     assert abs(at_32 - at_full) > 1e-3  # the resolutions disagree on this outline
     # q̂ 1 on the training size's side of a cut between the two, 0 on the other side
     cut = (at_32 + at_full) / 2
     q = (0.0, 1.0) if at_32 > at_full else (1.0, 0.0)
-    s = replace(plain, temperature=0.05, expected_dice=((cut - 1e-4, q[0]), (cut + 1e-4, q[1])))
+    s = replace(plain, presence_temperature=0.05,
+                presence_expected_dice=((cut - 1e-4, q[0]), (cut + 1e-4, q[1])))
     scores = score.numpy().astype(float)
     assert s.keep(scores, np.array([at_32]))[0] and not s.keep(scores, np.array([at_full]))[0]
     got = segment_with_score(Soft(), image, 32, 0.5, 0.25, s)
@@ -214,9 +215,9 @@ def test_only_an_export_under_the_rule_is_format_3(tmp_path: Path):
     model = build_model("unet", base=4, depth=2).eval()
     blob = {"model": model.config, "digest": "0" * 64,
             "preprocess": {"size": 32, "input_mean": 0.5, "input_std": 0.25}}
-    rule = MaskSettings(temperature=0.8, expected_dice=((0.1, 0.3), (0.7, 0.9)))
+    rule = MaskSettings(presence_temperature=0.8, presence_expected_dice=((0.1, 0.3), (0.7, 0.9)))
     for settings, version in ((MaskSettings(presence_threshold=0.4), 2), (rule, 3)):
         path = tmp_path / f"v{version}.onnx"
         assert export_onnx(model, blob, settings, path)["version"] == version
         meta = load_onnx(path)[1]
-        assert MaskSettings.from_metadata(meta) == settings
+        assert MaskSettings.from_dict(meta) == settings

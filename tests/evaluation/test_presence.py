@@ -195,13 +195,13 @@ def test_onnx_exports_of_format_version_1_still_load_and_unknown_versions_do_not
         proto = onnx.load(str(path))
         entry = next(e for e in proto.metadata_props if e.key == "busiseg")
         old = {k: v for k, v in json.loads(entry.value).items()  # as version 1 wrote them
-               if k not in ("confidence", "temperature", "review_threshold", "channels",
-                                 "expected_dice")}
+               if k not in ("confidence", "presence_temperature", "review_threshold", "channels",
+                                 "presence_expected_dice")}
         entry.value = json.dumps({**old, "version": version})
         onnx.save(proto, str(tmp_path / f"v{version}.onnx"))
         if loads:
             meta = load_onnx(tmp_path / f"v{version}.onnx")[1]
-            assert meta["version"] == 1 and MaskSettings.from_metadata(meta) == MaskSettings()
+            assert meta["version"] == 1 and MaskSettings.from_dict(meta) == MaskSettings()
         else:
             with pytest.raises(BusisegError, match="not a busiseg ONNX export"):
                 load_onnx(tmp_path / f"v{version}.onnx")

@@ -312,3 +312,36 @@ def test_evaluates_test_predictions_written_to_disk_score_to_evaluates_figures(e
     assert table["case_id"].tolist() == per_image["case_id"].tolist()
     for col in ("class", "dice", "iou", "lesion_area", "pred_area", "hd95", "nsd"):
         assert table[col].tolist() == per_image[col].tolist(), col
+
+
+def test_at_an_original_size_other_than_the_cache_s_score_still_agrees_with_evaluate(evaluated):
+    """Originals twice as tall as the cache and as wide (row pixels 2, column pixels 1 in cache
+    units): masks written at the original size, each cache pixel a 2×1 block, must give
+    evaluate's Dice-family figures exactly, and HD95 within one original pixel of evaluate's
+    (the blocks' outline sits up to half a pixel either side of the scaled one)."""
+    tmp, first, p = evaluated
+    sized = tmp / "sized"
+    rows = first["test_rows"]
+    pd.read_csv(tmp / "manifest.csv", dtype={"case_id": str}).assign(width=32, height=64).to_csv(
+        tmp / "manifest_64x32.csv", index=False)
+    p = replace(p, evaluate=replace(p.evaluate, surface_tolerance=1.0))
+    result = evaluate(p, tmp / "a" / "model.pt", tmp / "cache.npz", tmp / "split_all.csv",
+                      manifest_path=tmp / "manifest_64x32.csv")
+    for k, (cid, cls) in enumerate(zip(rows["case_id"], rows["class"])):
+        save(sized / "truth" / cls / f"{cid}_mask.png",
+             np.repeat(result["test_true"][k], 2, axis=0))
+        save(sized / "pred" / f"{cid}.png", np.repeat(result["test_pred"][k], 2, axis=0))
+    assert score("--pred", sized / "pred", "--truth", sized / "truth", "--out", sized / "out",
+                 "--bootstrap", p.evaluate.bootstrap, "--bootstrap-seed",
+                 p.evaluate.bootstrap_seed, "--surface-tolerance", 1.0) == 0
+    want, got = result["metrics"], read_json(sized / "out" / "scores.json")["metrics"]
+    for key in ("dice", "iou", "dice_pooled", "dice_all", "iou_all", "normal_fp_area",
+                "detect_sensitivity", "detect_specificity", "dice_ci_low", "dice_ci_high"):
+        assert got[key] == want[key], key
+    table = pd.read_csv(sized / "out" / "scores.csv", dtype={"case_id": str})
+    per_image = result["per_image"]
+    assert table["dice"].tolist() == per_image["dice"].tolist()
+    lesion = (per_image["lesion_area"] > 0).to_numpy()
+    assert np.abs(table["hd95"] - per_image["hd95"]).to_numpy()[lesion].max() <= 1.0
+    assert abs(got["hd95"] - want["hd95"]) <= 1.0
+    assert want["hd95"] > first["metrics"]["hd95"]  # in original pixels, not the cache's

@@ -77,8 +77,8 @@ def test_mask_settings_come_from_evaluates_output(tmp_path: Path):
                                                       tuned_threshold=True)
     # what evaluate writes, MaskSettings reads back: one type owns the file's settings keys
     chosen = MaskSettings(0.4, tta=True, largest_cc=True, presence_threshold=0.3,
-                          confidence="combined", temperature=1.7, review_threshold=0.2,
-                          tuned_threshold=True, held_out_dice=0.81)
+                          confidence="combined", presence_temperature=1.7, review_threshold=0.2,
+                          tuned_threshold=True, val_dice=0.81)
     ev.write_text(json.dumps(chosen.eval_keys()))
     assert MaskSettings.from_eval(ev) == chosen
     ev.write_text(json.dumps({"threshold": 1.5, "used_tta": 0, "used_largest_cc": 0,

@@ -21,7 +21,6 @@ from busiseg.cli import main
 from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.files import file_sha256
 from busiseg.inference.predict import (
-    EVAL_NAMES,
     EXISTS,
     MASK_LIKE,
     SUFFIXES,
@@ -452,18 +451,37 @@ def test_argparse_refusals_and_version(capsys):
         assert capsys.readouterr().out.strip() == f"busiseg {busiseg_version()}"
 
 
-def test_every_setting_has_a_name_in_evaluates_file():
-    """The sources read a field off an evaluate file by these names: one renamed there must be
-    renamed here, or the record would call a setting read from the file a default."""
-    keys = MaskSettings().eval_keys()
-    assert all(name in keys or EVAL_NAMES.get(name) in keys for name in SETTING_NAMES)
+def test_one_table_names_every_setting_in_every_file_that_carries_it():
+    """metrics/eval.json's keys, a packaged model's or an export's settings, and the names files
+    written before carry all read back to the same settings, and the record calls each field
+    read from any of them by its source, never "default"."""
+    from busiseg.inference.predict import field_sources
+    from busiseg.inference.segment import EARLIER_NAMES, SETTINGS
+
+    s = MaskSettings(0.3, True, True, True, None, ((0.1, 0.2), (0.9, 0.8)), "combined", 0.7,
+                     0.25, True, 0.81)
+    assert all(getattr(s, n) != getattr(MaskSettings(), n) for n in SETTING_NAMES
+               if n != "presence_threshold")  # each field differs from its default
+    eval_json = json.loads(json.dumps(s.eval_keys()))
+    stored = json.loads(json.dumps(s.as_dict()))
+    earlier = {EARLIER_NAMES.get(k, k): v for k, v in stored.items()}
+    assert set(eval_json) == {SETTINGS[n][0] for n in SETTING_NAMES} | {"presence_rule"}
+    for shape in (eval_json, stored, earlier):
+        assert MaskSettings.from_dict(shape) == s
+        assert "default" not in field_sources(shape, "file").values()
+    assert eval_json["used_tta"] == 1 and eval_json["presence_rule"] == "expected"
+    assert eval_json["presence_expected_dice"] == {"confidence": [0.1, 0.9], "dice": [0.2, 0.8]}
+    assert field_sources({"threshold": 0.5}, "file")["presence_temperature"] == "default"
+    with pytest.raises(KeyError, match="used_tta"):
+        MaskSettings.from_dict({k: v for k, v in eval_json.items() if k != "used_tta"})
 
 
 def test_a_model_under_the_expected_rule_records_it_and_continues(tmp_path: Path, capsys):
     """The expected-Dice rule travels in the packaged settings (model file version 2, which an
     older busiseg refuses rather than drop the gate): predict applies it, says so per image, and
     --continue recognises its own earlier run under it."""
-    settings = MaskSettings(0.001, temperature=0.5, expected_dice=((0.2, 0.1), (0.9, 0.95)))
+    settings = MaskSettings(0.001, presence_temperature=0.5,
+                            presence_expected_dice=((0.2, 0.1), (0.9, 0.95)))
     model = model_file(tmp_path, settings)
     blob = torch.load(model, weights_only=True)
     assert blob["version"] == 1  # a hand-made copy; the package stage writes 2 for this rule
@@ -478,7 +496,7 @@ def test_a_model_under_the_expected_rule_records_it_and_continues(tmp_path: Path
     with open(out / "predictions.csv") as fh:
         row = next(csv.DictReader(fh))
     assert row["presence_rule"] == "expected" and row["presence_threshold"] == ""
-    assert MaskSettings.from_metadata(record(out)["settings"]) == settings
+    assert MaskSettings.from_dict(record(out)["settings"]) == settings
     image(inputs / "b.png", seed=1)
     capsys.readouterr()
     assert main([*cli, "--continue"]) == 0, capsys.readouterr().err

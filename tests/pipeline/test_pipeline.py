@@ -143,7 +143,7 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
                str(onnx_path)], repo, python_env)
     forward, meta = load_onnx(onnx_path)
     settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
-    assert MaskSettings.from_metadata(meta) == settings  # every setting, gate and flag included
+    assert MaskSettings.from_dict(meta) == settings  # every setting, gate and flag included
     model, blob = load_model(repo / "models" / "model.pt")
     assert (meta["size"], meta["input_mean"], meta["input_std"]) == (
         blob["preprocess"]["size"], blob["preprocess"]["input_mean"],
@@ -235,8 +235,8 @@ def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, p
     gap = int(np.argmax(np.diff(ranked)))
     p_cut = float(calibrate((ranked[gap] + ranked[gap + 1]) / 2, 0.8))  # p at a temperature
     q0 = round((1 - p_cut) / p_cut, 6)
-    expected = replace(middle, presence_threshold=None, temperature=0.8,
-                       expected_dice=((0.0, q0), (1.0, q0)))
+    expected = replace(middle, presence_threshold=None, presence_temperature=0.8,
+                       presence_expected_dice=((0.0, q0), (1.0, q0)))
     package_model(packaged, alone / "expected.pt", expected.as_dict(), {})
     want = {"model": scored["pred"].numpy().astype(bool), "middle": middle.masks(prob, scores),
             "expected": expected.masks(prob, scores)}
@@ -258,7 +258,7 @@ def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, p
                                       else middle.threshold)) <= 1e-4
                 assert not ((got != want[name]) & ~near).any(), (name, out)
     assert not (alone / "metrics").exists()
-    assert MaskSettings.from_metadata(load_onnx(alone / "model.onnx")[1]) == settings
+    assert MaskSettings.from_dict(load_onnx(alone / "model.onnx")[1]) == settings
     assert metrics["eval.json"]["threshold"] == settings.threshold
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -147,10 +148,13 @@ def test_evaluated_out_of_fold_it_has_the_mask_run_s_dice_and_the_score_run_s_sc
     table = pd.read_csv(tmp_path / "result.cv_per_image.csv")
     assert len(table) == (pd.read_csv(split)["split"] == "cv").sum()
     p = tiny_params()
-    runs = {f: evaluate(p, f, cache, split)["cv_per_image"] for f in (plain, headed)}
-    got = evaluate(load_params(tmp_path / "params.yaml"), tmp_path / "blend.pt", cache,
-                   split)["cv_per_image"]
-    assert got["dice"].to_numpy() == pytest.approx(runs[plain]["dice"].to_numpy(), abs=1e-3)
+    results = {f: evaluate(p, f, cache, split) for f in (plain, headed)}
+    runs = {f: r["cv_per_image"] for f, r in results.items()}
+    blended = evaluate(load_params(tmp_path / "params.yaml"), tmp_path / "blend.pt", cache, split)
+    got = blended["cv_per_image"]
+    # the masks come from the plain run's weights: the very same masks, pixel for pixel
+    assert np.array_equal(blended["cv_pred"], results[plain]["cv_pred"])
+    assert np.array_equal(got["dice"].to_numpy(), runs[plain]["dice"].to_numpy())
     assert got["image_score"].to_numpy() == pytest.approx(
         runs[headed]["image_score"].to_numpy(), abs=1e-5)
     assert m["cv_dice"] == pytest.approx(got["dice"][got["class"] != "normal"].mean(), abs=1e-6)

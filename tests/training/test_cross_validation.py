@@ -112,6 +112,33 @@ def test_an_ensemble_of_identical_members_predicts_what_the_member_predicts(tmp_
     assert np.array_equal(back, three)
 
 
+@pytest.mark.parametrize("presence", [False, True])
+def test_one_pass_of_the_members_gives_the_ensemble_and_each_member_exactly(tmp_path, presence):
+    """evaluate scores the ensemble and each member alone on test from one forward of every
+    member: both must equal, bit for bit, what running each of them by itself gives (TTA on, a
+    last batch shorter than the others)."""
+    cache, split = fold_data(tmp_path)
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_model("unet", base=4, depth=2, presence=presence).eval())
+    m = loaded(members, cache, split)
+    idx = list(range(7))
+    forwards = [0]
+    hooks = [member.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+             for member in members]
+    joint, singles = m.predict_with_members(idx, tta=True)
+    for hook in hooks:
+        hook.remove()
+    assert forwards[0] == 3 * 2 * 2  # members × batches (4 + 3 images) × (image, flip)
+    alone = m.predict(m.model, idx, True)
+    assert all(np.array_equal(a, b) for a, b in zip(joint, alone, strict=True))
+    for member, single in zip(members, singles, strict=True):
+        by_itself = m.predict(member, idx, True)
+        assert all(np.array_equal(a, b) for a, b in zip(single, by_itself, strict=True))
+    assert not np.array_equal(singles[0][0], singles[1][0])
+
+
 def test_bootstrap_interval_is_seeded_and_contains_the_estimate():
     values = np.random.default_rng(0).uniform(0.3, 0.9, (40, 1))
     a = bootstrap_ci(values, lambda r: r[:, 0].mean(), 500, seed=3)

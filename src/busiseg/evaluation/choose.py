@@ -126,13 +126,13 @@ def choose(e: EvaluateParams, held: HeldOut) -> Choice:
             pred = binarize(held.probs[c.tta], t, c.largest_cc, c.fill_holes)
             dice = round(lesion_dice(pred, held.truth), 6)
         if best is None or dice > best_dice:  # max()'s rule: the first of equals (or NaNs)
-            best, best_dice = replace(c, threshold=t, held_out_dice=dice), dice
+            best, best_dice = replace(c, threshold=t, val_dice=dice), dice
     prob, scores = held.probs[best.tta], held.scores[best.tta]
     # rounded as eval.json, the packaged model and an export carry it: the p the expected-Dice
     # rule reads here is then the p predict reads
-    best = replace(best, temperature=round(presence.fit_temperature(scores,
+    best = replace(best, presence_temperature=round(presence.fit_temperature(scores,
                                                                     has_lesion(held.truth)), 6))
-    trust = best.trust(prob, scores)
+    trust = best.confidences(prob, scores)
     gate_at, curve = e.presence_threshold, None
     if gate_at in FITTED_PRESENCE:
         masks = binarize(prob, best.threshold, best.largest_cc, best.fill_holes)
@@ -140,7 +140,7 @@ def choose(e: EvaluateParams, held: HeldOut) -> Choice:
             gate_at = presence.choose_threshold(masks, held.truth, scores)
         else:
             gate_at, curve = None, presence.fit_expected_dice(masks, held.truth, trust)
-    best = replace(best, presence_threshold=gate_at, expected_dice=curve,
+    best = replace(best, presence_threshold=gate_at, presence_expected_dice=curve,
                    review_threshold=review_threshold(e.review_fraction, trust))
     return Choice(best, sweeps[(best.tta, best.largest_cc, best.fill_holes)])
 
@@ -164,7 +164,8 @@ def provenance(e: EvaluateParams, chosen: MaskSettings, held_out: str) -> dict[s
     if gate == "expected":
         expected = (f"{picked}: keep a mask iff p·q̂ > 1 − p, q̂ the lesion Dice expected at its "
                     "confidence, isotonic on the held-out lesion images (evaluate."
-                    "presence_threshold: expected)" if chosen.expected_dice is not None else
+                    "presence_threshold: expected)"
+                    if chosen.presence_expected_dice is not None else
                     "evaluate.presence_threshold: expected, off: the held-out images lack lesion "
                     "or normal images")
     else:
@@ -177,8 +178,9 @@ def provenance(e: EvaluateParams, chosen: MaskSettings, held_out: str) -> dict[s
         " auto)" if gate == "auto" else "evaluate.presence_threshold: off" if gate is None
         else "evaluate.presence_threshold: expected (the rule below, no threshold)"
         if gate == "expected" else "evaluate.presence_threshold",
-        "expected_dice": expected,
-        "temperature": f"fitted on held-out data ({held_out}) to calibrate the lesion score",
+        "presence_expected_dice": expected,
+        "presence_temperature": f"fitted on held-out data ({held_out}) to calibrate the lesion "
+        "score",
         "confidence": "evaluate.confidence",
         "review_threshold": f"{picked}: flags evaluate.review_fraction of the images"
         if e.review_fraction > 0 else "evaluate.review_fraction: 0",

@@ -42,10 +42,13 @@ from busiseg.evaluation.metrics import (
 )
 from busiseg.inference.confidence import calibrate, flag
 from busiseg.inference.segment import MaskSettings, predict_probabilities
+from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
 from busiseg.runtime.device import amp_dtype, place
 from busiseg.runtime.progress import bar, show_progress
+
+Prediction = tuple[np.ndarray, np.ndarray]  # N probability maps (H×W) and N lesion scores
 
 
 def subset(cache: Cache, split: pd.DataFrame, name: str) -> tuple[list[int], pd.DataFrame]:
@@ -63,7 +66,7 @@ class Loaded:
     cache: Cache
     split: pd.DataFrame
     # probability maps and each image's lesion score (segment.lesion_score), in one forward pass
-    predict: Callable[[torch.nn.Module, list[int], bool], tuple[np.ndarray, np.ndarray]]
+    predict: Callable[[torch.nn.Module, list[int], bool], Prediction]
     progress: object = None  # a bar over evaluate's steps (evaluate.progress), or None
     # per cache image, the (row, column) size of its pixels in original-image pixels
     # (original_spacing); None leaves the boundary figures out, having no unit to give them
@@ -79,6 +82,27 @@ class Loaded:
 
     def truth(self, idx: list[int]) -> np.ndarray:
         return self.cache.masks[torch.tensor(idx, dtype=torch.long)][:, 0].numpy() > 0
+
+    def predict_with_members(self, idx: list[int], tta: bool) -> tuple[Prediction,
+                                                                     list[Prediction]]:
+        """The fold ensemble's maps and scores on `idx`, and each member's alone, from one pass
+        of every member: the members' outputs are kept as the ensemble combines them, then
+        replayed through the same inference path, so each member's figures are those it gives
+        when run by itself, at the cost of one forward."""
+        self.model.eval()
+        calls: list[list] = []  # per forward call (a batch, or its flip), every member's output
+
+        def ensemble(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            outputs = [member(x) for member in self.members]
+            calls.append(outputs)
+            return FoldEnsemble.combine(outputs)
+
+        def replay(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            kept = iter(calls)
+            return lambda x: next(kept)[k]
+
+        joint = self.predict(ensemble, idx, tta)
+        return joint, [self.predict(replay(k), idx, tta) for k in range(len(self.members))]
 
     def held_out(self, forward: torch.nn.Module, idx: list[int], ttas: set[bool]) -> HeldOut:
         runs = {tta: self.predict(forward, idx, tta) for tta in ttas}
@@ -265,18 +289,20 @@ def evaluate(p: Params, model_path, cache_path, split_path, manifest_path=None) 
     return result
 
 
-def score_test(p: Params, m: Loaded, settings: MaskSettings) -> dict:
+def score_test(p: Params, m: Loaded, settings: MaskSettings,
+               test: Prediction | None = None) -> dict:
     """The model file's model on the test split with the settings chosen on held-out data
     (pixel threshold, pieces, presence threshold, the lesion score's temperature, the review
     threshold): the test figures, their 95 % intervals, the lesion score's calibration, and how
-    well each image's confidence tells good predictions from bad."""
+    well each image's confidence tells good predictions from bad. `test`: the model's
+    prediction on the test split when the caller has made it already."""
     te_idx, te_rows = subset(m.cache, m.split, "test")
     te_true = m.truth(te_idx)
-    te_prob, scores = m.predict(m.model, te_idx, settings.tta)
-    trust = settings.trust(te_prob, scores)  # read by the expected-Dice rule too
+    te_prob, scores = test if test is not None else m.predict(m.model, te_idx, settings.tta)
+    trust = settings.confidences(te_prob, scores)  # read by the expected-Dice rule too
     te_pred = settings.masks(te_prob, scores, trust)
     metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
-    ece, table = presence.reliability(calibrate(scores, settings.temperature),
+    ece, table = presence.reliability(calibrate(scores, settings.presence_temperature),
                                       has_lesion(te_true))
     flagged = flag(trust, settings.review_threshold)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
@@ -330,10 +356,12 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
     cv = score_out_of_fold(p, m, oof, fold, cv_rows)
     choice = choose(p.evaluate, oof)
     m.step("settings chosen out of fold")
-    result = score_test(p, m, choice.settings)
+    ensemble, members = m.predict_with_members(subset(m.cache, m.split, "test")[0],
+                                               choice.settings.tta)
+    result = score_test(p, m, choice.settings, ensemble)
     m.step("test scored")
     result["metrics"].update(rounded({"folds": len(m.members), **cv["metrics"],
-                                      **member_figures(p, m, result)}))
+                                      **member_figures(p, m, result, members)}))
     result.update(threshold_sweep=choice.sweep, cv_per_image=cv["table"], cv_pred=cv["pred"],
                   cv_idx=oof_idx, reliability=cv["reliability"])  # out of fold: the one to trust
     return result
@@ -352,10 +380,10 @@ def score_out_of_fold(p: Params, m: Loaded, oof: HeldOut, fold: np.ndarray,
         mine = fold == k
         s = choose(p.evaluate, oof.rows(fold != k)).settings
         prob, scores = oof.probs[s.tta][mine], oof.scores[s.tta][mine]
-        cv_trust[mine] = s.trust(prob, scores)
+        cv_trust[mine] = s.confidences(prob, scores)
         cv_pred[mine] = s.masks(prob, scores, cv_trust[mine])
         cv_scores[mine] = scores
-        cv_calibrated[mine] = calibrate(scores, s.temperature)
+        cv_calibrated[mine] = calibrate(scores, s.presence_temperature)
         cv_flagged[mine] = flag(cv_trust[mine], s.review_threshold)
         m.step(f"fold {k} chosen on the others")
     ece, reliability = presence.reliability(cv_calibrated, has_lesion(oof.truth))
@@ -374,14 +402,14 @@ def score_out_of_fold(p: Params, m: Loaded, oof: HeldOut, fold: np.ndarray,
             "table": table, "pred": cv_pred, "reliability": reliability}
 
 
-def member_figures(p: Params, m: Loaded, result: dict) -> dict:
-    """Each fold model alone on the test images, with the ensemble's settings, and what the
-    ensemble gains over them (paired per image, with its interval)."""
-    settings, te_idx, te_true = result["settings"], result["test_idx"], result["test_true"]
+def member_figures(p: Params, m: Loaded, result: dict, members: list[Prediction]) -> dict:
+    """Each fold model alone on the test images (`members`: their predictions), with the
+    ensemble's settings, and what the ensemble gains over them (paired per image, with its
+    interval)."""
+    settings, te_true = result["settings"], result["test_true"]
     classes = result["test_rows"]["class"].tolist()
     singles = []
-    for member in m.members:
-        member_prob, member_scores = m.predict(member, te_idx, settings.tta)
+    for member_prob, member_scores in members:
         pred = settings.masks(member_prob, member_scores)
         singles.append(lesion_dice_per_image(summarize(pred, te_true, classes)[1]))
         m.step(f"member {len(singles) - 1} alone on test")

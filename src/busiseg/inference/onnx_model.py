@@ -59,7 +59,7 @@ def export_onnx(model: torch.nn.Module, blob: dict, settings: MaskSettings, out:
     except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; report one line
         raise BusisegError(f"{out}: ONNX export failed ({type(exc).__name__}: "
                            f"{first_line(exc, 200)})") from None
-    version = VERSION if settings.expected_dice is None else VERSION_EXPECTED
+    version = VERSION if settings.presence_expected_dice is None else VERSION_EXPECTED
     meta = {"format": FORMAT, "version": version, "opset": OPSET, "size": size,
             "input_mean": pre["input_mean"], "input_std": pre["input_std"], "channels": channels,
             **settings.as_dict(), "model": blob["model"], "weights_digest": blob["digest"],
@@ -136,7 +136,7 @@ def load_onnx(path: str | Path, threads: int = 0) -> tuple[OnnxForward, dict]:
         meta = json.loads(raw)
         if meta["format"] != FORMAT or meta["version"] not in READS:
             raise ValueError(f"format {meta['format']} version {meta['version']}")
-        MaskSettings.from_metadata(meta).checked(str(path))
+        MaskSettings.from_dict(meta).checked(str(path))
         int(meta["size"]), int(meta.get("channels", 1))
         as_stats(meta["input_mean"]), as_stats(meta["input_std"])
     except (TypeError, ValueError, KeyError) as exc:

@@ -34,7 +34,9 @@ from busiseg.inference.run_record import (
     write_scores,
 )
 from busiseg.inference.segment import (
+    EARLIER_NAMES,
     SETTING_NAMES,
+    SETTINGS,
     Forward,
     MaskSettings,
     Stats,
@@ -49,12 +51,6 @@ OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
 EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
-# metrics/eval.json's name for a field where it is not the field's own (MaskSettings.eval_keys)
-EVAL_NAMES = {"tta": "used_tta", "largest_cc": "used_largest_cc", "fill_holes": "used_fill_holes",
-              "tuned_threshold": "used_tune_threshold", "temperature": "presence_temperature",
-              "held_out_dice": "val_dice", "expected_dice": "presence_expected_dice"}
-
-
 @dataclass(frozen=True)
 class SourcedSettings:
     """Settings with where each field came from, so the record can say why a mask looks as it
@@ -73,11 +69,15 @@ class SourcedSettings:
 def field_sources(present: Iterable[str], label: str,
                   notes: dict[str, str] | None = None) -> dict[str, str]:
     """Each field's source: `label` (with the writer's note on it, if any) where the file or
-    model named the field under its own or its metrics/eval.json name, else "default"."""
+    model named the field under any of its names (segment.SETTINGS), else "default"."""
     present, notes = set(present), notes or {}
-    return {name: (f"{label}: {notes[name]}" if notes.get(name) else label)
-            if name in present or EVAL_NAMES.get(name) in present else "default"
-            for name in SETTING_NAMES}
+    sources = {}
+    for name in SETTING_NAMES:
+        names = (name, SETTINGS[name][0], EARLIER_NAMES.get(name))
+        note = next((notes[n] for n in names if notes.get(n)), None)
+        sources[name] = (f"{label}: {note}" if note else label) \
+            if any(n in present for n in names if n) else "default"
+    return sources
 
 
 def settings_from_flags(threshold: float | None, tta: bool, largest_cc: bool,
@@ -131,7 +131,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
         forward, meta = _named("--model", load_onnx, model_path)
         return Predictor(forward, int(meta["size"]), as_stats(meta["input_mean"]),
                          as_stats(meta["input_std"]), torch.device("cpu"),
-                         MaskSettings.from_metadata(meta), int(meta.get("channels", 1)),
+                         MaskSettings.from_dict(meta), int(meta.get("channels", 1)),
                          field_sources(meta, "model", _notes(meta)), "onnx",
                          meta.get("weights_digest"), file_sha256(model_path))
     where, _ = place(device, "--device")

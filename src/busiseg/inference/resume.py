@@ -9,7 +9,7 @@ from pathlib import Path
 
 from busiseg.errors import BusisegError, first_line
 from busiseg.inference.run_record import SCORES, Failure, input_path, mask_name, read_scores
-from busiseg.inference.segment import SETTING_NAMES
+from busiseg.inference.segment import SETTING_NAMES, MaskSettings
 
 
 def plan_resume(out_dir: Path, files: list[Path], base: Path
@@ -63,10 +63,10 @@ def _difference(earlier: dict, now: dict) -> str | None:
     if not _model_ids(was) & _model_ids(model):
         return (f"another model ({was.get('path')}, weights {_short(was.get('weights_digest'))};"
                 f" this run: {model['path']}, weights {_short(model['weights_digest'])})")
-    changed = [k for k in SETTING_NAMES if earlier["settings"].get(k) != now["settings"][k]]
+    before = MaskSettings.from_dict(earlier["settings"]).as_dict()  # any earlier spelling
+    changed = [k for k in SETTING_NAMES if before[k] != now["settings"][k]]
     if changed:
-        return ", ".join(f"{k} {earlier['settings'].get(k)} (this run: {now['settings'][k]})"
-                         for k in changed)
+        return ", ".join(f"{k} {before[k]} (this run: {now['settings'][k]})" for k in changed)
     old, new = earlier["outputs"]["mask_values"], now["outputs"]["mask_values"]
     if old != new:
         return f"--mask-values {old[1]} (this run: {new[1]})"

@@ -124,22 +124,23 @@ class MaskSettings:
     # the expected-Dice presence rule, when evaluate chose it (evaluate.presence_threshold:
     # expected): knots (confidence, expected lesion Dice) of the curve `keep` reads; None: the
     # threshold rule above, or no gate
-    expected_dice: tuple[tuple[float, float], ...] | None = None
-    # the per-image trust score: its kind, the lesion score's calibration it reads, and the
-    # value below which an image is flagged for review (None: none)
+    presence_expected_dice: tuple[tuple[float, float], ...] | None = None
+    # the per-image trust score: its kind (confidence.KINDS), the lesion score's calibration it
+    # reads, and the value below which an image is flagged for review (None: none)
     confidence: str = "entropy"
-    temperature: float = 1.0
+    presence_temperature: float = 1.0
     review_threshold: float | None = None
     # where the threshold came from (chosen on held-out data, or given), and the held-out lesion
-    # Dice the setting was chosen at: provenance, nothing that changes a mask
+    # Dice (validation, or out of fold) the setting was chosen at: provenance, nothing that
+    # changes a mask
     tuned_threshold: bool = False
-    held_out_dice: float | None = None
+    val_dice: float | None = None
 
     @property
     def presence_rule(self) -> str:
         """Which presence decision empties masks (off, threshold or expected): with `expected`
         the presence threshold is null, which alone would read as no gate at all."""
-        return ("expected" if self.expected_dice is not None else
+        return ("expected" if self.presence_expected_dice is not None else
                 "off" if self.presence_threshold is None else "threshold")
 
     def masks(self, probs: np.ndarray, scores: np.ndarray,
@@ -149,9 +150,9 @@ class MaskSettings:
         holds it already; it must be the training size's (predict's `probs` are resized back
         to the image, so predict passes it)."""
         pred = binarize(probs, self.threshold, self.largest_cc, self.fill_holes)
-        if self.expected_dice is None:
+        if self.presence_expected_dice is None:
             return gate(pred, scores, self.presence_threshold)
-        keep = self.keep(scores, self.trust(probs, scores) if trust is None else trust)
+        keep = self.keep(scores, self.confidences(probs, scores) if trust is None else trust)
         return pred & keep.reshape(-1, *([1] * (pred.ndim - 1)))
 
     def keep(self, scores: np.ndarray, trust: np.ndarray) -> np.ndarray:
@@ -159,40 +160,51 @@ class MaskSettings:
         lesion probability and q̂ the lesion Dice expected at the mask's confidence. Emptying a
         mask scores 1 on a normal image and loses the mask's Dice on a lesion image, so this is
         the decision with the larger expected Dice over all images."""
-        p = calibrate(scores, self.temperature)
-        knots = np.asarray(self.expected_dice, dtype=np.float64)
+        p = calibrate(scores, self.presence_temperature)
+        knots = np.asarray(self.presence_expected_dice, dtype=np.float64)
         q = np.interp(np.asarray(trust, dtype=np.float64), knots[:, 0], knots[:, 1])
         return p * q > 1 - p
 
-    def trust(self, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Each image's confidence (busiseg.inference.confidence), as evaluate scores it."""
-        return confidence(probs, calibrate(scores, self.temperature), self.threshold,
+    def confidences(self, probs: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Each image's confidence of kind `confidence` (busiseg.inference.confidence), as
+        evaluate scores it."""
+        return confidence(probs, calibrate(scores, self.presence_temperature), self.threshold,
                           self.confidence)
 
     def eval_keys(self) -> dict:
-        """The settings as metrics/eval.json names them (what `from_eval` reads back)."""
-        return {"threshold": self.threshold, "presence_threshold": self.presence_threshold,
-                "presence_temperature": self.temperature, "confidence": self.confidence,
-                "presence_rule": self.presence_rule,
-                "presence_expected_dice": None if self.expected_dice is None else {
-                    "confidence": [k[0] for k in self.expected_dice],
-                    "dice": [k[1] for k in self.expected_dice]},
-                "review_threshold": self.review_threshold, "val_dice": self.held_out_dice,
-                "used_tta": int(self.tta), "used_largest_cc": int(self.largest_cc),
-                "used_fill_holes": int(self.fill_holes),
-                "used_tune_threshold": int(self.tuned_threshold)}
+        """The settings as metrics/eval.json names them (SETTINGS; what `from_eval` reads
+        back), and the presence rule they amount to."""
+        out = {}
+        for name, value in self.as_dict().items():
+            if isinstance(value, bool):
+                value = int(value)  # used_*: 0/1, as dvc metrics diff shows numbers
+            elif name == "presence_expected_dice" and value is not None:
+                value = {"confidence": [k[0] for k in value], "dice": [k[1] for k in value]}
+            out[SETTINGS[name][0]] = value
+        return {**out, "presence_rule": self.presence_rule}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> MaskSettings:
+        """Settings from any of their stored shapes: metrics/eval.json's keys, or the fields'
+        own names (a packaged model, an ONNX export, predictions.json), or the names files
+        written before carry (EARLIER_NAMES). A field a file lacks keeps its default, which
+        changes nothing (no gate, no flag); the first four every file holds."""
+        values = {}
+        for name, (eval_name, read) in SETTINGS.items():
+            key = next((k for k in (name, eval_name, EARLIER_NAMES.get(name))
+                        if k is not None and stored.get(k) is not None), None)
+            if key is not None:
+                values[name] = read(stored[key])
+            elif name in ("threshold", "tta", "largest_cc", "fill_holes"):
+                raise KeyError(name if name == eval_name else f"{name} or {eval_name}")
+        return cls(**values)
 
     @classmethod
     def from_eval(cls, path: str | Path) -> MaskSettings:
         """The settings the evaluate stage applied to test (its threshold and used_* keys)."""
         path = Path(path)
         try:
-            m = json.loads(path.read_text())
-            settings = cls(threshold=float(m["threshold"]), tta=bool(m["used_tta"]),
-                           largest_cc=bool(m["used_largest_cc"]),
-                           fill_holes=bool(m["used_fill_holes"]),
-                           tuned_threshold=bool(m.get("used_tune_threshold", False)),
-                           **optional_settings(m))
+            settings = cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise BusisegError(f"{path}: not found; run the evaluate stage first (`dvc repro "
                                "evaluate`), or give predict --threshold") from None
@@ -203,20 +215,13 @@ class MaskSettings:
         return settings.checked(str(path))
 
     @classmethod
-    def from_metadata(cls, meta: dict) -> MaskSettings:
-        """The settings an ONNX export carries (`as_dict`'s keys, written at export)."""
-        return cls(float(meta["threshold"]), bool(meta["tta"]), bool(meta["largest_cc"]),
-                   bool(meta["fill_holes"]), tuned_threshold=bool(meta.get("tuned_threshold")),
-                   **optional_settings(meta))
-
-    @classmethod
     def from_model_file(cls, blob: dict, source: str) -> MaskSettings | None:
         """The settings a packaged model file carries (the package stage's `settings`), None
         for train's own file, which carries none; malformed ones end in one line."""
         if blob.get("settings") is None:
             return None
         try:
-            return cls.from_metadata(blob["settings"]).checked(source)
+            return cls.from_dict(blob["settings"]).checked(source)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BusisegError(f"{source}: its settings are unreadable ({type(exc).__name__}: "
                                f"{exc}); re-run the package stage (dvc repro)") from None
@@ -225,8 +230,9 @@ class MaskSettings:
         if self.confidence not in KINDS:
             raise BusisegError(f"{source}: confidence {self.confidence!r} is not one of "
                                f"{', '.join(KINDS)}")
-        if not self.temperature > 0:
-            raise BusisegError(f"{source}: temperature must be > 0, got {self.temperature}")
+        if not self.presence_temperature > 0:
+            raise BusisegError(f"{source}: presence temperature must be > 0, got "
+                               f"{self.presence_temperature}")
         if self.review_threshold is not None and not 0 <= self.review_threshold <= 1:
             raise BusisegError(f"{source}: review threshold must be in [0, 1], got "
                                f"{self.review_threshold}")
@@ -235,8 +241,8 @@ class MaskSettings:
         if self.presence_threshold is not None and not 0 <= self.presence_threshold <= 1:
             raise BusisegError(f"{source}: presence threshold must be in [0, 1], got "
                                f"{self.presence_threshold}")
-        if self.expected_dice is not None:
-            knots = np.asarray(self.expected_dice, dtype=np.float64)
+        if self.presence_expected_dice is not None:
+            knots = np.asarray(self.presence_expected_dice, dtype=np.float64)
             if (knots.ndim != 2 or knots.shape[1] != 2 or not len(knots)
                     or np.any(np.diff(knots[:, 0]) < 0) or not np.all((knots >= 0) & (knots <= 1))):
                 raise BusisegError(f"{source}: the expected-Dice curve must be (confidence, Dice) "
@@ -247,33 +253,9 @@ class MaskSettings:
         """JSON-shaped (the curve's knots as lists), so that a record read back from JSON, as
         predict --continue reads its own, compares equal to the settings that wrote it."""
         out = asdict(self)
-        if out["expected_dice"] is not None:
-            out["expected_dice"] = [list(k) for k in out["expected_dice"]]
+        if out["presence_expected_dice"] is not None:
+            out["presence_expected_dice"] = [list(k) for k in out["presence_expected_dice"]]
         return out
-
-
-SETTING_NAMES = tuple(f.name for f in fields(MaskSettings))  # what a mask's making depends on
-
-
-def optional_settings(m: dict) -> dict:
-    """The settings an evaluate file or export may lack (written before they existed): each
-    absent one keeps its default, which changes nothing (no gate, no flag)."""
-    out = {}
-    for key in ("presence_threshold", "review_threshold"):
-        if m.get(key) is not None:
-            out[key] = float(m[key])
-    held_out = m.get("val_dice", m.get("held_out_dice"))  # eval.json, ONNX
-    if held_out is not None:
-        out["held_out_dice"] = float(held_out)
-    temperature = m.get("presence_temperature", m.get("temperature"))  # eval.json, ONNX
-    if temperature is not None:
-        out["temperature"] = float(temperature)
-    if m.get("confidence") is not None:
-        out["confidence"] = str(m["confidence"])
-    curve = m.get("presence_expected_dice", m.get("expected_dice"))  # eval.json, ONNX
-    if curve is not None:
-        out["expected_dice"] = expected_dice_knots(curve)
-    return out
 
 
 def expected_dice_knots(curve) -> tuple[tuple[float, float], ...]:
@@ -283,6 +265,31 @@ def expected_dice_knots(curve) -> tuple[tuple[float, float], ...]:
     pairs = zip(curve["confidence"], curve["dice"], strict=True) if isinstance(curve, dict) \
         else curve
     return tuple((float(x), float(y)) for x, y in pairs)
+
+
+# The one table of the settings' names: each MaskSettings field, its key in metrics/eval.json
+# (used_*: what was applied, 0/1) and how a stored value reads back. eval_keys, from_dict,
+# as_dict (a packaged model, the ONNX metadata, predictions.json) and predict's record of where
+# each setting came from all derive from it.
+SETTINGS: dict[str, tuple[str, Callable]] = {
+    "threshold": ("threshold", float),
+    "tta": ("used_tta", bool),
+    "largest_cc": ("used_largest_cc", bool),
+    "fill_holes": ("used_fill_holes", bool),
+    "presence_threshold": ("presence_threshold", float),
+    "presence_expected_dice": ("presence_expected_dice", expected_dice_knots),
+    "confidence": ("confidence", str),
+    "presence_temperature": ("presence_temperature", float),
+    "review_threshold": ("review_threshold", float),
+    "tuned_threshold": ("used_tune_threshold", bool),
+    "val_dice": ("val_dice", float),
+}
+# the names packaged models and exports of format version 1 and 2 gave three fields
+EARLIER_NAMES = {"presence_expected_dice": "expected_dice", "presence_temperature": "temperature",
+                 "val_dice": "held_out_dice"}
+SETTING_NAMES = tuple(SETTINGS)  # what a mask's making depends on
+if tuple(f.name for f in fields(MaskSettings)) != SETTING_NAMES:
+    raise AssertionError("SETTINGS must name every MaskSettings field, in order")
 
 
 def postprocess(mask: np.ndarray, largest_cc: bool, fill_holes: bool) -> np.ndarray:
@@ -334,7 +341,7 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
     prob, presence = predict_probabilities(forward, small, mean, std,
                                            device or torch.device("cpu"), 1, tta=settings.tta)
     score = presence.numpy().astype(np.float64)
-    trust = settings.trust(prob[:, 0].numpy(), score)
+    trust = settings.confidences(prob[:, 0].numpy(), score)
     full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",
                                            align_corners=False)[:, 0].numpy()
     return Segmentation(settings.masks(full, score, trust)[0], float(score[0]), float(trust[0]),

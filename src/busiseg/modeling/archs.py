@@ -310,8 +310,15 @@ class FoldEnsemble(nn.Module):
         self.size_divisor = max(int(getattr(m, "size_divisor", 1)) for m in members)
         self.config = {**members[0].config, "members": len(members)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [split_output(m(x)) for m in self.members]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.combine([m(x) for m in self.members])
+
+    @staticmethod
+    def combine(outputs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ensemble's output from its members' own outputs on one batch: apart from
+        `forward` so that evaluate, which also scores each member alone, runs every member
+        once and combines what it kept."""
+        outs = [split_output(o) for o in outputs]
         mask = _mean_logit([o[0] for o in outs])
         return mask, _mean_logit([lesion_logit(o) for o in outs])
 

@@ -23,8 +23,9 @@ from busiseg.runtime.device import pin_kernels
 
 FORMAT = "busiseg-model"
 VERSION = 1
-# 2: a packaged model whose settings carry the expected-Dice curve (MaskSettings.expected_dice),
-# written only then, so that an older reader refuses a gate it would silently drop
+# 2: a packaged model whose settings carry the expected-Dice curve
+# (MaskSettings.presence_expected_dice), written only then, so that an older reader refuses a
+# gate it would silently drop
 VERSION_EXPECTED = 2
 READS = (VERSION, VERSION_EXPECTED)
 
@@ -165,6 +166,7 @@ def package_model(src: str | Path, dst: str | Path, settings: dict, sources: dic
     blob = read_model_file(src)
     blob["settings"] = dict(settings)
     blob["settings_source"] = dict(sources)
-    blob["version"] = VERSION if settings.get("expected_dice") is None else VERSION_EXPECTED
+    gated = settings.get("presence_expected_dice") is not None
+    blob["version"] = VERSION_EXPECTED if gated else VERSION
     atomic_torch_save(blob, Path(dst))
     return blob

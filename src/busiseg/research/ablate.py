@@ -36,7 +36,7 @@ def ablate(p: Params, model_path, cache_path, split_path) -> pd.DataFrame:
             metrics, _ = summarize(binarize(te_prob, s.threshold, lcc, fill), d.te_true, classes)
             rows.append({"tta": tta, "largest_cc": lcc, "fill_holes": fill,
                          "tune_threshold": tune, "threshold": float(s.threshold),
-                         "val_dice": s.held_out_dice,
+                         "val_dice": s.val_dice,
                          **{k: metrics[k] for k in ("dice", "iou", "dice_pooled",
                                                      "normal_empty_rate")}})
     return pd.DataFrame(rows)
