@@ -4,6 +4,8 @@
     uv run python bench/bench.py data --raw-dir PATH --size 256  # ingest + preprocess wall time
     uv run python bench/bench.py repro                           # no-op `dvc repro`
     uv run python bench/bench.py evaluate                        # evaluate stage, test split
+    uv run python bench/bench.py evaluate --run DIR --against CHECKOUT  # two versions, alternating
+    uv run python bench/bench.py members --run DIR               # members scored in one pass
     uv run python bench/bench.py memory --size 256               # peak RSS of the train stage
     uv run python bench/bench.py loss --size 128                 # step time with the empty term
     uv run python bench/bench.py predict --sizes 96 128          # PyTorch vs ONNX Runtime
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -349,9 +352,92 @@ def bench_repro(args) -> None:
 
 
 def bench_evaluate(args) -> None:
-    times = [_run_stage(REPO, "stages/evaluate.py") for _ in range(args.reps)]
-    save(args.name or "evaluate", {"median_s": round(statistics.median(times), 2),
-                                   "runs_s": [round(t, 2) for t in times]})
+    """The evaluate stage on a trained run (`--run`, a folder holding params.yaml, data/ and
+    models/; default this repository). With `--against CHECKOUT`, that checkout's evaluate and
+    this one's alternate round by round, each in its own copy of the run, and the two must
+    write identical metrics and per-image tables."""
+    run = Path(args.run).resolve() if args.run else REPO
+    sides = {"this": REPO, **({"against": Path(args.against).resolve()} if args.against else {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = {name: _evaluate_copy(run, Path(tmp) / name) for name in sides}
+        env = {"OMP_NUM_THREADS": str(torch.get_num_threads()), "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(args.reps):
+            for name, checkout in sides.items():
+                t = time.perf_counter()
+                subprocess.run([sys.executable, str(checkout / "stages" / "evaluate.py")],
+                               cwd=work[name], check=True, capture_output=True,
+                               env={**os.environ, **env, "PYTHONPATH": str(checkout / "src")})
+                times[name].append(time.perf_counter() - t)
+        tables = [f"plots/evaluate/{f}" for f in (
+            "per_image.csv", "cv_per_image.csv", "threshold.csv", "reliability.csv")]
+        identical = (all((work["this"] / f).read_bytes() == (work["against"] / f).read_bytes()
+                         for f in tables) and _figures(work["this"]) == _figures(work["against"])
+                     if args.against else None)
+    medians = {name: round(statistics.median(t), 2) for name, t in times.items()}
+    save(args.name or "evaluate", {
+        "run": str(run), "env": env, "median_s": medians["this"],
+        "runs_s": [round(t, 2) for t in times["this"]],
+        **({"against": str(sides["against"]), "against_median_s": medians["against"],
+            "against_runs_s": [round(t, 2) for t in times["against"]],
+            "speedup": round(medians["against"] / medians["this"], 3),
+            "outputs_identical": identical} if args.against else {})})
+
+
+def bench_members(args) -> None:
+    """What evaluate spends scoring a fold ensemble's members on test: the ensemble's pass and
+    then each member run again (how evaluate did it), against one pass that keeps the members'
+    outputs (Loaded.predict_with_members); alternating round by round in one process, on a
+    trained run's test split, with the outputs compared bit for bit."""
+    from busiseg.evaluation.evaluate import load, subset
+    from busiseg.params import load_params
+
+    run = Path(args.run).resolve() if args.run else REPO
+    m = load(load_params(run / "params.yaml"), run / "models" / "model.pt",
+             run / "data" / "cache.npz", run / "data" / "split.csv")
+    if not m.members:
+        raise SystemExit(f"{run}: not a cross-validation run (no fold members)")
+    idx, tta = subset(m.cache, m.split, "test")[0], True
+
+    def twice():
+        return m.predict(m.model, idx, tta), [m.predict(k, idx, tta) for k in m.members]
+
+    def once():
+        return m.predict_with_members(idx, tta)
+
+    times: dict[str, list[float]] = {"ensemble then members": [], "one pass": []}
+    results = {}
+    for _ in range(args.reps):
+        for name, how in (("ensemble then members", twice), ("one pass", once)):
+            t = time.perf_counter()
+            results[name] = how()
+            times[name].append(time.perf_counter() - t)
+    (a, a_members), (b, b_members) = results.values()
+    identical = all(np.array_equal(x, y) for pair in [(a, b), *zip(a_members, b_members)]
+                    for x, y in zip(*pair))
+    medians = {k: round(statistics.median(v), 2) for k, v in times.items()}
+    save(args.name or "evaluate_members", {
+        "run": str(run), "test_images": len(idx), "members": len(m.members), "tta": tta,
+        "threads": torch.get_num_threads(), "median_s": medians,
+        "runs_s": {k: [round(t, 2) for t in v] for k, v in times.items()},
+        "speedup": round(medians["ensemble then members"] / medians["one pass"], 3),
+        "outputs_identical": identical})
+
+
+def _figures(work: Path) -> dict:
+    """metrics/eval.json's figures, timings aside (the keys' order is no figure)."""
+    return {k: v for k, v in json.loads((work / "metrics" / "eval.json").read_text()).items()
+            if k not in ("seconds", "images_per_s")}
+
+
+def _evaluate_copy(run: Path, dest: Path) -> Path:
+    """What evaluate reads, linked from `run` (params.yaml copied), in a folder of its own."""
+    (dest / "data").mkdir(parents=True)
+    (dest / "models").mkdir()
+    for f in ("data/cache.npz", "data/split.csv", "data/manifest.csv", "models/model.pt"):
+        (dest / f).symlink_to(run / f)
+    (dest / "params.yaml").write_bytes((run / "params.yaml").read_bytes())
+    return dest
 
 
 def bench_memory(args) -> None:
@@ -534,7 +620,13 @@ def main() -> None:
     d.add_argument("--size", type=int, default=256)
     d.set_defaults(func=bench_data)
     sub.add_parser("repro", parents=[common]).set_defaults(func=bench_repro)
-    sub.add_parser("evaluate", parents=[common]).set_defaults(func=bench_evaluate)
+    ev = sub.add_parser("evaluate", parents=[common])
+    ev.add_argument("--run", default=None, help="a trained run's folder (default: this repo)")
+    ev.add_argument("--against", default=None, help="another checkout to alternate with")
+    ev.set_defaults(func=bench_evaluate)
+    mb = sub.add_parser("members", parents=[common])
+    mb.add_argument("--run", default=None, help="a trained cross-validation run's folder")
+    mb.set_defaults(func=bench_members)
     m = sub.add_parser("memory", parents=[common])
     m.add_argument("--size", type=int, default=256)
     m.add_argument("--base", type=int, default=16)

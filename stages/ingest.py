@@ -1,7 +1,7 @@
 """Stage ingest: pair every image with all its masks into data/manifest.csv, report problems."""
 
 from busiseg.data.audit import AuditPolicy
-from busiseg.data.ingest import ingest, report_dict
+from busiseg.data.ingest import IngestOptions, ingest, report_dict
 from busiseg.data.manifest import write_manifest_rows
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run, write_json
@@ -17,8 +17,9 @@ def main() -> None:
     params = load_params()
     p, channels = params.data, params.preprocess.channels
     audit = AuditPolicy(p.label_mismatch, p.cross_class_duplicates, p.burned_marks)
-    result = ingest(p.raw_dir, p.on_problem, p.near_dup_hamming, p.workers, audit, layout=p,
-                    channels=channels, progress=show_progress(p.progress))
+    result = ingest(p.raw_dir, IngestOptions(p.on_problem, p.near_dup_hamming, p.workers, audit,
+                                             layout=p, channels=channels,
+                                             progress=show_progress(p.progress)))
     write_manifest_rows(MANIFEST, result.rows)
     write_json(REPORT, report_dict(result, p.raw_dir))
     write_json(METRICS, result.metrics)

@@ -3,7 +3,7 @@
 import sys
 import time
 
-from busiseg.data.cache import preprocess
+from busiseg.data.cache import Reading, preprocess
 from busiseg.data.manifest import read_manifest_rows
 from busiseg.errors import BusisegError
 from busiseg.params import load_params
@@ -22,10 +22,10 @@ def main() -> None:
     remove_outputs(CACHE)
     manifest = read_manifest_rows("data/manifest.csv")
     start = time.perf_counter()
-    info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE,
-                      params.preprocess.workers, params.data.mask_kind == "outline",
-                      params.data.burned_marks == "mask", params.preprocess.channels,
-                      show_progress(params.data.progress))
+    reading = Reading(params.data.mask_kind == "outline", params.data.burned_marks == "mask",
+                      params.preprocess.channels)
+    info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE, reading,
+                      params.preprocess.workers, show_progress(params.data.progress))
     print(f"preprocess: {info['n_images']} images at {info['size']}x{info['size']} "
           f"in {time.perf_counter() - start:.1f}s -> {CACHE}")
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 from busiseg.data.cache import load_cache, save_cache
 from busiseg.evaluation.evaluate import Loaded
 from busiseg.evaluation.plots import read_live_curves
-from busiseg.inference.segment import predict_probabilities
+from busiseg.inference.segment import Feed, predict_probabilities
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.params import parse_params
 from busiseg.training.train import train
@@ -118,6 +119,27 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True,
     return proc
 
 
+def busiseg(args: list, cwd: Path) -> str:
+    """`busiseg ARGS` run from `cwd` in this process, its exit code checked, its output returned:
+    what the command line does, without the seconds a fresh Python spends importing PyTorch."""
+    import contextlib
+    import io
+
+    from busiseg.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        os.chdir(here)
+    if code != 0:
+        raise AssertionError(f"busiseg {' '.join(map(str, args))} failed ({code}):\n"
+                             f"{out.getvalue()}\n{err.getvalue()}")
+    return out.getvalue()
+
+
 TIMING_KEYS = {"seconds", "images_per_s"}
 STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "package", "plot")
 
@@ -150,14 +172,30 @@ def stale_stages(repo: Path, env: dict) -> set[str]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, python_env):
-    """One tiny end-to-end run, committed, shared by one test module; the pipeline tests are split
-    over two modules so that `pytest -n` (one file per worker) runs them side by side."""
-    repo = copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)
-    first = dvc(repo, python_env, "repro")
-    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
-    run(git + ["add", "-A"], repo, python_env)
-    run(git + ["commit", "-qm", "run"], repo, python_env)
-    return repo, first, load_metrics(repo)
+    """One tiny end-to-end run, committed: built once per session (the first module to ask
+    builds it, under a lock pytest-xdist's workers share) and copied for each module that uses
+    it, so that no module sees another's changes. The pipeline tests are split over two modules
+    so that `pytest -n` (one file per worker) runs them side by side."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    built = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-pipeline"
+    with FileLock(f"{built}.lock"):
+        if not (built / "repro.json").is_file():
+            repo = copy_repo(Path(tempfile.mkdtemp(dir=built.parent)), TINY_PARAMS)
+            first = dvc(repo, python_env, "repro")
+            git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+            run(git + ["add", "-A"], repo, python_env)
+            run(git + ["commit", "-qm", "run"], repo, python_env)
+            shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)  # locks, state: this path's
+            repo.rename(built)
+            (built / "repro.json").write_text(json.dumps({"stdout": first.stdout,
+                                                          "stderr": first.stderr}))
+    repo = tmp_path_factory.mktemp("repo")
+    shutil.copytree(built, repo, symlinks=True, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("repro.json"))
+    first = json.loads((built / "repro.json").read_text())
+    return repo, subprocess.CompletedProcess(["dvc", "repro"], 0, **first), load_metrics(repo)
 
 
 # ---- a tiny cached dataset and training run, for the library-level tests ------------------
@@ -237,8 +275,8 @@ def crafted_loaded(members: list[nn.Module], cache_path: Path, split_path: Path,
     cache = load_cache(cache_path)
 
     def predict(forward, idx, tta):
-        prob, score = predict_probabilities(forward, cache.images[torch.tensor(idx)], 0.5, 0.25,
-                                            torch.device("cpu"), 4, tta=tta)
+        prob, score = predict_probabilities(forward, cache.images[torch.tensor(idx)],
+                                            Feed(0.5, 0.25, batch_size=4), tta=tta)
         return prob[:, 0].numpy(), score.numpy()
 
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)

@@ -18,11 +18,31 @@ EVAL_JSON = Path("metrics/eval.json")
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = ["busiseg", *(sys.argv[1:] if argv is None else argv)]
+    try:
+        if args.command == "score":
+            return score(args)
+        return predict(args, parser) if args.command == "predict" else export(args)
+    except BusisegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="busiseg", description="Breast-ultrasound lesion "
                                      "segmentation: predict with or export a trained model, "
                                      "score predicted masks.")
     parser.add_argument("--version", action="version", version=f"busiseg {busiseg_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_predict_parser(sub)
+    add_export_parser(sub)
+    add_score_parser(sub)
+    return parser
+
+
+def add_predict_parser(sub) -> None:
     pr = sub.add_parser("predict", help="segment images with a trained model (.pt or .onnx)")
     pr.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--model", default="models/model.pt", type=Path)
@@ -61,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                          "data.burned_marks: mask")
     pr.add_argument("--version", action="version", version=f"busiseg {busiseg_version()}")
 
+
+def add_export_parser(sub) -> None:
     ex = sub.add_parser("export", help="write a trained model as a self-contained ONNX file")
     ex.add_argument("--model", default="models/model.pt", type=Path)
     ex.add_argument("--format", choices=["onnx"], default="onnx")
@@ -69,16 +91,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="the evaluate stage's choice of threshold and post-processing to embed "
                          "(default: the settings a packaged model carries, else "
                          f"{EVAL_JSON})")
-    add_score_parser(sub)
-    args = parser.parse_args(argv)
-    args.argv = ["busiseg", *(sys.argv[1:] if argv is None else argv)]
-    try:
-        if args.command == "score":
-            return score(args)
-        return predict(args, parser) if args.command == "predict" else export(args)
-    except BusisegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
 
 
 def _overrides(args) -> dict:
@@ -98,6 +110,7 @@ def _overrides(args) -> dict:
 def predict(args, parser) -> int:
     from busiseg.inference.predict import (
         Outputs,
+        RunOptions,
         predict_run,
         settings_from_eval,
         settings_from_flags,
@@ -116,9 +129,10 @@ def predict(args, parser) -> int:
     outputs = Outputs(overlays=not args.no_overlay, probabilities=args.save_probabilities,
                       mask_value=args.mask_values, resume=args.resume)
     try:
-        run = predict_run(args.model, args.inputs, args.out, chosen, device=args.device,
-                          mask_marks=args.mask_marks, overrides=_overrides(args),
-                          outputs=outputs, fallback_eval=EVAL_JSON, command=args.argv)
+        options = RunOptions(device=args.device, mask_marks=args.mask_marks,
+                             overrides=_overrides(args), fallback_eval=EVAL_JSON,
+                             command=args.argv)
+        run = predict_run(args.model, args.inputs, args.out, chosen, options, outputs)
     except KeyboardInterrupt:
         print(f"predict: interrupted; the images done are in {args.out / SCORES}: give the same "
               "command with --continue to predict the rest", file=sys.stderr)

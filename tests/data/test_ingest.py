@@ -9,13 +9,13 @@ import pytest
 from conftest import REAL_BUSI, make_case, write_png
 from PIL import Image
 
-from busiseg.data.ingest import IngestError, ingest
+from busiseg.data.ingest import IngestError, IngestOptions, ingest
 from busiseg.errors import BusisegError
 
 
 def problems_of(root: Path, **kw) -> list:
     with pytest.raises(IngestError) as info:
-        ingest(root, **kw)
+        ingest(root, IngestOptions(**kw))
     return info.value.problems
 
 
@@ -93,7 +93,7 @@ def test_each_problem_is_named_and_skippable(small_busi: Path, breakage: str, ki
     assert any(w in msg for w in ("remove", "add", "re-export", "re-download", "convert",
                                   "save", "rename", "move", "BUSI has"))
     # skipping keeps going, drops only what is broken and lists it
-    result = ingest(small_busi, on_problem="skip")
+    result = ingest(small_busi, IngestOptions(on_problem="skip"))
     assert result.metrics["n_problems"] == len(found)
     assert result.metrics["n_images"] >= 4
 
@@ -125,7 +125,7 @@ def test_dataset_without_usable_pairs(tmp_path: Path):
     (root / "benign").mkdir(parents=True)
     (root / "benign" / "x.txt").write_text("x")
     with pytest.raises(BusisegError, match="no usable image/mask pairs"):
-        ingest(root, on_problem="skip")
+        ingest(root, IngestOptions(on_problem="skip"))
 
 
 def test_exact_and_near_duplicates_are_grouped(small_busi: Path):
@@ -137,14 +137,14 @@ def test_exact_and_near_duplicates_are_grouped(small_busi: Path):
     noisy = np.clip(arr + np.random.default_rng(0).integers(-2, 3, arr.shape), 0, 255)
     write_png(b / "benign (8).png", noisy.astype(np.uint8))
     shutil.copy(b / "benign (3)_mask.png", b / "benign (8)_mask.png")
-    result = ingest(small_busi, near_dup_hamming=4)
+    result = ingest(small_busi, IngestOptions(near_dup_hamming=4))
     groups = {tuple(g["cases"]): g["kind"] for g in result.duplicate_groups}
     assert groups[("benign (1)", "benign (7)")] == "exact"
     assert ("benign (3)", "benign (8)") in groups
     assert result.metrics["n_duplicate_groups"] == len(result.duplicate_groups) >= 2
     m = result.manifest.set_index("case_id")
     assert m.loc["benign (1)", "dup_group"] == m.loc["benign (7)", "dup_group"]
-    off = ingest(small_busi, near_dup_hamming=-1)
+    off = ingest(small_busi, IngestOptions(near_dup_hamming=-1))
     assert [g["cases"] for g in off.duplicate_groups] == [["benign (1)", "benign (7)"]]
 
 
@@ -152,7 +152,7 @@ def test_report_is_json_serialisable(small_busi: Path):
     from busiseg.data.ingest import report_dict
 
     (small_busi / "benign" / "benign (2)_mask.png").unlink()
-    result = ingest(small_busi, on_problem="skip")
+    result = ingest(small_busi, IngestOptions(on_problem="skip"))
     report = json.loads(json.dumps(report_dict(result, str(small_busi))))
     assert report["problems"][0]["file"] == "benign/benign (2).png"
     assert report["problems"][0]["action"] == "skipped"
@@ -177,7 +177,8 @@ def test_real_busi_counts():
 def audit_of(root: Path, near_dup_hamming: int = 6, **policy):
     from busiseg.data.audit import AuditPolicy
 
-    return ingest(root, near_dup_hamming=near_dup_hamming, audit=AuditPolicy(**policy))
+    return ingest(root, IngestOptions(near_dup_hamming=near_dup_hamming,
+                                      audit=AuditPolicy(**policy)))
 
 
 def break_labels(root: Path) -> None:
@@ -396,9 +397,9 @@ def test_colour_marks_are_not_audited_when_colour_is_the_signal(small_busi: Path
     b = small_busi / "benign"
     colour = np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)
     Image.fromarray(colour).save(b / "benign (2).png")
-    grey = ingest(small_busi, workers=1).metrics
+    grey = ingest(small_busi, IngestOptions(workers=1)).metrics
     assert grey["audit_burned_marks"] == 1 and grey["audit_converted_images"] == 1
-    kept = ingest(small_busi, workers=1, channels=3)
+    kept = ingest(small_busi, IngestOptions(workers=1, channels=3))
     assert "audit_burned_marks" not in kept.metrics  # not checked, so not reported as 0
     assert not any(f.kind == "burned_marks" for f in kept.findings)
     with pytest.raises(BusisegError, match="data.burned_marks.*preprocess.channels 3"):

@@ -12,10 +12,10 @@ import pytest
 from conftest import run_train, tiny_params, write_png
 from PIL import Image
 
-from busiseg.data.cache import preprocess
+from busiseg.data.cache import Reading, preprocess
 from busiseg.data.demo_layouts import PARAMS, generate_layout_demo
 from busiseg.data.images import close_outline, load_mask_union
-from busiseg.data.ingest import IngestError, ingest
+from busiseg.data.ingest import IngestError, IngestOptions, ingest
 from busiseg.data.layouts import Layout
 from busiseg.data.manifest import mask_list
 from busiseg.errors import BusisegError
@@ -35,7 +35,7 @@ def demos(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_each_layout_demo_pairs_every_file(demos, name: str):
-    result = ingest(demos[name], workers=1, layout=Layout(**PARAMS[name]))
+    result = ingest(demos[name], IngestOptions(workers=1, layout=Layout(**PARAMS[name])))
     m = result.metrics
     assert m["n_images"] == m["n_masks"] == 13 and m["n_problems"] == 0
     if PARAMS[name]["classes"] == "none":  # lesion or normal, from the mask
@@ -48,21 +48,23 @@ def test_each_layout_demo_pairs_every_file(demos, name: str):
 
 def test_outline_masks_fill_to_the_regions_they_enclose(demos):
     flat = demos["flat"]
-    rows = ingest(flat, workers=1, layout=Layout(**PARAMS["flat"])).rows
+    rows = ingest(flat, IngestOptions(workers=1, layout=Layout(**PARAMS["flat"]))).rows
     lesion = next(r for r in rows if r["class"] == "lesion")
     outline = load_mask_union([flat / m for m in mask_list(lesion)])
     filled = load_mask_union([flat / m for m in mask_list(lesion)], outline=True)
     assert filled.sum() > 2 * outline.sum() and (filled | outline).sum() == filled.sum()
     # the same demo read as regions would see only the drawn contour
-    region = ingest(flat, workers=1, layout=Layout(**{**PARAMS["flat"], "mask_kind": "region"}))
-    preprocess(region.rows, flat, 64, flat.parent / "r.npz", 1)
-    preprocess(rows, flat, 64, flat.parent / "o.npz", 1, outline=True)
+    region = ingest(flat, IngestOptions(
+        workers=1, layout=Layout(**{**PARAMS["flat"], "mask_kind": "region"})))
+    preprocess(region.rows, flat, 64, flat.parent / "r.npz", workers=1)
+    preprocess(rows, flat, 64, flat.parent / "o.npz", Reading(outline=True), 1)
     assert np.load(flat.parent / "o.npz")["masks"].sum() > np.load(flat.parent / "r.npz")[
         "masks"].sum()
 
 
 def test_per_case_folders_keep_a_patient_in_one_split_group(demos):
-    rows = ingest(demos["per_case"], workers=1, layout=Layout(**PARAMS["per_case"])).rows
+    rows = ingest(demos["per_case"],
+                  IngestOptions(workers=1, layout=Layout(**PARAMS["per_case"]))).rows
     by_patient = pd.DataFrame(rows).assign(patient=lambda d: d["case_id"].str.split("/").str[0])
     assert by_patient.groupby("patient")["dup_group"].nunique().max() == 1
     assert by_patient["dup_group"].nunique() == by_patient["patient"].nunique() == 5
@@ -82,11 +84,12 @@ def test_name_rules_formats_and_stray_files_in_a_paired_layout(tmp_path: Path):
     (root / "notes.txt").write_text("x")  # outside both folders
     lay = Layout(layout="paired", images_dir="imgs", masks_dir="gt", image_name="scan_{id}",
                  mask_name="{id}_seg", classes="none")
-    found = {p.kind: p.message for p in pytest.raises(IngestError, ingest, root, workers=1,
-                                                      layout=lay).value.problems}
+    found = {p.kind: p.message for p in pytest.raises(IngestError, ingest, root,
+                                                      IngestOptions(workers=1, layout=lay)
+                                                      ).value.problems}
     assert set(found) == {"mask_without_image", "unmatched_name", "outside_layout"}
     assert "scan_7" in found["mask_without_image"] and "data.image_name" in found["unmatched_name"]
-    kept = ingest(root, on_problem="skip", workers=1, layout=lay)
+    kept = ingest(root, IngestOptions(on_problem="skip", workers=1, layout=lay))
     assert sorted(kept.manifest["case_id"]) == ["0", "1", "2", "3"]
     assert kept.metrics["n_images_lesion"] == 4 and kept.metrics["n_problems"] == 3
 
@@ -98,14 +101,15 @@ def test_classes_from_a_csv_name_missing_and_unknown_rows(tmp_path: Path):
         write_png(root / f"c{i}_mask.png", np.full((8, 8), 255, np.uint8))
     (root / "labels.csv").write_text("case_id,class\nc0,Benign\nc1,cyst\n")
     lay = Layout(layout="flat", classes="csv", classes_csv="labels.csv")
-    found = {p.kind: p.message for p in pytest.raises(IngestError, ingest, root, workers=1,
-                                                      layout=lay).value.problems}
+    found = {p.kind: p.message for p in pytest.raises(IngestError, ingest, root,
+                                                      IngestOptions(workers=1, layout=lay)
+                                                      ).value.problems}
     assert set(found) == {"no_class", "unknown_class"}
     assert "'c2'" in found["no_class"] and "'cyst'" in found["unknown_class"]
-    ok = ingest(root, on_problem="skip", workers=1, layout=lay)
+    ok = ingest(root, IngestOptions(on_problem="skip", workers=1, layout=lay))
     assert ok.manifest.set_index("case_id").loc["c0", "class"] == "benign"
     with pytest.raises(BusisegError, match="classes_csv 'nope.csv' not found"):
-        ingest(root, workers=1, layout=replace(lay, classes_csv="nope.csv"))
+        ingest(root, IngestOptions(workers=1, layout=replace(lay, classes_csv="nope.csv")))
 
 
 @pytest.mark.parametrize("raw, needle", [
@@ -139,8 +143,8 @@ def test_external_metrics_equal_evaluate_scoring_the_same_set_as_its_test_split(
     q = replace(p, external={"hc": ext})
     got = evaluate_external(q, "hc", model, tmp_path / "eval.json")["metrics"]
 
-    rows = ingest(demos["flat"], workers=1, layout=ext).rows
-    preprocess(rows, demos["flat"], 32, tmp_path / "c.npz", 1, outline=True)
+    rows = ingest(demos["flat"], IngestOptions(workers=1, layout=ext)).rows
+    preprocess(rows, demos["flat"], 32, tmp_path / "c.npz", Reading(outline=True), 1)
     split = pd.DataFrame({"case_id": [r["case_id"] for r in rows],
                           "class": [r["class"] for r in rows], "split": "test"})
     # evaluate needs a val split (its threshold is fixed here); the test rows keep their order
@@ -177,8 +181,8 @@ def test_ignore_patterns_account_for_metadata_files(tmp_path: Path):
     (root / "README.md").write_text("x")
     lay = Layout(layout="per_case", classes="none")
     with pytest.raises(IngestError, match="outside the case folders"):
-        ingest(root, workers=1, layout=lay)
-    result = ingest(root, workers=1, layout=replace(lay, ignore="*.csv, README*"))
+        ingest(root, IngestOptions(workers=1, layout=lay))
+    result = ingest(root, IngestOptions(workers=1, layout=replace(lay, ignore="*.csv, README*")))
     assert result.ignored == ["README.md", "data.csv"] and result.metrics["n_images"] == 2
     assert result.metrics["n_images_normal"] == 2
 
@@ -190,19 +194,19 @@ def test_a_bad_classes_csv_is_one_line(tmp_path: Path):
     lay = Layout(layout="flat", classes="csv", classes_csv="labels.csv")
     (root / "labels.csv").write_text("case_id,class\nc0,benign\n,malignant\nc0,malignant\n")
     with pytest.raises(BusisegError, match="line 4 gives case 'c0' class 'malignant'"):
-        ingest(root, workers=1, layout=lay)
+        ingest(root, IngestOptions(workers=1, layout=lay))
     (root / "labels.csv").write_bytes(b"case_id,class\nc0,b\xe9nign\n")
     with pytest.raises(BusisegError, match="not a readable UTF-8 CSV"):
-        ingest(root, workers=1, layout=lay)
+        ingest(root, IngestOptions(workers=1, layout=lay))
     (root / "labels.csv").write_text("case_id,class\n,benign\nc0,normal\n")  # blank id: no row
-    assert ingest(root, workers=1, layout=lay).rows[0]["class"] == "normal"
+    assert ingest(root, IngestOptions(workers=1, layout=lay)).rows[0]["class"] == "normal"
 
 
 def test_a_missing_partner_folder_still_names_every_file(tmp_path: Path):
     root = tmp_path / "set"
     write_png(root / "images" / "a.png", np.zeros((8, 8), np.uint8))
-    problems = pytest.raises(IngestError, ingest, root, workers=1,
-                             layout=Layout(layout="paired", classes="none")).value.problems
+    problems = pytest.raises(IngestError, ingest, root, IngestOptions(
+        workers=1, layout=Layout(layout="paired", classes="none"))).value.problems
     assert {(p.file, p.kind) for p in problems} == {(".", "missing_folder"),
                                                      ("images/a.png", "unpaired_folder")}
 
@@ -266,8 +270,8 @@ def test_an_outline_that_encloses_nothing_is_a_named_problem(tmp_path: Path):
     layout = Layout(layout="flat", image_name="{id}HC", mask_name="{id}HC_Annotation",
                     classes="none", mask_kind="outline")
     with pytest.raises(IngestError, match="002_HC_Annotation.png: the outline encloses no region"):
-        ingest(raw, workers=1, layout=layout)
-    result = ingest(raw, on_problem="skip", workers=1, layout=layout)
+        ingest(raw, IngestOptions(workers=1, layout=layout))
+    result = ingest(raw, IngestOptions(on_problem="skip", workers=1, layout=layout))
     m = result.metrics
     assert m["n_images"] == 2 and m["audit_open_outlines"] == 1 and m["n_problems"] == 1
     assert {r["case_id"] for r in result.rows} == {"001_", "003_"}
@@ -281,11 +285,11 @@ HC18 = Path(__file__).resolve().parents[3] / "shared" / "data" / "HC18" / "train
 def test_every_real_hc18_head_comes_out_filled(tmp_path: Path):
     layout = Layout(layout="flat", image_name="{id}HC", mask_name="{id}HC_Annotation",
                     classes="none", mask_kind="outline")
-    result = ingest(HC18, workers=2, layout=layout)
+    result = ingest(HC18, IngestOptions(workers=2, layout=layout))
     m = result.metrics
     assert m["n_problems"] == 0 and m["n_images"] == m["n_images_lesion"] == len(result.rows)
     assert m["audit_open_outlines"] >= 1  # 186_: the frame cuts the head
-    preprocess(result.rows, HC18, 64, tmp_path / "c.npz", 2, outline=True)
+    preprocess(result.rows, HC18, 64, tmp_path / "c.npz", Reading(outline=True), 2)
     masks = np.load(tmp_path / "c.npz")["masks"]
     from scipy.ndimage import binary_erosion
 
@@ -302,7 +306,8 @@ def test_a_patient_rule_keeps_one_pregnancys_scans_in_one_split_group(tmp_path: 
         write_png(raw / f"{name}HC_Annotation.png", outline)
     layout = Layout(layout="flat", image_name="{id}HC", mask_name="{id}HC_Annotation",
                     classes="none", mask_kind="outline", patient_id=r"^(\d+)_")
-    rows = pd.DataFrame(ingest(raw, workers=1, layout=layout).rows).set_index("case_id")
+    rows = pd.DataFrame(ingest(raw, IngestOptions(workers=1, layout=layout)).rows).set_index(
+        "case_id")
     group = rows["dup_group"]
     assert group["010_"] == group["010_2"] == group["010_3"]
     assert len({group["010_"], group["011_"], group["012_"]}) == 3
@@ -333,7 +338,7 @@ def test_a_patient_rule_joins_but_never_splits_a_per_case_folder(tmp_path: Path)
         write_png(raw / folder / f"{name}_mask.png", mask)
     layout = Layout(layout="per_case", image_name="{id}", mask_name="{id}_mask",
                     classes="none", patient_id=r"^[^/]+/([a-z])_")
-    group = pd.DataFrame(ingest(raw, workers=1, layout=layout).rows).set_index(
+    group = pd.DataFrame(ingest(raw, IngestOptions(workers=1, layout=layout)).rows).set_index(
         "case_id")["dup_group"]
     assert group["p1/a_1"] == group["p1/b_1"] == group["p3/a_2"]  # folder p1, and id a
     assert group["p2/c_1"] != group["p1/a_1"]

@@ -20,7 +20,7 @@ from busiseg.evaluation.choose import HeldOut, choose, provenance
 from busiseg.evaluation.evaluate import evaluate_folds
 from busiseg.evaluation.metrics import specificity_at_sensitivity
 from busiseg.inference.confidence import calibrate
-from busiseg.inference.segment import MaskSettings
+from busiseg.inference.segment import Feed, MaskSettings
 from busiseg.params import parse_params
 from busiseg.research.decisions import _expected_keep
 
@@ -191,7 +191,7 @@ def test_predict_reads_the_confidence_at_the_training_size_as_evaluate_does():
 
     image = np.full((96, 128), 100, np.uint8)
     small = torch.from_numpy(np.full((1, 1, 32, 32), 100, np.uint8))
-    prob, score = predict_probabilities(Soft(), small, 0.5, 0.25, torch.device("cpu"), 1)
+    prob, score = predict_probabilities(Soft(), small, Feed(0.5, 0.25, batch_size=1))
     plain = MaskSettings(threshold=0.5, presence_temperature=1.0)
     at_32 = float(plain.confidences(prob[:, 0].numpy(), score.numpy().astype(float))[0])
     full = segment_with_score(Soft(), image, 32, 0.5, 0.25, plain).probability

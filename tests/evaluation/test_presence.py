@@ -22,11 +22,11 @@ from busiseg.files import file_sha256
 from busiseg.inference.confidence import calibrate
 from busiseg.inference.onnx_model import export_onnx, load_onnx
 from busiseg.inference.predict import SourcedSettings, predict_run
-from busiseg.inference.segment import MaskSettings, gate, predict_probabilities
+from busiseg.inference.segment import Feed, MaskSettings, gate, predict_probabilities
 from busiseg.modeling.archs import split_output
 from busiseg.modeling.model_file import load_model
 from busiseg.modeling.registry import build_model
-from busiseg.training.losses import SegLoss
+from busiseg.training.losses import LossSpec, SegLoss
 
 
 @pytest.mark.parametrize("arch", ["unet", "unet_plus_plus", "compact", "smp_unet"])
@@ -79,7 +79,7 @@ def test_the_presence_loss_is_bce_on_whether_the_image_has_a_lesion():
     target[0, 0, 2:4, 2:4] = 1  # image 0 has a lesion, 1 and 2 are normal
     masks, logits = torch.randn(3, 1, 8, 8), torch.tensor([[2.0], [-1.0], [0.5]])
     base = SegLoss()(masks, target)
-    got = SegLoss(presence_weight=0.5)((masks, logits), target)
+    got = SegLoss(LossSpec(presence_weight=0.5))((masks, logits), target)
     want = base + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
         logits[:, 0], torch.tensor([1.0, 0.0, 0.0]))
     assert torch.allclose(got, want)
@@ -139,8 +139,8 @@ def test_a_presence_model_trains_evaluates_predicts_and_exports_the_same_decisio
     # predict: the CSV beside the masks carries the presence probability and the decision
     gray = np.random.default_rng(3).integers(0, 255, (40, 50), dtype=np.uint8)
     image = write_png(tmp_path / "in" / "x.png", gray)
-    _, pres = predict_probabilities(model, torch.zeros(3, 1, 32, 32, dtype=torch.uint8), 0.5,
-                                    0.25, torch.device("cpu"), 2, tta=True)
+    _, pres = predict_probabilities(model, torch.zeros(3, 1, 32, 32, dtype=torch.uint8),
+                                    Feed(0.5, 0.25, batch_size=2), tta=True)
     assert pres is not None and pres.shape == (3,) and bool(((pres > 0) & (pres < 1)).all())
     above = MaskSettings(threshold=0.01, presence_threshold=0.0)
     below = MaskSettings(threshold=0.01, presence_threshold=1.0)

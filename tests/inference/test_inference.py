@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from busiseg.errors import BusisegError
-from busiseg.inference.segment import MaskSettings, binarize, postprocess, probabilities, segment
+from busiseg.inference.segment import (
+    Feed,
+    MaskSettings,
+    binarize,
+    postprocess,
+    probabilities,
+    segment,
+)
 from busiseg.modeling.model_file import save_model
 from busiseg.modeling.registry import build_model
 from busiseg.params import parse_params
@@ -42,8 +49,8 @@ def test_flip_tta_averages_the_prediction_of_the_mirrored_image():
         return torch.linspace(-3, 3, x.shape[-1]).expand_as(x).clone()
 
     images = torch.zeros(3, 1, 8, 10, dtype=torch.uint8)
-    plain = probabilities(ramp, images, 0.5, 0.25, CPU, batch_size=2)
-    tta = probabilities(ramp, images, 0.5, 0.25, CPU, batch_size=2, tta=True)
+    plain = probabilities(ramp, images, Feed(0.5, 0.25, CPU, batch_size=2))
+    tta = probabilities(ramp, images, Feed(0.5, 0.25, CPU, batch_size=2), tta=True)
     assert plain.shape == tta.shape == (3, 1, 8, 10)
     assert not torch.allclose(plain, plain.flip(-1))
     assert torch.allclose(tta, tta.flip(-1))
@@ -56,7 +63,8 @@ def test_predict_segments_an_image_exactly_as_evaluate_scores_it():
     torch.manual_seed(0)
     model = build_model("unet", base=4, depth=2).eval()
     gray = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
-    prob = probabilities(model, torch.from_numpy(gray)[None, None], 0.5, 0.25, CPU, 4, tta=True)
+    prob = probabilities(model, torch.from_numpy(gray)[None, None], Feed(0.5, 0.25, CPU, 4),
+                         tta=True)
     # an untrained net's probabilities sit near one value: threshold inside their range, so the
     # masks compared are neither empty nor full
     threshold = float(np.quantile(prob.numpy(), 0.6))

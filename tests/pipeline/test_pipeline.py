@@ -14,6 +14,7 @@ import yaml
 from conftest import (
     STAGES,
     TINY_PARAMS,
+    busiseg,
     dvc,
     load_metrics,
     run,
@@ -26,7 +27,7 @@ from PIL import Image
 from busiseg.data.cache import load_cache
 from busiseg.inference.confidence import calibrate
 from busiseg.inference.onnx_model import load_onnx
-from busiseg.inference.segment import MaskSettings, binarize, probabilities
+from busiseg.inference.segment import Feed, MaskSettings, binarize, probabilities
 from busiseg.modeling.model_file import load_model
 
 pytestmark = pytest.mark.slow  # each test runs dvc on a copy of the repo
@@ -138,9 +139,8 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
                                                                          tmp_path):
     repo, _, metrics = pipeline
     onnx_path = tmp_path / "model.onnx"
-    cli = [sys.executable, "-m", "busiseg.cli"]
-    run(cli + ["export", "--model", "models/model.pt", "--format", "onnx", "--out",
-               str(onnx_path)], repo, python_env)
+    busiseg(["export", "--model", "models/model.pt", "--format", "onnx", "--out", onnx_path],
+            repo)
     forward, meta = load_onnx(onnx_path)
     settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
     assert MaskSettings.from_dict(meta) == settings  # every setting, gate and flag included
@@ -153,7 +153,7 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
     test_ids = split.loc[split["split"] == "test", "case_id"].tolist()
     cache = load_cache(repo / "data" / "cache.npz")
     images = cache.images[torch.tensor(cache.indices(test_ids))]
-    args = (images, meta["input_mean"], meta["input_std"], torch.device("cpu"), 4)
+    args = (images, Feed(meta["input_mean"], meta["input_std"], batch_size=4))
     for tta in (False, True):
         want = probabilities(model, *args, tta=tta)[:, 0].numpy()
         got = probabilities(forward, *args, tta=tta)[:, 0].numpy()
@@ -171,10 +171,9 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
     manifest = pd.read_csv(repo / "data" / "manifest.csv", dtype={"case_id": str})
     raw = repo / "data" / "demo" / "Dataset_BUSI_with_GT"
     files = [str(raw / f) for f in manifest.set_index("case_id").loc[test_ids, "image"]]
-    run(cli + ["predict", "--model", "models/model.pt", "--out", str(tmp_path / "pt"), *files],
-        repo, python_env)
-    out = run(cli + ["predict", "--model", str(onnx_path), "--out", str(tmp_path / "onnx"),
-                     *files], tmp_path, python_env).stdout
+    busiseg(["predict", "--model", "models/model.pt", "--out", tmp_path / "pt", *files], repo)
+    out = busiseg(["predict", "--model", onnx_path, "--out", tmp_path / "onnx", *files],
+                  tmp_path)
     assert "settings from" in out and "metadata" in out
     for f in files:
         name = f"{Path(f).stem}_mask.png"
@@ -184,8 +183,8 @@ def test_onnx_export_predicts_what_pytorch_predicts_on_the_demo_test_split(pipel
     # and at a threshold that splits the images: masks neither empty nor full, and equal but for
     # the odd pixel within ONNX Runtime's 1e-4 of it
     for kind, model_file in (("pt", "models/model.pt"), ("onnx", str(onnx_path))):
-        run(cli + ["predict", "--model", model_file, "--threshold", str(middle), "--out",
-                   str(tmp_path / f"{kind}-mid"), *files], repo, python_env)
+        busiseg(["predict", "--model", model_file, "--threshold", middle, "--out",
+                 tmp_path / f"{kind}-mid", *files], repo)
     a, b = ([np.asarray(Image.open(tmp_path / f"{kind}-mid" / f"{Path(f).stem}_mask.png")) > 0
              for f in files] for kind in ("pt", "onnx"))
     lesion = np.mean([m.mean() for m in a])
@@ -221,7 +220,6 @@ def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, p
     images.mkdir()
     for k, i in enumerate(idx):
         Image.fromarray(cache.images[i, 0].numpy()).save(images / f"case{k}.png")
-    cli = [sys.executable, "-m", "busiseg.cli"]
     settings = MaskSettings.from_eval(repo / "metrics" / "eval.json")
     m = load(load_params(repo / "params.yaml"), packaged, repo / "data" / "cache.npz",
              repo / "data" / "split.csv")
@@ -244,10 +242,10 @@ def test_the_packaged_model_alone_predicts_the_masks_evaluate_scored(pipeline, p
     kept = want["expected"].reshape(len(idx), -1).any(axis=1)
     assert kept.any() and not kept.all() and want["middle"][~kept].any()  # the rule empties some
     for name in ("model", "middle", "expected"):
-        run(cli + ["export", "--model", f"{name}.pt", "--out", f"{name}.onnx"], alone, python_env)
+        busiseg(["export", "--model", f"{name}.pt", "--out", f"{name}.onnx"], alone)
         for kind in ("pt", "onnx"):
-            out = run(cli + ["predict", "--model", f"{name}.{kind}", "images", "--out",
-                             f"{name}-{kind}"], alone, python_env).stdout
+            out = busiseg(["predict", "--model", f"{name}.{kind}", "images", "--out",
+                           f"{name}-{kind}"], alone)
             got = np.stack([np.asarray(Image.open(alone / f"{name}-{kind}" /
                                                   f"case{k}_mask.png")) > 0
                             for k in range(len(idx))])

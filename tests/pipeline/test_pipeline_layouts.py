@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 import yaml
-from conftest import TINY_PARAMS, copy_repo, dvc, load_metrics, run
+from conftest import TINY_PARAMS, busiseg, copy_repo, dvc, load_metrics
 from PIL import Image
 
 from busiseg.data.cache import load_cache
@@ -77,11 +76,9 @@ def test_a_three_channel_set_runs_through_dvc_with_its_colour_kept(tmp_path, pyt
     assert metrics["eval.json"]["dice"] is not None
 
     image = next(raw.glob("patient_01/*[0-9].tif"))
-    cli = [sys.executable, "-m", "busiseg.cli"]
-    run(cli + ["predict", str(image), "--out", "pt"], repo, python_env)
-    run(cli + ["export", "--model", "models/model.pt", "--format", "onnx", "--out", "m.onnx"],
-        repo, python_env)
-    run(cli + ["predict", "--model", "m.onnx", str(image), "--out", "onnx"], repo, python_env)
+    busiseg(["predict", image, "--out", "pt"], repo)
+    busiseg(["export", "--model", "models/model.pt", "--format", "onnx", "--out", "m.onnx"], repo)
+    busiseg(["predict", "--model", "m.onnx", image, "--out", "onnx"], repo)
 
     pt = np.asarray(Image.open(repo / "pt" / f"{image.stem}_mask.png"))
     onnx = np.asarray(Image.open(repo / "onnx" / f"{image.stem}_mask.png"))

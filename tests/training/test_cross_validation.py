@@ -17,7 +17,7 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds
 from busiseg.evaluation.metrics import bootstrap_ci
 from busiseg.evaluation.plots import read_live_runs
-from busiseg.inference.segment import binarize, predict_probabilities, probabilities
+from busiseg.inference.segment import Feed, binarize, predict_probabilities, probabilities
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model, save_model
 from busiseg.modeling.registry import build_model
@@ -25,6 +25,7 @@ from busiseg.params import parse_params
 from busiseg.training.cross_validation import fold_workers, train_cross_validation
 
 CPU = torch.device("cpu")
+FEED = Feed(0.5, 0.25, CPU, 4)
 SIZE = 32
 
 
@@ -99,8 +100,8 @@ def test_an_ensemble_of_identical_members_predicts_what_the_member_predicts(tmp_
     member = build_model("unet", base=4, depth=2).eval()
     ensemble = FoldEnsemble([member, copy.deepcopy(member), copy.deepcopy(member)]).eval()
     images = torch.randint(0, 256, (6, 1, SIZE, SIZE), dtype=torch.uint8)
-    one = probabilities(member, images, 0.5, 0.25, CPU, 4, tta=True)[:, 0].numpy()
-    three = probabilities(ensemble, images, 0.5, 0.25, CPU, 4, tta=True)[:, 0].numpy()
+    one = probabilities(member, images, FEED, tta=True)[:, 0].numpy()
+    three = probabilities(ensemble, images, FEED, tta=True)[:, 0].numpy()
     assert np.abs(one - three).max() <= 1e-6
     assert np.array_equal(binarize(one, 0.5), binarize(three, 0.5))
     # one model file holds the members; loading it gives the ensemble back
@@ -108,7 +109,7 @@ def test_an_ensemble_of_identical_members_predicts_what_the_member_predicts(tmp_
     save_model(tmp_path / "m.pt", ensemble.state_dict(), member.config, p, SIZE, members=3)
     again, blob = load_model(tmp_path / "m.pt")
     assert isinstance(again, FoldEnsemble) and blob["members"] == 3
-    back = probabilities(again, images, 0.5, 0.25, CPU, 4, tta=True)[:, 0].numpy()
+    back = probabilities(again, images, FEED, tta=True)[:, 0].numpy()
     assert np.array_equal(back, three)
 
 
@@ -366,7 +367,7 @@ def test_an_ensembles_lesion_score_is_the_mean_of_its_members_scores():
         torch.manual_seed(seed)
         members.append(build_model("unet", base=4, depth=2).eval())
     images = torch.randint(0, 255, (5, 1, 32, 32), dtype=torch.uint8)
-    singles = [predict_probabilities(m, images, 0.5, 0.25, CPU, 4, tta=True)[1] for m in members]
-    prob, score = predict_probabilities(FoldEnsemble(members), images, 0.5, 0.25, CPU, 4, tta=True)
+    singles = [predict_probabilities(m, images, FEED, tta=True)[1] for m in members]
+    prob, score = predict_probabilities(FoldEnsemble(members), images, FEED, tta=True)
     assert torch.allclose(score, torch.stack(singles).mean(0), atol=1e-5)
     assert (score > prob.flatten(1).amax(1) + 1e-4).any()

@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from busiseg.training.losses import SegLoss, empty_loss, image_logits, soft_dice_loss, tversky_loss
+from busiseg.training.losses import (
+    LossSpec,
+    SegLoss,
+    empty_loss,
+    image_logits,
+    soft_dice_loss,
+    tversky_loss,
+)
 
 
 def masks(*rows: str) -> np.ndarray:
@@ -33,9 +40,9 @@ def test_losses_prefer_the_right_answer(kind):
     target[0, :, 2:5, 2:5] = 1
     good = (target * 2 - 1) * 6
     bad = -good
-    loss = SegLoss(kind)
+    loss = SegLoss(LossSpec(kind))
     assert loss(good, target) < loss(torch.zeros_like(good), target) < loss(bad, target)
-    bce_only = SegLoss(kind, bce_weight=1, dice_weight=0)(torch.zeros_like(good), target)
+    bce_only = SegLoss(LossSpec(kind, bce_weight=1, dice_weight=0))(torch.zeros_like(good), target)
     assert bce_only.item() == pytest.approx(math.log(2) if kind != "focal_dice" else
                                             0.25 * math.log(2), rel=1e-4)
 
@@ -57,8 +64,8 @@ def test_image_reduction_charges_a_missed_small_lesion_in_full(kind):
     # image 2 is normal and predicted empty
     logits = torch.where(target > 0, 10.0, -10.0)
     logits[1] = -10.0
-    batch = SegLoss(kind, bce_weight=0, reduction="batch")(logits, target).item()
-    image = SegLoss(kind, bce_weight=0, reduction="image")(logits, target).item()
+    batch = SegLoss(LossSpec(kind, bce_weight=0, reduction="batch"))(logits, target).item()
+    image = SegLoss(LossSpec(kind, bce_weight=0, reduction="image"))(logits, target).item()
     assert batch < 0.1  # the miss is 16 of 160 lesion pixels
     assert image == pytest.approx(0.5, abs=0.05)  # mean of ~0 (found) and ~1 (missed), normal out
 
@@ -69,7 +76,7 @@ def test_image_reduction_on_a_batch_without_lesions_leaves_the_pixel_term():
     region = soft_dice_loss(logits, target, reduction="image")
     assert region.item() == 0.0
     region.backward()  # still part of the graph
-    full = SegLoss("bce_dice", reduction="image")(logits, target)
+    full = SegLoss(LossSpec("bce_dice", reduction="image"))(logits, target)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     assert full.item() == pytest.approx(bce.item())
 
@@ -82,7 +89,7 @@ def test_image_reduction_matches_the_mean_of_single_image_losses():
     assert soft_dice_loss(logits, target, reduction="image").item() == pytest.approx(
         torch.stack(each).mean().item())
     with pytest.raises(ValueError, match="reduction"):
-        SegLoss(reduction="pixel")
+        SegLoss(LossSpec(reduction="pixel"))
 
 
 def test_image_logit_is_the_mean_of_the_top_share_of_pixel_logits():
@@ -100,8 +107,8 @@ def test_empty_term_charges_a_small_false_positive_the_pixel_term_hardly_sees():
     clean = torch.where(target > 0, 8.0, -8.0)
     blob = clean.clone()
     blob[0, :, 4:7, 4:7] = 8.0
-    pixel = SegLoss(dice_weight=0, reduction="image")
-    empty = SegLoss(dice_weight=0, reduction="image", empty_weight=1.0)
+    pixel = SegLoss(LossSpec(dice_weight=0, reduction="image"))
+    empty = SegLoss(LossSpec(dice_weight=0, reduction="image", empty_weight=1.0))
     assert pixel(blob, target) - pixel(clean, target) < 0.04
     assert empty(blob, target) - empty(clean, target) > 1.0
     assert empty_loss(clean, target, 0.01) < 0.01
@@ -139,10 +146,10 @@ def test_empty_term_off_leaves_the_loss_bit_for_bit_unchanged():
     tversky = tversky_loss(logits, target, 0.3, 0.7, reduction="image")
     bare = {"bce_dice": bce + dice, "focal_dice": focal + dice, "tversky": bce + tversky}
     for kind, want in bare.items():
-        assert torch.equal(SegLoss(kind, reduction="image", empty_weight=0.0)(logits, target),
-                           want)
-        with_term = SegLoss(kind, reduction="image", empty_weight=0.5)(logits, target)
+        off = SegLoss(LossSpec(kind, reduction="image", empty_weight=0.0))
+        assert torch.equal(off(logits, target), want)
+        with_term = SegLoss(LossSpec(kind, reduction="image", empty_weight=0.5))(logits, target)
         assert torch.allclose(with_term - want, 0.5 * empty_loss(logits, target, 0.01))
         assert with_term > want
     with pytest.raises(ValueError, match="empty_topk"):
-        SegLoss(empty_topk=0.0)
+        SegLoss(LossSpec(empty_topk=0.0))

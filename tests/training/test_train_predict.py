@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_train, tiny_params, write_png
+from conftest import busiseg, run_train, tiny_params, write_png
 from PIL import Image
 
 import busiseg.training.checkpoint as checkpoint_module
@@ -184,11 +184,9 @@ def test_predict_from_eval_applies_what_evaluate_applied(tmp_path: Path):
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps({"dice": 0.5, "threshold": 0.3, "used_tta": 1, "used_largest_cc": 1,
                               "used_fill_holes": 0, "used_tune_threshold": 1}))
-    a = subprocess.run(cli + ["--out", str(tmp_path / "a"), "--from-eval", str(ev)],
-                       capture_output=True, text=True)
-    b = subprocess.run(cli + ["--out", str(tmp_path / "b"), "--threshold", "0.3", "--tta",
-                              "--largest-cc"], capture_output=True, text=True)
-    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    busiseg([*cli[3:], "--out", tmp_path / "a", "--from-eval", ev], tmp_path)
+    busiseg([*cli[3:], "--out", tmp_path / "b", "--threshold", "0.3", "--tta", "--largest-cc"],
+            tmp_path)
     mask = np.asarray(Image.open(tmp_path / "a" / "a_mask.png"))
     assert np.array_equal(mask, np.asarray(Image.open(tmp_path / "b" / "a_mask.png")))
     assert MaskSettings.from_eval(ev) == MaskSettings(0.3, tta=True, largest_cc=True,

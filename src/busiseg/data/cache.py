@@ -24,28 +24,38 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
     return resize_image(image, size), (m >= 128).astype(np.uint8)
 
 
-def _one(args: tuple[str, str, list[str], int, bool, bool, int]) -> tuple[np.ndarray, np.ndarray]:
-    raw, image, masks, size, outline, mask_marks, channels = args
+@dataclass(frozen=True)
+class Reading:
+    """How each image and its masks are read, as ingest checked them: masks that are closed
+    contours to fill (data.mask_kind: outline), burned-in colour marks painted over
+    (data.burned_marks: mask), 1 grey or 3 colour channels (preprocess.channels)."""
+
+    outline: bool = False
+    mask_marks: bool = False
+    channels: int = 1
+
+
+def _one(args: tuple[str, str, list[str], int, Reading]) -> tuple[np.ndarray, np.ndarray]:
+    raw, image, masks, size, reading = args
     root = Path(raw)
-    pixels = load_image(root / image, mask_marks, channels)
-    union = load_mask_union([root / m for m in masks], pixels.shape[:2], outline)
+    pixels = load_image(root / image, reading.mask_marks, reading.channels)
+    union = load_mask_union([root / m for m in masks], pixels.shape[:2], reading.outline)
     return resize_pair(pixels, union, size)
 
 
 def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,
-               workers: int = 0, outline: bool = False, mask_marks: bool = False,
-               channels: int = 1, progress: bool = False) -> dict:
-    """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns;
-    `outline`: masks are closed contours to fill (data.mask_kind: outline); `mask_marks`: paint
-    burned-in colour marks over (data.burned_marks: mask); `channels`: 1 grey, 3 colour
-    (preprocess.channels), the images' second axis."""
+               reading: Reading | None = None, workers: int = 0,
+               progress: bool = False) -> dict:
+    """manifest: rows (dicts) or a DataFrame with case_id, class, image and masks columns; the
+    images' second axis is `reading.channels`."""
+    reading = reading or Reading()
+    channels = reading.channels
     if hasattr(manifest, "to_dict"):
         manifest = manifest.to_dict("records")
     n = len(manifest)
     images = np.zeros((n, channels, size, size), dtype=np.uint8)
     masks = np.zeros((n, 1, size, size), dtype=np.uint8)
-    jobs = [(str(raw_dir), r["image"], mask_list(r), size, outline, mask_marks, channels)
-            for r in manifest]
+    jobs = [(str(raw_dir), r["image"], mask_list(r), size, reading) for r in manifest]
     for i, (img, m) in enumerate(process_map(_one, jobs, workers, desc="preprocess",
                                              progress=progress)):
         images[i], masks[i, 0] = img.transpose(2, 0, 1) if img.ndim == 3 else img, m

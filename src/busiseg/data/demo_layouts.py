@@ -28,7 +28,7 @@ from PIL import Image
 
 from busiseg.data.demo import generate_demo
 from busiseg.data.images import load_image, load_mask_union
-from busiseg.data.ingest import ingest
+from busiseg.data.ingest import IngestOptions, ingest
 from busiseg.data.manifest import mask_list
 from busiseg.params import override_value
 
@@ -62,7 +62,7 @@ def generate_layout_demo(out_dir: str | Path, layout: str, n_benign: int = 12,
     with tempfile.TemporaryDirectory() as tmp:
         generate_demo(tmp, n_benign, n_malignant, n_normal, min_size, max_size, seed)
         raw = Path(tmp) / "Dataset_BUSI_with_GT"
-        rows = ingest(raw, workers=1).rows
+        rows = ingest(raw, IngestOptions(workers=1)).rows
         for i, row in enumerate(rows, start=1):
             gray = load_image(raw / row["image"])
             mask = load_mask_union([raw / m for m in mask_list(row)], gray.shape)

@@ -153,14 +153,28 @@ def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1)
     return case
 
 
-def ingest(raw_dir: str | Path, on_problem: str = "error", near_dup_hamming: int = 6,
-           workers: int = 0, audit: AuditPolicy | None = None,
-           layout: Layout | None = None, section: str = "data",
-           channels: int = 1, progress: bool = False) -> IngestResult:
-    """`section` names the params in messages: data, or external.NAME for an external set;
-    `channels` is preprocess.channels (3: the colour-mark audit is off, `audit_burned_marks`
-    absent from the metrics)."""
-    audit, layout = audit or AuditPolicy(), layout or Layout()
+@dataclass(frozen=True)
+class IngestOptions:
+    """How to read a dataset, from the data.* params: what to do with a bad case (error | skip),
+    the near-duplicate distance (-1: off), decoding processes (0: one per core), the audit's
+    policy, the folder layout, preprocess.channels (3: the colour-mark audit is off,
+    `audit_burned_marks` absent from the metrics) and whether to show a bar."""
+
+    on_problem: str = "error"
+    near_dup_hamming: int = 6
+    workers: int = 0
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
+    layout: Layout = field(default_factory=Layout)
+    channels: int = 1
+    progress: bool = False
+
+
+def ingest(raw_dir: str | Path, options: IngestOptions | None = None,
+           section: str = "data") -> IngestResult:
+    """`section` names the params in messages: data, or external.NAME for an external set."""
+    o = options or IngestOptions()
+    on_problem, near_dup_hamming, workers = o.on_problem, o.near_dup_hamming, o.workers
+    audit, layout, channels, progress = o.audit, o.layout, o.channels, o.progress
     raw = Path(raw_dir)
     key = f"{section}.raw_dir"
     if not raw.exists():

@@ -174,82 +174,67 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict) -> str:
     ev, tr, sp, ing = (metrics.get(k, {}) for k in ("eval", "train", "split", "ingest"))
     demo, busi = is_demo(p), is_busi(p, ing)
     dataset = "synthetic-demo" if demo else "BUSI" if busi else Path(p.data.raw_dir).name
-    arch = blob["model"]
     members = int(blob.get("members") or 0)
-    what = (f"{arch['arch']}" + (f" on {arch['encoder']}" if "encoder" in arch else "")
-            + (f", an ensemble of its {members} fold models" if members else ""))
-    name = f"busiseg-{arch['arch']}" + (f"-{members}fold" if members else "")
-    pre = blob["preprocess"]
+    name = f"busiseg-{blob['model']['arch']}" + (f"-{members}fold" if members else "")
     held = (f"{members}-fold cross-validation on the non-test images (out-of-fold figures: "
             "each image scored by the fold model that never trained on it; the ensemble on "
             "test)" if members else
             f"train {sp.get('n_train')} / val {sp.get('n_val')} / test {sp.get('n_test')}")
-    settings = blob.get("settings", {})
-    setting_rows = [f"| {k} | {_setting(settings[k])} | {sources[k]} |" for k in settings
-                    if k in sources]
+    limitations = LIMITATIONS_DEMO if demo else LIMITATIONS_BUSI if busi else LIMITATIONS_OTHER
     lines = [
-        "---",
-        "license: mit",
-        "library_name: busiseg",
-        "pipeline_tag: image-segmentation",
-        "tags: [medical-imaging, ultrasound, breast-ultrasound, lesion-segmentation]",
-        f"datasets: [{dataset}]",
-        "model-index:",
-        *model_index(ev, name, dataset),
-        "---",
-        "",
+        *front_matter(ev, name, dataset),
         f"# {name}",
         "",
-        f"A lesion segmentation model for breast ultrasound: {what}, trained and scored by "
-        "busiseg's DVC pipeline. Input: one "
-        f"{'grey' if pre.get('channels', 1) == 1 else 'colour'} image of any size, resized to "
-        f"{pre['size']}x{pre['size']}; output: a lesion mask at the image's size, a lesion score "
-        "and a confidence. `model.pt` carries the weights and every setting below: "
-        "`busiseg predict --model model.pt IMAGES --out DIR` gives the masks evaluate scored.",
-        "",
-        "## Intended use",
-        "",
-        INTENDED_USE,
-        "",
-        "## Data",
-        "",
-        data_text(p, ing, busi)
-        + f" Split (seed {p.split.seed}): {held}; test: {sp.get('n_test')} images.",
-        "",
-        "## Results",
-        "",
-        *results_table(ev),
-        "",
-        f"Intervals: 95 % bootstrap over images ({p.evaluate.bootstrap} resamples). HD95 and NSD "
-        f"in pixels of the original images, NSD at a tolerance of {p.evaluate.surface_tolerance:g}"
-        " pixels (docs/data.md). Nothing about the test images was chosen on them.",
-        "",
-        "## Settings predict applies",
-        "",
-        "| setting | value | where it came from |",
-        "| --- | --- | --- |",
-        *setting_rows,
-        "",
-        "## How it was made",
-        "",
-        f"Trained on {training_machine(tr)}, card written by busiseg {__version__}. Reproduce "
-        "it from the busiseg repository at that version (bit for bit on a CPU with the same "
-        "kernels, `train.cpu_isa` or `ONEDNN_MAX_CPU_ISA`: docs/reproducibility.md), with "
-        "`data.raw_dir` your copy of the data:",
-        "",
-        "```",
-        reproduce_command(p),
-        "```",
-        "",
-        "## Limitations",
-        "",
-        *(f"- {x}" for x in (LIMITATIONS_DEMO if demo else LIMITATIONS_BUSI if busi
-                             else LIMITATIONS_OTHER)),
-        "",
-        "## Citation",
-        "",
-        "busiseg (see CITATION.cff in its repository)"
-        + (f"; the data: {BUSI_PAPER}" if busi else ""),
+        summary(blob),
+        *section("Intended use", INTENDED_USE),
+        *section("Data", data_text(p, ing, busi)
+                 + f" Split (seed {p.split.seed}): {held}; test: {sp.get('n_test')} images."),
+        *section("Results", *results_table(ev), "",
+                 f"Intervals: 95 % bootstrap over images ({p.evaluate.bootstrap} resamples). HD95 "
+                 f"and NSD in pixels of the original images, NSD at a tolerance of "
+                 f"{p.evaluate.surface_tolerance:g} pixels (docs/data.md). Nothing about the test "
+                 "images was chosen on them."),
+        *section("Settings predict applies", *settings_table(blob.get("settings", {}), sources)),
+        *section("How it was made", f"Trained on {training_machine(tr)}, card written by busiseg "
+                 f"{__version__}. Reproduce it from the busiseg repository at that version (bit "
+                 "for bit on a CPU with the same kernels, `train.cpu_isa` or "
+                 "`ONEDNN_MAX_CPU_ISA`: docs/reproducibility.md), with `data.raw_dir` your copy "
+                 "of the data:", "", "```", reproduce_command(p), "```"),
+        *section("Limitations", *(f"- {x}" for x in limitations)),
+        *section("Citation", "busiseg (see CITATION.cff in its repository)"
+                 + (f"; the data: {BUSI_PAPER}" if busi else "")),
         "",
     ]
     return "\n".join(lines)
+
+
+def section(title: str, *body: str) -> list[str]:
+    return ["", f"## {title}", "", *body]
+
+
+def front_matter(ev: dict, name: str, dataset: str) -> list[str]:
+    """The Hugging Face model-card header: licence, task, tags and the headline figures."""
+    return ["---", "license: mit", "library_name: busiseg", "pipeline_tag: image-segmentation",
+            "tags: [medical-imaging, ultrasound, breast-ultrasound, lesion-segmentation]",
+            f"datasets: [{dataset}]", "model-index:", *model_index(ev, name, dataset), "---",
+            ""]
+
+
+def summary(blob: dict) -> str:
+    arch, pre = blob["model"], blob["preprocess"]
+    members = int(blob.get("members") or 0)
+    what = (f"{arch['arch']}" + (f" on {arch['encoder']}" if "encoder" in arch else "")
+            + (f", an ensemble of its {members} fold models" if members else ""))
+    return (f"A lesion segmentation model for breast ultrasound: {what}, trained and scored by "
+            "busiseg's DVC pipeline. Input: one "
+            f"{'grey' if pre.get('channels', 1) == 1 else 'colour'} image of any size, resized "
+            f"to {pre['size']}x{pre['size']}; output: a lesion mask at the image's size, a "
+            "lesion score and a confidence. `model.pt` carries the weights and every setting "
+            "below: `busiseg predict --model model.pt IMAGES --out DIR` gives the masks "
+            "evaluate scored.")
+
+
+def settings_table(settings: dict, sources: dict) -> list[str]:
+    return ["| setting | value | where it came from |", "| --- | --- | --- |",
+            *(f"| {k} | {_setting(settings[k])} | {sources[k]} |" for k in settings
+              if k in sources)]

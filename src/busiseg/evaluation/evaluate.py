@@ -41,7 +41,7 @@ from busiseg.evaluation.metrics import (
     summarize,
 )
 from busiseg.inference.confidence import calibrate, flag
-from busiseg.inference.segment import MaskSettings, predict_probabilities
+from busiseg.inference.segment import Feed, MaskSettings, predict_probabilities
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
@@ -149,12 +149,12 @@ def load(p: Params, model_path, cache_path, split_path,
     cache = load_cache(cache_path)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     pre = blob["preprocess"]
+    feed = Feed(pre["input_mean"], pre["input_std"], device, p.evaluate.batch_size, dtype)
 
     def predict(forward: torch.nn.Module, idx: list[int],
                 tta: bool) -> tuple[np.ndarray, np.ndarray]:
         prob, score = predict_probabilities(
-            forward, cache.images[torch.tensor(idx, dtype=torch.long)], pre["input_mean"],
-            pre["input_std"], device, p.evaluate.batch_size, dtype, tta=tta)
+            forward, cache.images[torch.tensor(idx, dtype=torch.long)], feed, tta=tta)
         return prob[:, 0].numpy(), score.numpy().astype(np.float64)
 
     members = list(model.members) if blob.get("members") else []
@@ -325,6 +325,8 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
         # select_on_val may have narrowed from the params
         "val_dice": chosen.pop("val_dice"),
         "n_test": len(te_idx),
+        "presence_rule": chosen.pop("presence_rule"),
+        "presence_expected_dice": chosen.pop("presence_expected_dice"),
         **chosen,
     })
     return {"metrics": metrics,

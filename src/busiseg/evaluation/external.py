@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from busiseg.data.cache import preprocess
-from busiseg.data.ingest import ingest, report_dict
+from busiseg.data.cache import Reading, preprocess
+from busiseg.data.ingest import IngestOptions, ingest, report_dict
 from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import load, open_model, score_test
 from busiseg.inference.segment import MaskSettings
@@ -34,13 +34,14 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
     pre = opened[1]["preprocess"]
     size, channels = pre["size"], pre.get("channels", 1)
     shown = show_progress(p.data.progress)
-    found = ingest(ext.raw_dir, ext.on_problem, p.data.near_dup_hamming, p.data.workers,
-                   layout=ext, section=f"external.{name}", channels=channels, progress=shown)
+    found = ingest(ext.raw_dir, IngestOptions(ext.on_problem, p.data.near_dup_hamming,
+                                              p.data.workers, layout=ext, channels=channels,
+                                              progress=shown), section=f"external.{name}")
     with tempfile.TemporaryDirectory() as tmp:
         cache, split = Path(tmp) / "cache.npz", Path(tmp) / "split.csv"
         manifest = Path(tmp) / "manifest.csv"  # the original sizes: boundary figures' unit
-        preprocess(found.rows, ext.raw_dir, size, cache, p.data.workers,
-                   ext.mask_kind == "outline", p.data.burned_marks == "mask", channels, shown)
+        reading = Reading(ext.mask_kind == "outline", p.data.burned_marks == "mask", channels)
+        preprocess(found.rows, ext.raw_dir, size, cache, reading, p.data.workers, shown)
         pd.DataFrame({"case_id": [r["case_id"] for r in found.rows],
                       "class": [r["class"] for r in found.rows],
                       "split": "test"}).to_csv(split, index=False)

@@ -26,6 +26,7 @@ from busiseg.inference.run_record import (
     RECORD,
     SCORES,
     Failure,
+    Tally,
     append_score,
     input_path,
     mask_name,
@@ -75,8 +76,8 @@ def field_sources(present: Iterable[str], label: str,
     for name in SETTING_NAMES:
         names = (name, SETTINGS[name][0], EARLIER_NAMES.get(name))
         note = next((notes[n] for n in names if notes.get(n)), None)
-        sources[name] = (f"{label}: {note}" if note else label) \
-            if any(n in present for n in names if n) else "default"
+        named = any(n in present for n in names if n)
+        sources[name] = (f"{label}: {note}" if note else label) if named else "default"
     return sources
 
 
@@ -129,19 +130,21 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
             raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "
                                "provider; use --device cpu, or the .pt model on the GPU")
         forward, meta = _named("--model", load_onnx, model_path)
-        return Predictor(forward, int(meta["size"]), as_stats(meta["input_mean"]),
-                         as_stats(meta["input_std"]), torch.device("cpu"),
-                         MaskSettings.from_dict(meta), int(meta.get("channels", 1)),
-                         field_sources(meta, "model", _notes(meta)), "onnx",
-                         meta.get("weights_digest"), file_sha256(model_path))
-    where, _ = place(device, "--device")
-    model, blob = _named("--model", load_model, model_path, where)
-    pre = blob["preprocess"]
-    own = MaskSettings.from_model_file(blob, f"--model {model_path}")
-    sources = field_sources(blob["settings"], "model", _notes(blob)) if own else {}
-    return Predictor(model, int(pre["size"]), as_stats(pre["input_mean"]),
-                     as_stats(pre["input_std"]), where, own, int(pre.get("channels", 1)),
-                     sources, "pt", str(blob["digest"]), file_sha256(model_path))
+        predictor = Predictor(forward, int(meta["size"]), as_stats(meta["input_mean"]),
+                              as_stats(meta["input_std"]), torch.device("cpu"),
+                              MaskSettings.from_dict(meta), int(meta.get("channels", 1)),
+                              field_sources(meta, "model", _notes(meta)), "onnx",
+                              meta.get("weights_digest"))
+    else:
+        where, _ = place(device, "--device")
+        model, blob = _named("--model", load_model, model_path, where)
+        pre = blob["preprocess"]
+        own = MaskSettings.from_model_file(blob, f"--model {model_path}")
+        sources = field_sources(blob["settings"], "model", _notes(blob)) if own else {}
+        predictor = Predictor(model, int(pre["size"]), as_stats(pre["input_mean"]),
+                              as_stats(pre["input_std"]), where, own,
+                              int(pre.get("channels", 1)), sources, "pt", str(blob["digest"]))
+    return replace(predictor, file_sha256=file_sha256(model_path))
 
 
 def _named(option: str, load, *args):
@@ -236,6 +239,22 @@ class Outputs:
     resume: bool = False  # --continue: an image done by an earlier run is skipped (plan_resume)
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run goes, one field per `busiseg predict` option that is neither a setting nor an
+    output: `mask_marks` paints burned-in colour marks over first, as a model trained with
+    data.burned_marks: mask saw its images; `overrides` are MaskSettings fields given on the
+    command line (the presence threshold); `fallback_eval` the evaluate file read for a model
+    that carries no settings; `command` the argv the record keeps."""
+
+    device: str = "cpu"
+    progress: bool | None = None  # None: a bar on a terminal
+    mask_marks: bool = False
+    overrides: dict | None = None
+    fallback_eval: Path | None = None
+    command: list[str] | None = None
+
+
 @dataclass
 class PredictRun:
     written: list[Path]
@@ -271,27 +290,24 @@ def resolve_settings(predictor: Predictor, model_path: Path, chosen: SourcedSett
     return chosen
 
 
-# many keywords: one per `busiseg predict` option, passed through from the command line
 def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str | Path,
-                chosen: SourcedSettings | None = None, *, device: str = "cpu",
-                progress: bool | None = None, mask_marks: bool = False,
-                overrides: dict | None = None, outputs: Outputs | None = None,
-                fallback_eval: Path | None = None,
-                command: list[str] | None = None) -> PredictRun:
+                chosen: SourcedSettings | None = None, options: RunOptions | None = None,
+                outputs: Outputs | None = None) -> PredictRun:
     """Masks (and overlays, probability maps) for every readable input, predictions.csv and
-    predictions.json. Settings: see `resolve_settings`. `mask_marks`: paint burned-in colour
-    marks over first, as a model trained with data.burned_marks: mask saw its images."""
-    model_path, out_dir, outputs = Path(model_path), Path(out_dir), outputs or Outputs()
+    predictions.json. Settings: see `resolve_settings`."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    options, outputs = options or RunOptions(), outputs or Outputs()
     if out_dir.exists() and not out_dir.is_dir():
         raise BusisegError(f"--out {out_dir}: is a file; name a folder for the masks (a new "
                            "one, or an existing folder)")
-    predictor = load_predictor(model_path, device)
-    chosen = resolve_settings(predictor, model_path, chosen, fallback_eval, overrides)
+    predictor = load_predictor(model_path, options.device)
+    chosen = resolve_settings(predictor, model_path, chosen, options.fallback_eval,
+                              options.overrides)
     files, failures, skipped = collect_inputs(inputs)
 
     def record(rows: list[dict], finished: bool) -> dict:
-        return run_record(predictor, model_path, chosen, outputs, command, len(files), rows,
-                          skipped, failures, mask_marks, finished)
+        return run_record(predictor, model_path, chosen, outputs, options,
+                          Tally(len(files), rows, skipped, failures), finished)
 
     todo, kept = files, []
     if outputs.resume:
@@ -304,11 +320,11 @@ def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str |
     write_record(out_dir / RECORD, record([], finished=False))  # what --continue checks
     from tqdm import tqdm
 
-    show = sys.stderr.isatty() if progress is None else progress
+    show = sys.stderr.isatty() if options.progress is None else options.progress
     rows = []
     for path in tqdm(todo, desc="predict", disable=not show or len(todo) < 2):
-        row = _predict_one(predictor, chosen.settings, path, out_dir, outputs, mask_marks,
-                           failures)
+        row = _predict_one(predictor, chosen.settings, path, out_dir, outputs,
+                           options.mask_marks, failures)
         if row is not None:
             append_score(out_dir / SCORES, row, chosen.settings)
             rows.append(row)

@@ -20,7 +20,7 @@ from busiseg.files import atomic_path, atomic_write_text
 from busiseg.inference.segment import MaskSettings
 
 if TYPE_CHECKING:
-    from busiseg.inference.predict import Outputs, Predictor, SourcedSettings
+    from busiseg.inference.predict import Outputs, Predictor, RunOptions, SourcedSettings
 
 SCORES = "predictions.csv"
 RECORD = "predictions.json"
@@ -47,18 +47,26 @@ def input_path(path: Path) -> str:
     return os.path.abspath(path)
 
 
+@dataclass
+class Tally:
+    """Every input of a run, accounted for: `found`, the images found to predict before
+    --continue skipped those done; the rows written; those skipped and those that failed."""
+
+    found: int
+    written: list[dict]
+    skipped: list[Failure]
+    failures: list[Failure]
+
+
 def run_record(predictor: Predictor, model_path: Path, chosen: SourcedSettings,
-               outputs: Outputs, command: list[str] | None, found: int, written: list[dict],
-               skipped: list[Failure], failures: list[Failure], mask_marks: bool,
-               finished: bool) -> dict:
+               outputs: Outputs, options: RunOptions, tally: Tally, finished: bool) -> dict:
     """predictions.json: enough to redo the run (version, model digests, settings, command) and
-    to account for every input of this run. `found`: the images found to predict, before
-    --continue skipped those done. Written when the run starts (`finished` false, nothing
-    written yet) and again when it ends."""
+    to account for every input of this run. Written when the run starts (`finished` false,
+    nothing written yet) and again when it ends."""
     return {
         "busiseg": busiseg_version(),
         "finished": finished,
-        "command": list(command) if command is not None else None,
+        "command": list(options.command) if options.command is not None else None,
         "cwd": str(Path.cwd()),  # where the command ran: its relative arguments start here
         "image_paths": PATHS,
         "model": {"path": str(model_path.resolve()), "kind": predictor.kind,
@@ -69,13 +77,13 @@ def run_record(predictor: Predictor, model_path: Path, chosen: SourcedSettings,
         "settings_source": dict(chosen.sources),
         "outputs": {"mask_values": [0, outputs.mask_value], "overlays": outputs.overlays,
                     "probabilities": outputs.probabilities, "continue": outputs.resume,
-                    "mask_marks": mask_marks, "scores": SCORES},
-        "inputs": {"found": found,
-                   "written": [{"image": r["image"], "mask": r["mask"]} for r in written],
+                    "mask_marks": options.mask_marks, "scores": SCORES},
+        "inputs": {"found": tally.found,
+                   "written": [{"image": r["image"], "mask": r["mask"]} for r in tally.written],
                    "skipped": [{"path": input_path(f.path), "reason": f.reason}
-                               for f in skipped],
+                               for f in tally.skipped],
                    "failed": [{"path": input_path(f.path), "reason": f.reason}
-                              for f in failures]},
+                              for f in tally.failures]},
     }
 
 

@@ -26,6 +26,7 @@ from busiseg.modeling.pretrained import Stats
 from busiseg.runtime.device import autocast
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # normalised N×1×H×W float → logits
+CPU = torch.device("cpu")
 
 
 def as_stats(value) -> Stats:
@@ -44,29 +45,37 @@ def normalize(x: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
     return (x - mean) / std
 
 
-def input_batches(images: torch.Tensor, mean: Stats, std: Stats, device: torch.device,
-                  batch_size: int, channels_last: bool = False) -> Iterator[torch.Tensor]:
-    """Normalised batches of uint8 N×C×H×W images, moved to the device one batch at a time."""
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size].to(device), mean, std)
-        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
+@dataclass(frozen=True)
+class Feed:
+    """How images reach a network: the normalisation it was trained with, and the device, batch
+    size, precision (autocast dtype, None: float32) and memory layout it runs with."""
+
+    mean: Stats
+    std: Stats
+    device: torch.device = CPU
+    batch_size: int = 16
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def batches(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Normalised batches of uint8 N×C×H×W images, moved to the device one at a time."""
+        for i in range(0, len(images), self.batch_size):
+            x = normalize(images[i:i + self.batch_size].to(self.device), self.mean, self.std)
+            yield x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @torch.inference_mode()
-# nine parameters: the one inference path takes each input of a forward pass explicitly, so
-# evaluate, predict, ONNX checks and training's validation call it the same way
-def predict_probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,
-                          device: torch.device, batch_size: int,
-                          dtype: torch.dtype | None = None, tta: bool = False,
-                          channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_probabilities(forward: Forward, images: torch.Tensor, feed: Feed,
+                          tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid probabilities (float32, CPU, N×1×H×W) and each image's lesion score (N, see
     `lesion_score`); with `tta` both averaged with those of the horizontally flipped image (the
-    map flipped back)."""
+    map flipped back). The one inference path: evaluate, predict and the ONNX checks call it
+    alike."""
     if isinstance(forward, torch.nn.Module):
         forward.eval()
     maps, scores = [], []
-    for x in input_batches(images, mean, std, device, batch_size, channels_last):
-        with autocast(device, dtype):
+    for x in feed.batches(images):
+        with autocast(feed.device, feed.dtype):
             prob, score = lesion_score(forward(x))
             if tta:
                 flipped, flipped_score = lesion_score(forward(x.flip(-1)))
@@ -92,12 +101,10 @@ def lesion_score(output) -> tuple[torch.Tensor, torch.Tensor]:
     return prob, prob.flatten(1).amax(1)
 
 
-def probabilities(forward: Forward, images: torch.Tensor, mean: float, std: float,  # as above
-                  device: torch.device, batch_size: int, dtype: torch.dtype | None = None,
-                  tta: bool = False, channels_last: bool = False) -> torch.Tensor:
+def probabilities(forward: Forward, images: torch.Tensor, feed: Feed,
+                  tta: bool = False) -> torch.Tensor:
     """The probability maps of `predict_probabilities` alone."""
-    return predict_probabilities(forward, images, mean, std, device, batch_size, dtype, tta,
-                                 channels_last)[0]
+    return predict_probabilities(forward, images, feed, tta)[0]
 
 
 def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None) -> np.ndarray:
@@ -112,9 +119,9 @@ def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None
 class MaskSettings:
     """What turns probabilities into a mask, and how far to trust it. Evaluate chooses it on
     held-out data and writes it into metrics/eval.json (`eval_keys`); the package stage copies it
-    into the packaged model and export into the ONNX metadata (`as_dict`, read back by
-    `from_metadata`); train's own model file never holds it, so an evaluation setting changes
-    without re-training."""
+    into the packaged model and export into the ONNX metadata (`as_dict`); `from_dict` reads
+    any of them back (SETTINGS names each field in each); train's own model file never holds
+    it, so an evaluation setting changes without re-training."""
 
     threshold: float = 0.5
     tta: bool = False
@@ -338,8 +345,8 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
     at the training size, as evaluate takes it, and the expected-Dice rule reads that one."""
     small = torch.from_numpy(resize_image(image, size))
     small = (small.permute(2, 0, 1) if small.ndim == 3 else small[None])[None]
-    prob, presence = predict_probabilities(forward, small, mean, std,
-                                           device or torch.device("cpu"), 1, tta=settings.tta)
+    prob, presence = predict_probabilities(forward, small, Feed(mean, std, device or CPU, 1),
+                                           tta=settings.tta)
     score = presence.numpy().astype(np.float64)
     trust = settings.confidences(prob[:, 0].numpy(), score)
     full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",

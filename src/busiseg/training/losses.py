@@ -18,6 +18,7 @@ style) rewards being confident *somewhere*, not on the lesion, and cost lesion D
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -90,32 +91,52 @@ def empty_loss(logits: torch.Tensor, target: torch.Tensor, topk: float) -> torch
     return (F.softplus(image_logits(logits, topk)) * normal).mean()  # softplus(z) = BCE(z, 0)
 
 
-class SegLoss(torch.nn.Module):
-    # one keyword per train.* loss param; the pipeline builds it by name (from_params)
-    def __init__(self, kind: str = "bce_dice", bce_weight: float = 1.0, dice_weight: float = 1.0,
-                 focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
-                 reduction: str = "batch", empty_weight: float = 0.0, empty_topk: float = 0.01,
-                 presence_weight: float = 0.0):
-        super().__init__()
-        if reduction not in REDUCTIONS:  # fail at construction, not at the first batch
-            raise ValueError(f"reduction must be 'batch' or 'image', not {reduction!r}")
-        self.kind, self.bce_weight, self.dice_weight = kind, bce_weight, dice_weight
-        self.reduction = reduction
-        self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
-        if empty_weight < 0 or not 0 < empty_topk <= 1:
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss, as the train.* loss params describe it (`from_params`): the kind, its terms'
+    weights and the Dice reduction, and the empty-image and presence terms."""
+
+    kind: str = "bce_dice"
+    bce_weight: float = 1.0
+    dice_weight: float = 1.0
+    focal_gamma: float = 2.0
+    tversky_alpha: float = 0.3
+    tversky_beta: float = 0.7
+    reduction: str = "batch"
+    empty_weight: float = 0.0
+    empty_topk: float = 0.01
+    presence_weight: float = 0.0
+
+    def __post_init__(self) -> None:  # fail at construction, not at the first batch
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'batch' or 'image', not {self.reduction!r}")
+        if self.empty_weight < 0 or not 0 < self.empty_topk <= 1:
             raise ValueError("empty_weight must be ≥ 0 and empty_topk in (0, 1]")
-        self.empty_weight, self.empty_topk = empty_weight, empty_topk
-        self.presence_weight = presence_weight
 
     @classmethod
-    def from_params(cls, cfg: TrainParams) -> SegLoss:
-        """The loss train.* describes (loss, its weights, dice_reduction, the empty and presence
-        terms)."""
+    def from_params(cls, cfg: TrainParams) -> LossSpec:
         return cls(kind=cfg.loss, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
                    focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
                    tversky_beta=cfg.tversky_beta, reduction=cfg.dice_reduction,
                    empty_weight=cfg.empty_weight, empty_topk=cfg.empty_topk,
                    presence_weight=cfg.presence_weight)
+
+
+class SegLoss(torch.nn.Module):
+    def __init__(self, spec: LossSpec | None = None):
+        super().__init__()
+        spec = spec or LossSpec()
+        self.kind, self.bce_weight, self.dice_weight = spec.kind, spec.bce_weight, spec.dice_weight
+        self.reduction = spec.reduction
+        self.focal_gamma, self.alpha, self.beta = (spec.focal_gamma, spec.tversky_alpha,
+                                                   spec.tversky_beta)
+        self.empty_weight, self.empty_topk = spec.empty_weight, spec.empty_topk
+        self.presence_weight = spec.presence_weight
+
+    @classmethod
+    def from_params(cls, cfg: TrainParams) -> SegLoss:
+        """The loss train.* describes."""
+        return cls(LossSpec.from_params(cfg))
 
     def single(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, target = logits.float(), target.float()

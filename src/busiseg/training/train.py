@@ -23,7 +23,7 @@ import torch
 from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.evaluation.metrics import confusion, dice_iou, lesion_dice_iou
-from busiseg.inference.segment import input_batches, normalize
+from busiseg.inference.segment import Feed, normalize
 from busiseg.modeling.archs import check_input_size, presence_head, split_output
 from busiseg.modeling.model_file import model_kwargs, save_model, split_identity
 from busiseg.modeling.pretrained import init_encoder, input_normalisation, weights_files
@@ -37,6 +37,7 @@ from busiseg.runtime.device import (
     place,
     seed_everything,
 )
+from busiseg.runtime.placement import QueueSlot, Ranks
 from busiseg.runtime.progress import bar as progress_bar
 from busiseg.runtime.progress import show_progress
 from busiseg.training import checkpoint
@@ -44,20 +45,15 @@ from busiseg.training.augment import augment_batch
 from busiseg.training.losses import SegLoss
 
 
-# about 70 lines: the training loop, kept whole to read top to bottom (as nanoGPT's train.py);
-# what surrounds it (building the run, one epoch, validation, the summary) has helpers below
+# the training loop, kept whole to read top to bottom (as nanoGPT's train.py); what surrounds
+# it (placing the run, building it, one epoch, validation, the summary) has helpers below
 def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_path: Path,
           live_dir: Path, fold: int | None = None) -> dict:
     """One model: on the train split, keeping the best epoch on val; or, with `fold`, fold model
     k of a cross-validation run, trained on the other folds and kept at its last epoch."""
     cfg = p.train
     ranks = distributed.current()
-    device, slot = place(cfg.device, "train.device", threads=cfg.threads, processes=cfg.processes,
-                         local_rank=ranks.local_rank, deterministic=cfg.deterministic,
-                         cpu_isa=cfg.cpu_isa,
-                         check=lambda d: distributed.check_request(cfg, d, ranks))
-    distributed.init(device, ranks)
-    seed_everything(cfg.seed)
+    device, slot = place_and_seed(cfg, ranks)
 
     key = checkpoint.run_hash(p, [cache_path, split_path, *weights_files(p.model)], fold)
     done = checkpoint.finished_fold(ckpt_path, key) if fold is not None else None
@@ -103,11 +99,7 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
         # persist first: once the line below is printed, this epoch survives a kill
         checkpoint.save(ckpt_path, key, run, t.model, t.optimizer, t.scheduler, t.scaler)
         log_epoch(live, run.history[-1])
-        tag = "" if fold is None else f"fold {fold} "
-        scores = "" if val is None else (f"  val_loss {val['loss']:.4f}  val_dice "
-                                         f"{val['dice']:.4f}  val_iou {val['iou']:.4f}")
-        print(f"{tag}epoch {epoch + 1:3d}/{cfg.epochs}  train_loss {row['train_loss']:.4f}"
-              f"{scores}  lr {lr:.2e}{'  *' if improved else ''}", flush=True)
+        print(epoch_line(fold, cfg.epochs, row, val, improved), flush=True)
 
     summary = finish(t, run, model_path, fold, write=ranks.main,
                      split=split_identity(p, split_path))
@@ -118,6 +110,28 @@ def train(p: Params, cache_path: Path, split_path: Path, model_path: Path, ckpt_
 
 
 # ---- the parts around the loop --------------------------------------------------------------
+
+
+def place_and_seed(cfg: TrainParams, ranks: Ranks) -> tuple[torch.device, QueueSlot]:
+    """The run's device and its share of the machine (threads, kernels, a queue worker's
+    cores), then every generator seeded: before anything draws a random number."""
+    device, slot = place(cfg.device, "train.device", threads=cfg.threads, processes=cfg.processes,
+                         local_rank=ranks.local_rank, deterministic=cfg.deterministic,
+                         cpu_isa=cfg.cpu_isa,
+                         check=lambda d: distributed.check_request(cfg, d, ranks))
+    distributed.init(device, ranks)
+    seed_everything(cfg.seed)
+    return device, slot
+
+
+def epoch_line(fold: int | None, epochs: int, row: dict, val: dict | None,
+               improved: bool) -> str:
+    """The line each epoch prints: once it is printed, the epoch survives a kill."""
+    tag = "" if fold is None else f"fold {fold} "
+    scores = "" if val is None else (f"  val_loss {val['loss']:.4f}  val_dice "
+                                     f"{val['dice']:.4f}  val_iou {val['iou']:.4f}")
+    return (f"{tag}epoch {row['epoch']:3d}/{epochs}  train_loss {row['train_loss']:.4f}"
+            f"{scores}  lr {row['lr']:.2e}{'  *' if improved else ''}")
 
 
 @dataclass
@@ -300,8 +314,8 @@ def validate(t: Trainer) -> dict:
     t.model.eval()
     total, counts = 0.0, []
     mean, std = input_normalisation(p.model, p.preprocess.channels)
-    batches = input_batches(data.val_images, mean, std, t.device, bs,
-                            t.memory_format == torch.channels_last)
+    batches = Feed(mean, std, t.device, bs,
+                   channels_last=t.memory_format == torch.channels_last).batches(data.val_images)
     with torch.inference_mode():
         for x, y in zip(batches, data.val_masks.split(bs)):
             with autocast(t.device, t.dtype):
