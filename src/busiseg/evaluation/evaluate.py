@@ -301,24 +301,26 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
     te_prob, scores = test if test is not None else m.predict(m.model, te_idx, settings.tta)
     trust = settings.confidences(te_prob, scores)  # read by the expected-Dice rule too
     te_pred = settings.masks(te_prob, scores, trust)
-    metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
-    ece, table = presence.reliability(calibrate(scores, settings.presence_temperature),
-                                      has_lesion(te_true))
+    chosen = settings.eval_keys()
     flagged = flag(trust, settings.review_threshold)
+    calibrated = calibrate(scores, settings.presence_temperature)
+    ece, table = presence.reliability(calibrated, has_lesion(te_true))
+    metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     bounds, boundary = boundary_figures(p, te_pred, te_true, m.spacing_of(te_idx))
-    chosen = settings.eval_keys()
+    population = population_intervals(p, counts, scores)
+    trusted = trust_figures(p, counts, trust, flagged)
     metrics = rounded({
         **metrics,
         "dice_ci_low": low,
         "dice_ci_high": high,
         **bounds,
-        **population_intervals(p, counts, scores),
+        **population,
         "threshold": chosen.pop("threshold"),
         "presence_threshold": chosen.pop("presence_threshold"),  # null: off
         "presence_temperature": chosen.pop("presence_temperature"),
         "detect_ece": ece,
-        **trust_figures(p, counts, trust, flagged),
+        **trusted,
         "confidence": chosen.pop("confidence"),
         "review_threshold": chosen.pop("review_threshold"),  # null: nothing flagged
         # the held-out Dice it was chosen at, the test size, and what was applied (0/1), which
@@ -362,8 +364,8 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
                                                choice.settings.tta)
     result = score_test(p, m, choice.settings, ensemble)
     m.step("test scored")
-    result["metrics"].update(rounded({"folds": len(m.members), **cv["metrics"],
-                                      **member_figures(p, m, result, members)}))
+    alone = member_figures(p, m, result, members)
+    result["metrics"].update(rounded({"folds": len(m.members), **cv["metrics"], **alone}))
     result.update(threshold_sweep=choice.sweep, cv_per_image=cv["table"], cv_pred=cv["pred"],
                   cv_idx=oof_idx, reliability=cv["reliability"])  # out of fold: the one to trust
     return result
