@@ -35,7 +35,8 @@ TINY_PARAMS = {
     "demo": {"n_benign": 10, "n_malignant": 8, "n_normal": 6, "min_size": 64, "max_size": 96},
     "preprocess": {"size": 64},
     "model": {"base": 4, "depth": 3},
-    "train": {"epochs": 3, "batch_size": 8, "threads": 1},
+    # folds one after another in the test's process: side by side is tested on its own
+    "train": {"epochs": 3, "batch_size": 8, "threads": 1, "fold_workers": 1},
     "plot": {"n_montage": 3, "n_worst": 2},
 }
 
@@ -80,6 +81,10 @@ def small_busi(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def python_env() -> dict:
+    return python_environment()
+
+
+def python_environment() -> dict:
     """Environment whose PATH finds this interpreter's `python` and `dvc` first."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -170,30 +175,74 @@ def stale_stages(repo: Path, env: dict) -> set[str]:
     return {s for s in STAGES if f"Running stage '{s}'" in out}
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, python_env):
-    """One tiny end-to-end run, committed: built once per session (the first module to ask
-    builds it, under a lock pytest-xdist's workers share) and copied for each module that uses
-    it, so that no module sees another's changes. The pipeline tests are split over two modules
-    so that `pytest -n` (one file per worker) runs them side by side."""
+def built_pipeline(tmp_path_factory, env: dict) -> Path:
+    """One tiny end-to-end run of the repository with TINY_PARAMS, committed, its outputs in its
+    DVC cache: built once per session, under a lock that pytest-xdist's workers share (by the
+    controller as soon as a worker has collected a test that uses it, else by the first test
+    that asks); never changed, only copied (`copy_built`)."""
+    base = tmp_path_factory.getbasetemp()
+    return build_pipeline(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base, env)
+
+
+# the tests that copy the built pipeline, for pytest-xdist's controller to start it early
+BUILT_PIPELINE_USERS = ("tests/pipeline/test_pipeline.py::",
+                        "tests/pipeline/test_pipeline_runs.py::",
+                        "tests/pipeline/test_remotes.py::test_an_experiment_pushed",
+                        "tests/runtime/test_scale_out.py::test_the_queue_runs")
+_controller: dict = {}
+
+
+def pytest_configure(config):
+    _controller["config"] = config
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """On pytest-xdist's controller, which runs no test: once a worker has collected the tests,
+    the built pipeline starts building here, beside the workers, rather than on the first
+    worker that needs it while the other one waits for it."""
+    if "thread" in _controller or not any(i.startswith(BUILT_PIPELINE_USERS) for i in ids):
+        return
+    import threading
+
+    root = _controller["config"]._tmp_path_factory.getbasetemp()
+    _controller["thread"] = threading.Thread(target=build_pipeline,
+                                             args=(root, python_environment()), daemon=True)
+    _controller["thread"].start()
+
+
+def build_pipeline(root: Path, env: dict) -> Path:
     from filelock import FileLock
 
-    base = tmp_path_factory.getbasetemp()
-    built = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-pipeline"
+    built = root / "tiny-pipeline"
     with FileLock(f"{built}.lock"):
         if not (built / "repro.json").is_file():
             repo = copy_repo(Path(tempfile.mkdtemp(dir=built.parent)), TINY_PARAMS)
-            first = dvc(repo, python_env, "repro")
+            first = dvc(repo, env, "repro")
             git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
-            run(git + ["add", "-A"], repo, python_env)
-            run(git + ["commit", "-qm", "run"], repo, python_env)
+            run(git + ["add", "-A"], repo, env)
+            run(git + ["commit", "-qm", "run"], repo, env)
             shutil.rmtree(repo / ".dvc" / "tmp", ignore_errors=True)  # locks, state: this path's
             repo.rename(built)
             (built / "repro.json").write_text(json.dumps({"stdout": first.stdout,
                                                           "stderr": first.stderr}))
-    repo = tmp_path_factory.mktemp("repo")
-    shutil.copytree(built, repo, symlinks=True, dirs_exist_ok=True,
+    return built
+
+
+def copy_built(built: Path, dest: Path) -> Path:
+    """A copy of the built tiny pipeline to change at will: a git repository whose committed
+    run DVC finds up to date, so a param change re-runs only the stages that read it."""
+    shutil.copytree(built, dest, symlinks=True, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("repro.json"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, python_env):
+    """The built tiny run, copied for one test module, so that no module sees another's
+    changes. The pipeline tests are split over two modules so that `pytest -n` (one file per
+    worker) runs them side by side."""
+    built = built_pipeline(tmp_path_factory, python_env)
+    repo = copy_built(built, tmp_path_factory.mktemp("repo"))
     first = json.loads((built / "repro.json").read_text())
     return repo, subprocess.CompletedProcess(["dvc", "repro"], 0, **first), load_metrics(repo)
 

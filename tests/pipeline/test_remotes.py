@@ -10,17 +10,18 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY_PARAMS, copy_repo, dvc, run, write_png
+from conftest import TINY_PARAMS, built_pipeline, copy_built, copy_repo, dvc, run, write_png
 
 pytestmark = pytest.mark.slow  # each test runs dvc on a copy of the repo
 
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
 
 
-def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(tmp_path, python_env):
+def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(
+        tmp_path, tmp_path_factory, python_env):
     origin, storage = tmp_path / "origin.git", tmp_path / "dvc-storage"
     run(["git", "init", "-q", "--bare", str(origin)], tmp_path, python_env)
-    a = copy_repo(tmp_path / "a", TINY_PARAMS)
+    a = copy_built(built_pipeline(tmp_path_factory, python_env), tmp_path / "a")
     dvc(a, python_env, "remote", "add", "-d", "storage", str(storage))
     run(GIT + ["commit", "-qam", "remote"], a, python_env)
     run(GIT + ["remote", "add", "origin", str(origin)], a, python_env)

@@ -16,7 +16,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TIMING_KEYS, TINY_PARAMS, copy_repo, dvc, tiny_data
+from conftest import (
+    REPO,
+    TIMING_KEYS,
+    built_pipeline,
+    copy_built,
+    dvc,
+    set_params,
+    tiny_data,
+)
 
 from busiseg.errors import BusisegError
 from busiseg.evaluation.plots import read_live_curves
@@ -247,9 +255,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_the_queue_runs_two_experiments_at_once(tmp_path: Path, python_env):
-    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "threads": 0}}
-    repo = copy_repo(tmp_path / "repo", params)
+def test_the_queue_runs_two_experiments_at_once(tmp_path: Path, tmp_path_factory, python_env):
+    repo = copy_built(built_pipeline(tmp_path_factory, python_env), tmp_path / "repo")
+    set_params(repo, train={"threads": 0})  # each its share of the cores
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(git + ["commit", "-qam", "threads: the share"], cwd=repo, check=True)
     dvc(repo, python_env, "exp", "run", "--queue", "-n", "lr-small", "-S", "train.lr=0.001")
     dvc(repo, python_env, "exp", "run", "--queue", "-n", "two-proc", "-S", "train.processes=2")
     try:
