@@ -236,13 +236,14 @@ def bench_loss(args) -> None:
     from busiseg.modeling.registry import build_model
     from busiseg.params import AugmentParams
     from busiseg.training.augment import augment_batch
-    from busiseg.training.losses import SegLoss
+    from busiseg.training.losses import LossSpec, SegLoss
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    losses = {"image_dice": SegLoss(reduction="image"),
-              "image_dice_empty": SegLoss(reduction="image", empty_weight=args.empty_weight,
-                                          empty_topk=args.empty_topk)}
+    losses = {"image_dice": SegLoss(LossSpec(reduction="image")),
+              "image_dice_empty": SegLoss(LossSpec(reduction="image",
+                                                   empty_weight=args.empty_weight,
+                                                   empty_topk=args.empty_topk))}
     with tempfile.TemporaryDirectory() as tmp:
         cache = prepare(args.raw_dir, args.size, Path(tmp))[2]
     images, masks = cache.images, cache.masks
@@ -475,7 +476,7 @@ def bench_predict(args) -> None:
     """Images/s through inference.probabilities, the path predict takes, with the same weights
     in PyTorch and in ONNX Runtime; the two alternate round by round in one process."""
     from busiseg.inference.onnx_model import export_onnx, load_onnx
-    from busiseg.inference.segment import MaskSettings, probabilities
+    from busiseg.inference.segment import Feed, MaskSettings, probabilities
     from busiseg.modeling.model_file import weights_digest
     from busiseg.modeling.registry import build_model
 
@@ -499,7 +500,7 @@ def bench_predict(args) -> None:
             for r in range(args.rounds + 1):  # round 0 warms up
                 for name in (list(paths) if r % 2 else list(paths)[::-1]):
                     t = time.perf_counter()
-                    probabilities(paths[name], images, 0.5, 0.25, cpu, args.batch)
+                    probabilities(paths[name], images, Feed(0.5, 0.25, cpu, args.batch))
                     if r:
                         times[name].append(time.perf_counter() - t)
             row = {"size": size, "batch": args.batch, "images": args.images}

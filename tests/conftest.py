@@ -196,6 +196,7 @@ def pytest_configure(config):
     _controller["config"] = config
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's: absent when it is not loaded
 def pytest_xdist_node_collection_finished(node, ids):
     """On pytest-xdist's controller, which runs no test: once a worker has collected the tests,
     the built pipeline starts building here, beside the workers, rather than on the first
@@ -329,4 +330,5 @@ def crafted_loaded(members: list[nn.Module], cache_path: Path, split_path: Path,
         return prob[:, 0].numpy(), score.numpy()
 
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    return Loaded(FoldEnsemble(members), members, cache, split, predict, spacing=spacing)
+    return Loaded(FoldEnsemble(members), members, cache, split, predict, spacing=spacing,
+                  batch_size=4)

@@ -124,14 +124,15 @@ def test_one_pass_of_the_members_gives_the_ensemble_and_each_member_exactly(tmp_
         torch.manual_seed(seed)
         members.append(build_model("unet", base=4, depth=2, presence=presence).eval())
     m = loaded(members, cache, split)
-    idx = list(range(7))
+    m.batch_size = 1  # kept a chunk of 8 images at a time: 8 + 8 + 3, in batches of 4
+    idx = list(range(19))
     forwards = [0]
     hooks = [member.register_forward_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
              for member in members]
     joint, singles = m.predict_with_members(idx, tta=True)
     for hook in hooks:
         hook.remove()
-    assert forwards[0] == 3 * 2 * 2  # members × batches (4 + 3 images) × (image, flip)
+    assert forwards[0] == 3 * 5 * 2  # members × batches (4 + 4, 4 + 4, 3) × (image, flip)
     alone = m.predict(m.model, idx, True)
     assert all(np.array_equal(a, b) for a, b in zip(joint, alone, strict=True))
     for member, single in zip(members, singles, strict=True):

@@ -71,6 +71,7 @@ class Loaded:
     # per cache image, the (row, column) size of its pixels in original-image pixels
     # (original_spacing); None leaves the boundary figures out, having no unit to give them
     spacing: np.ndarray | None = None
+    batch_size: int = 16  # the images `predict` runs at once (evaluate.batch_size)
 
     def step(self, what: str) -> None:
         if self.progress is not None:
@@ -88,8 +89,20 @@ class Loaded:
         """The fold ensemble's maps and scores on `idx`, and each member's alone, from one pass
         of every member: the members' outputs are kept as the ensemble combines them, then
         replayed through the same inference path, so each member's figures are those it gives
-        when run by itself, at the cost of one forward."""
+        when run by itself, at the cost of one forward. A chunk of batches at a time (whole
+        batches, so every batch is the one a single pass makes) bounds what is kept."""
         self.model.eval()
+        chunk = self.batch_size * 8
+        parts = [self._with_members(idx[i:i + chunk], tta)
+                 for i in range(0, len(idx), chunk)] or [self._with_members(idx, tta)]
+
+        def joined(runs: list[Prediction]) -> Prediction:
+            return np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs])
+
+        return (joined([joint for joint, _ in parts]),
+                [joined([alone[k] for _, alone in parts]) for k in range(len(self.members))])
+
+    def _with_members(self, idx: list[int], tta: bool) -> tuple[Prediction, list[Prediction]]:
         calls: list[list] = []  # per forward call (a batch, or its flip), every member's output
 
         def ensemble(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +177,8 @@ def load(p: Params, model_path, cache_path, split_path,
     spacing = (original_spacing(manifest_path, cache.case_ids, cache.size)
                if manifest_path is not None else None)
     return Loaded(model, members, cache, split, predict,
-                  bar(steps, "evaluate", show_progress(p.evaluate.progress)), spacing)
+                  bar(steps, "evaluate", show_progress(p.evaluate.progress)), spacing,
+                  p.evaluate.batch_size)
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
