@@ -264,12 +264,12 @@ def test_a_mask_is_written_last_and_counts_only_with_its_row(tmp_path: Path, mon
         image(inputs / f"{name}.png", seed)
     cli = ["predict", str(inputs), "--model", str(model), "--out", str(out), "--threshold",
            "0.001", "--save-probabilities"]
-    kill_at(monkeypatch, "save_probability_png", 2)  # b: killed after its overlay
+    kill_at(monkeypatch, "overlay", 2)  # b: killed after its probability map
     assert main(cli) == 130
-    assert (out / "b_overlay.png").is_file() and not (out / "b_prob.png").exists()
+    assert (out / "b_prob.png").is_file() and not (out / "b_overlay.png").exists()
     assert not (out / "b_mask.png").exists()  # no mask: b is not done
     assert not list(out.glob(".*tmp*"))  # nothing half-written left beside
-    kill_at(monkeypatch, "save_probability_png", 0)
+    kill_at(monkeypatch, "overlay", 0)
     kill_at(monkeypatch, "append_score", 1)  # b: killed between its mask and its row
     assert main([*cli, "--continue"]) == 130
     assert (out / "b_mask.png").is_file() and [r["mask"] for r in rows(out)] == ["a_mask.png"]

@@ -360,16 +360,16 @@ def _make_folder(out_dir: Path) -> None:
 
 
 def _write_outputs(out_dir: Path, path: Path, image: np.ndarray, seg, outputs: Outputs) -> None:
-    """The overlay and probability map first, the mask last, each written beside and renamed:
+    """The probability map and overlay first, the mask last, each written beside and renamed:
     a mask in the folder means the image's outputs are whole (`plan_resume`)."""
     stem = path.stem
     pieces = []
-    if outputs.overlays:
-        pieces.append((f"{stem}_overlay.png",
-                       lambda tmp: overlay(image, seg.mask).save(tmp, format="PNG")))
     if outputs.probabilities:
         pieces.append((f"{stem}_prob.png",
                        lambda tmp: save_probability_png(seg.probability, tmp)))
+    if outputs.overlays:
+        pieces.append((f"{stem}_overlay.png",
+                       lambda tmp: overlay(image, seg.mask).save(tmp, format="PNG")))
     pieces.append((mask_name(path), lambda tmp: Image.fromarray(
         seg.mask.astype(np.uint8) * np.uint8(outputs.mask_value), "L").save(tmp, format="PNG")))
     try:
