@@ -124,8 +124,8 @@ class Predictor:
 def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
     """A .onnx file runs on ONNX Runtime; anything else must be a busiseg PyTorch model file.
     Either may carry the settings evaluate chose (an export always does, a packaged .pt too)."""
-    model_path = model_file_path(model_path)  # a packaged model's folder: its model.pt
-    if model_path.suffix.lower() == ".onnx":
+    model_path = Path(model_path)  # or a packaged model's folder, which load_model reads
+    if model_path.suffix.lower() == ".onnx" and not model_path.is_dir():
         if device not in ("cpu", "auto"):
             raise BusisegError(f"--device {device}: ONNX models run on ONNX Runtime's CPU "
                                "provider; use --device cpu, or the .pt model on the GPU")
@@ -144,7 +144,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
         predictor = Predictor(model, int(pre["size"]), as_stats(pre["input_mean"]),
                               as_stats(pre["input_std"]), where, own,
                               int(pre.get("channels", 1)), sources, "pt", str(blob["digest"]))
-    return replace(predictor, file_sha256=file_sha256(model_path))
+    return replace(predictor, file_sha256=file_sha256(model_file_path(model_path)))
 
 
 def _named(option: str, load, *args):
