@@ -52,6 +52,8 @@ OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
 EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
+
+
 @dataclass(frozen=True)
 class SourcedSettings:
     """Settings with where each field came from, so the record can say why a mask looks as it
