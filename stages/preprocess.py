@@ -22,8 +22,7 @@ def main() -> None:
     remove_outputs(CACHE)
     manifest = read_manifest_rows("data/manifest.csv")
     start = time.perf_counter()
-    reading = Reading(params.data.mask_kind == "outline", params.data.burned_marks == "mask",
-                      params.preprocess.channels)
+    reading = Reading.from_params(params)
     info = preprocess(manifest, params.data.raw_dir, params.preprocess.size, CACHE, reading,
                       params.preprocess.workers, show_progress(params.data.progress))
     print(f"preprocess: {info['n_images']} images at {info['size']}x{info['size']} "

@@ -19,3 +19,8 @@ def test_license_and_citation_match_pyproject():
     assert cff["preferred-citation"]["version"] == project["version"]
     busi = [r for r in cff["references"] if r.get("doi") == "10.1016/j.dib.2019.104863"]
     assert busi and busi[0]["title"] == "Dataset of breast ultrasound images"
+
+
+def test_the_readme_stays_a_newcomer_s_page():
+    """Details live in docs/: the README stays within 15 KB."""
+    assert len((REPO / "README.md").read_bytes()) <= 15_000

@@ -3,6 +3,7 @@
     busiseg predict --model models/model.pt IMAGE_OR_DIR... --out DIR
     busiseg export --model models/model.pt --format onnx --out model.onnx
     busiseg score --pred DIR --truth DIR [--out DIR]
+    busiseg export-dataset --format nnunet --out DIR
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "score":
             return score(args)
+        if args.command == "export-dataset":
+            return export_dataset(args)
         return predict(args, parser) if args.command == "predict" else export(args)
     except BusisegError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -39,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
     add_export_parser(sub)
     add_score_parser(sub)
+    add_export_dataset_parser(sub)
     return parser
 
 
@@ -79,6 +83,12 @@ def add_predict_parser(sub) -> None:
     pr.add_argument("--mask-marks", action="store_true",
                     help="paint burned-in colour marks over first, as training did with "
                          "data.burned_marks: mask")
+    pr.add_argument("--frames", default="all", metavar="all|first|middle|1,5,9",
+                    help="a multi-frame DICOM's frames to predict, each written as "
+                         "NAME_fNNN_mask.png (1-based; default all)")
+    pr.add_argument("--dicom-seg", action="store_true",
+                    help="also write NAME_seg.dcm for each DICOM input: a DICOM Segmentation of "
+                         "its frames' masks, referencing the source image")
     pr.add_argument("--version", action="version", version=f"busiseg {busiseg_version()}")
 
 
@@ -127,11 +137,11 @@ def predict(args, parser) -> int:
     elif args.from_eval:
         chosen = settings_from_eval(args.from_eval)
     outputs = Outputs(overlays=not args.no_overlay, probabilities=args.save_probabilities,
-                      mask_value=args.mask_values, resume=args.resume)
+                      mask_value=args.mask_values, resume=args.resume, dicom_seg=args.dicom_seg)
     try:
         options = RunOptions(device=args.device, mask_marks=args.mask_marks,
                              overrides=_overrides(args), fallback_eval=EVAL_JSON,
-                             command=args.argv)
+                             command=args.argv, frames=args.frames)
         run = predict_run(args.model, args.inputs, args.out, chosen, options, outputs)
     except KeyboardInterrupt:
         print(f"predict: interrupted; the images done are in {args.out / SCORES}: give the same "
@@ -201,6 +211,9 @@ def add_score_parser(sub) -> None:
     sc.add_argument("--surface-tolerance", type=float, default=defaults.surface_tolerance,
                     metavar="PX", help="NSD's tolerance in pixels of the masks (default "
                     f"{defaults.surface_tolerance:g}, as evaluate.surface_tolerance)")
+    sc.add_argument("--missing", choices=("empty", "error"), default="empty",
+                    help="a true mask without a prediction: empty (default) scores it as an "
+                         "empty prediction, a miss, and says how many; error stops, naming them")
 
 
 def score(args) -> int:
@@ -209,13 +222,33 @@ def score(args) -> int:
     out = args.out or args.pred
     check_out(out)  # before the scoring, not after it
     scores = score_folders(args.pred, args.truth, args.bootstrap, args.bootstrap_seed,
-                           args.surface_tolerance, out)
+                           args.surface_tolerance, out, missing=args.missing)
     for line in stderr_lines(scores.report):
         print(line, file=sys.stderr)
     csv_path, json_path = write(scores, out)
     for line in summary(scores.report):
         print(line)
     print(f"score: wrote {csv_path} and {json_path}")
+    return 0
+
+
+def add_export_dataset_parser(sub) -> None:
+    ed = sub.add_parser("export-dataset", help="write the ingested images, union masks and "
+                        "folds for another tool (nnU-Net v2), from a project after dvc repro")
+    ed.add_argument("--format", choices=["nnunet"], default="nnunet",
+                    help="nnunet: nnU-Net v2's raw dataset (imagesTr, labelsTr, imagesTs, "
+                         "labelsTs, dataset.json) with busiseg's folds in splits_final.json "
+                         "and case ids in cases.csv")
+    ed.add_argument("--out", required=True, type=Path,
+                    help="a new or empty folder; named DatasetXXX_Name it can go under "
+                         "nnUNet_raw as it is (docs/datasets.md)")
+
+
+def export_dataset(args) -> int:
+    from busiseg.data.nnunet import export_nnunet, summary_line
+    from busiseg.params import load_params
+
+    print(summary_line(export_nnunet(load_params(), args.out)))
     return 0
 
 

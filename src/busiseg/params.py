@@ -59,6 +59,10 @@ class LayoutParams:
     # a regular expression on the case id whose first group names the patient (or pregnancy):
     # that patient's cases share one split, e.g. HC18's '^(\d+)_' for 010_, 010_2, 010_3
     patient_id: str = ""
+    # a multi-frame DICOM's frames that become images: all | first | middle | '1,5,9' (1-based)
+    frames: str = "all"
+    # a mask at another size than its image: error, or resample it when the aspect ratios agree
+    mask_resize: Literal["error", "resample"] = "error"
 
     def check_layout(self, section: str) -> None:
         _require(bool(self.raw_dir.strip()), f"{section}.raw_dir", "must not be empty")
@@ -82,6 +86,11 @@ class LayoutParams:
                  f"{section}.mask_name", f"must differ from {section}.image_name when images "
                  "and masks share a folder")
 
+        frames = self.frames.strip().lower()
+        _require(frames in ("all", "first", "middle")
+                 or re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", frames) is not None
+                 and all(int(t) >= 1 for t in frames.split(",")), f"{section}.frames",
+                 "must be all, first, middle or 1-based frame numbers such as '1,5,9'")
         if self.patient_id:
             try:
                 groups = re.compile(self.patient_id).groups

@@ -12,8 +12,10 @@ from conftest import Box, crafted_loaded, fold_data
 
 from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
-from busiseg.evaluation.evaluate import Loaded, evaluate_folds, original_spacing
+from busiseg.evaluation.evaluate import Loaded, evaluate_folds, original_spacing, score_test
 from busiseg.evaluation.metrics import boundary_metrics
+from busiseg.inference.segment import MaskSettings
+from busiseg.inference.sizes import lesion_size
 from busiseg.params import parse_params
 
 SIZE = 48
@@ -186,8 +188,9 @@ def test_evaluate_reports_lesion_means_with_intervals_test_and_out_of_fold(tmp_p
             assert metrics[f"{k}_ci_low"] <= metrics[k] <= metrics[f"{k}_ci_high"], k
     # boundary figures sit beside the others; without sizes there is no unit and no figure
     plain = evaluate_folds(p, folded(tmp_path / "plain", spacing=False))["metrics"]
-    assert not {k for k in plain if "hd95" in k or "nsd" in k}
-    assert {k: v for k, v in metrics.items() if "hd95" not in k and "nsd" not in k} == plain
+    measured = ("hd95", "nsd", "long_axis")  # the size figures need the unit too
+    assert not {k for k in plain if any(word in k for word in measured)}
+    assert {k: v for k, v in metrics.items() if not any(word in k for word in measured)} == plain
 
 
 def test_the_overlay_draws_the_outline_the_metrics_measure():
@@ -203,3 +206,50 @@ def test_the_overlay_draws_the_outline_the_metrics_measure():
     assert np.array_equal(edge, busiseg_outline(mask))
     assert np.array_equal(edge, outline(mask))
     assert np.array_equal(busiseg_outline(np.stack([mask, ~mask]))[0], edge)
+
+
+def test_evaluate_reports_lesion_sizes_and_the_long_axis_error_in_px_and_mm(tmp_path):
+    """Each image's predicted and true long axis in original pixels (96 × 64 originals cached
+    at 32 × 32: a cache pixel is 3 × 2 of them) and in mm where the pixel size is known; the
+    mean absolute long-axis error over the lesion images, in mm over those with a size."""
+    p = parse_params({"split": {"folds": 3}, "evaluate": {"bootstrap": 100}})
+    m = folded(tmp_path, spacing=True)
+    m.pixel_mm = np.full((len(m.cache.case_ids), 2), np.nan)
+    m.pixel_mm[::2] = 0.1  # every other image states 0.1 mm pixels
+    result = evaluate_folds(p, m)
+    metrics = result["metrics"]
+    for prefix, table, pred, idx in (("", result["per_image"], result["test_pred"],
+                                      result["test_idx"]),
+                                     ("cv_", result["cv_per_image"], result["cv_pred"],
+                                      result["cv_idx"])):
+        true = m.truth(list(idx))
+        want = np.array([lesion_size(t, (3.0, 2.0)).long_axis for t in true])
+        got = np.array([lesion_size(q, (3.0, 2.0)).long_axis for q in pred])
+        assert np.allclose(table["true_long_axis_px"], want, atol=1e-4)
+        assert np.allclose(table["long_axis_error_px"], got - want, atol=1e-3)
+        lesion = true.reshape(len(true), -1).any(axis=1)
+        assert metrics[f"{prefix}long_axis_mae_px"] == pytest.approx(
+            np.abs(got - want)[lesion].mean(), abs=1e-5)
+        known = ~np.isnan(m.pixel_mm[list(idx), 0])
+        assert np.allclose(table["long_axis_mm"][known], got[known] * 0.1, atol=1e-3)
+        assert table["long_axis_mm"][~known].isna().all()
+        use = lesion & known
+        if not use.any():  # no lesion image with a size: no mm figure at all (never cv here)
+            assert f"{prefix}long_axis_mae_mm" not in metrics and prefix == ""
+            continue
+        assert metrics[f"{prefix}n_long_axis_mm"] == int(use.sum())
+        assert metrics[f"{prefix}long_axis_mae_mm"] == pytest.approx(
+            np.abs(got - want)[use].mean() * 0.1, abs=1e-5)
+        k = f"{prefix}long_axis_mae_px"
+        assert metrics[f"{k}_ci_low"] <= metrics[k] <= metrics[f"{k}_ci_high"]
+
+
+def test_sizes_sit_beside_the_test_figures_not_in_place_of_them(tmp_path):
+    """score_test's per-image table gains the size columns; its calibration table stays the
+    reliability bins (the two are different tables that once shared a name)."""
+    p = parse_params({"evaluate": {"bootstrap": 0}})
+    m = folded(tmp_path, spacing=True)
+    result = score_test(p, m, MaskSettings())
+    assert {"dice", "hd95", "long_axis_px", "true_long_axis_px"} <= set(result["per_image"])
+    assert result["reliability"] and all(set(row) == {"bin", "confidence", "lesion_rate",
+                                                      "images"} for row in result["reliability"])

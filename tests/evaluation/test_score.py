@@ -128,10 +128,25 @@ def test_missing_and_unmatched_files_are_named(tmp_path: Path, capsys):
     assert {f"case 1{suffix}.png": OWN_OUTPUT for suffix in OWN_SUFFIXES}.items() <= (
         skipped.items())
     assert "image file" in skipped["predictions.csv"]
-    assert report["metrics"]["dice"] == 1.0 and report["metrics"]["dice_ci_low"] is None
+    # each missing case scored as an empty mask, a miss: Dice 1, 0, 0 over the lesion images
+    assert report["metrics"]["dice"] == round(1 / 3, 6)
+    assert report["metrics"]["dice_ci_low"] is None
+    assert report["metrics"]["detect_sensitivity"] == round(1 / 3, 6)
+    assert report["metrics"]["long_axis_mae_px"] == round(2 * np.hypot(3, 3) / 3, 6)
+    rows = read_rows(pred / "scores.csv")
+    assert {k: rows[k]["predicted"] for k in rows} == {"case 1": "1", "case 2": "0",
+                                                       "case 10": "0"}
+    assert float(rows["case 2"]["dice"]) == 0 and float(rows["case 2"]["long_axis_px"]) == 0
+    assert "--missing empty" in report["command"]
     err = capsys.readouterr().err
-    assert "without a prediction (missing): case 2, case 10" in err
+    assert "without a prediction (missing), scored as empty masks: case 2, case 10" in err
     assert "without a truth (unmatched): stray_mask.png" in err
+    # --missing error stops in one line naming them, and writes nothing
+    (pred / "scores.json").unlink()
+    assert score("--pred", pred, "--truth", tmp_path / "truth", "--missing", "error") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "2 truth case(s) have no prediction: case 2, case 10" in err
+    assert "--missing empty" in err and not (pred / "scores.json").exists()
 
 
 def test_zero_one_zero_255_and_rgb_masks_are_read_alike(tmp_path: Path):
@@ -202,8 +217,9 @@ def test_images_beside_masks_are_never_scored(tmp_path: Path, capsys):
                                               "c.png": IMAGE_BESIDE_MASKS}
     assert ignored(match, "ignored_truth") == dict.fromkeys(["a.png", "b.png", "c.png"],
                                                             IMAGE_BESIDE_MASKS)
-    assert report["notes"] == [] and report["metrics"]["dice"] == 1.0
-    assert list(read_rows(pred / "scores.csv")) == ["a"]
+    assert report["notes"] == [] and report["metrics"]["dice"] == 0.5  # b missing: a miss
+    assert {k: r["predicted"] for k, r in read_rows(pred / "scores.csv").items()} == {
+        "a": "1", "b": "0"}
     err = capsys.readouterr().err
     assert "ignored 5 file(s) in --pred" in err and "4 " + IMAGE_BESIDE_MASKS in err
     assert "ignored 3 file(s) in --truth" in err and "binarised" not in err

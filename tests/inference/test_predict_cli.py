@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -547,3 +548,59 @@ def test_continue_from_three_folders_keeps_every_image_path_resolvable(tmp_path:
     assert main(["predict", "../data/img_4.png", "--out", str(out), *cli]) == 0  # from a/
     assert [Path(r["image"]).resolve() for r in rows(out)] == [
         (data / f"img_{i}.png").resolve() for i in range(5)]
+
+
+def test_dicom_inputs_predict_every_frame_with_mm_sizes_and_a_dicom_seg(tmp_path: Path, capsys):
+    """Every ultrasound DICOM of pydicom's test data that pydicom decodes predicts (a file that
+    needs a missing decoder fails naming it); frames are images of their own; sizes come in mm
+    where the file gives a region's pixel size; --dicom-seg's SEG holds the masks written."""
+    data_store = pytest.importorskip("data_store")
+    import highdicom as hd
+    import pydicom
+
+    store = Path(data_store.__file__).parent / "data"
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    names = ("US1_UNCR.dcm", "US1_J2KR.dcm", "OBXXXX1A_rle_2frame.dcm", "gdcm-US-ALOKA-16.dcm",
+             "color3d_jpeg_baseline.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
+    for name in names:
+        (inputs / name).write_bytes((store / name).read_bytes())
+    out, model = tmp_path / "out", model_file(tmp_path, MaskSettings(threshold=0.5))
+    assert main(["predict", "--model", str(model), str(inputs), "--out", str(out),
+                 "--frames", "first", "--dicom-seg", "--no-overlay"]) == 1  # one input failed
+    err = capsys.readouterr().err
+    assert "JPGLosslessP14SV1_1s_1f_8b.dcm" in err and "pylibjpeg-libjpeg" in err
+    by_mask = {r["mask"]: r for r in rows(out)}
+    assert set(by_mask) == {"US1_UNCR_mask.png", "US1_J2KR_mask.png",
+                            "OBXXXX1A_rle_2frame_f001_mask.png", "gdcm-US-ALOKA-16_mask.png",
+                            "color3d_jpeg_baseline_f001_mask.png"}
+    assert mask(out, "US1_UNCR").shape == (480, 640)
+    assert by_mask["US1_UNCR_mask.png"]["long_axis_mm"] == ""  # no pixel size in the file
+    for name, pixel in (("OBXXXX1A_rle_2frame_f001", 0.262287877),
+                        ("color3d_jpeg_baseline_f001", 0.510497056)):
+        row = by_mask[f"{name}_mask.png"]
+        assert row["image"].endswith(f"{name.rsplit('_f', 1)[0]}.dcm#f001")
+        assert float(row["long_axis_mm"]) == pytest.approx(float(row["long_axis_px"]) * pixel,
+                                                           abs=1e-3)
+    for name in ("US1_UNCR", "OBXXXX1A_rle_2frame", "color3d_jpeg_baseline"):
+        seg = hd.seg.segread(out / f"{name}_seg.dcm")
+        source = pydicom.dcmread(inputs / f"{name}.dcm", stop_before_pixels=True)
+        assert seg.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert "busiseg" in str(seg.SegmentSequence[0].SegmentAlgorithmName)
+        stem = name if name == "US1_UNCR" else f"{name}_f001"
+        frame = seg.pixel_array if seg.pixel_array.ndim == 2 else seg.pixel_array[0]
+        assert np.array_equal(frame > 0, mask(out, stem) > 0)
+    assert not (out / "JPGLosslessP14SV1_1s_1f_8b_seg.dcm").exists()
+    # a second run predicts the other frame of the loop; its own SEG outputs are not inputs
+    out2 = tmp_path / "out2"
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # highdicom's warnings quote the patient's name: kept in
+        assert main(["predict", "--model", str(model), str(inputs / "OBXXXX1A_rle_2frame.dcm"),
+                     str(out), "--out", str(out2), "--frames", "2", "--no-overlay",
+                     "--dicom-seg"]) == 1  # `out` holds no images
+    assert f"{out}: folder holds no images" in capsys.readouterr().err
+    written = sorted(r["mask"] for r in rows(out2))
+    assert written == ["OBXXXX1A_rle_2frame_f002_mask.png"]
+    assert any("_seg.dcm" in s["path"] and s["reason"] == "predict's own output"
+               for s in record(out2)["inputs"]["skipped"])

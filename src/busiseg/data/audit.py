@@ -91,6 +91,8 @@ AUDIT_KINDS = {  # finding kind -> (metrics key, the AuditPolicy field that deci
     "converted": ("audit_converted_images", None),
     "binarised": ("audit_binarised_masks", None),
     "open_outline": ("audit_open_outlines", None),  # closed along the image edge
+    "mask_resampled": ("audit_resampled_masks", None),  # data.mask_resize: resample
+    "no_pixel_size": ("audit_no_pixel_size", None),  # a DICOM that states no usable pixel size
 }
 
 
@@ -129,6 +131,7 @@ def audit_counts(findings: list[Finding]) -> dict:
     counts = {}
     for kind, (key, _) in AUDIT_KINDS.items():
         hits = [f for f in findings if f.kind == kind]
-        counts[key] = len(hits) if kind == "binarised" else len({f.case_id for f in hits})
+        per_file = kind in ("binarised", "mask_resampled")
+        counts[key] = len(hits) if per_file else len({f.case_id for f in hits})
     counts["audit_skipped"] = len({f.case_id for f in findings if f.action == "skipped"})
     return counts

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from busiseg.data.images import load_image, load_mask_union, process_map, resize_image
+from busiseg.data.images import (
+    load_image,
+    load_mask_union,
+    process_map,
+    resize_image,
+    resize_mask,
+)
 from busiseg.data.manifest import mask_list
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path
@@ -20,27 +26,44 @@ from busiseg.files import atomic_path
 
 def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Image: antialiased bilinear. Mask: area-weighted, then thresholded, so it stays binary."""
-    m = resize_image(mask.astype(np.uint8) * 255, size)
-    return resize_image(image, size), (m >= 128).astype(np.uint8)
+    return resize_image(image, size), resize_mask(mask, (size, size)).astype(np.uint8)
 
 
 @dataclass(frozen=True)
 class Reading:
     """How each image and its masks are read, as ingest checked them: masks that are closed
     contours to fill (data.mask_kind: outline), burned-in colour marks painted over
-    (data.burned_marks: mask), 1 grey or 3 colour channels (preprocess.channels)."""
+    (data.burned_marks: mask), 1 grey or 3 colour channels (preprocess.channels), masks at
+    another size resampled to their image's (data.mask_resize: resample)."""
 
     outline: bool = False
     mask_marks: bool = False
     channels: int = 1
+    mask_resize: bool = False
+
+    @classmethod
+    def from_params(cls, params) -> Reading:
+        return cls(params.data.mask_kind == "outline", params.data.burned_marks == "mask",
+                   params.preprocess.channels, params.data.mask_resize == "resample")
+
+
+def read_pair(root: Path, image: str, masks: list[str], reading: Reading,
+              expected: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A case's image and the union of its masks at the original size, read as `reading` says:
+    the one reading the cache and every export of the data share. `expected`: the (height,
+    width) ingest recorded, so an image changed since is named as such, not as its masks."""
+    pixels = load_image(root / image, reading.mask_marks, reading.channels)
+    if expected is not None and pixels.shape[:2] != tuple(expected):
+        raise BusisegError(f"{root / image}: is {pixels.shape[1]}x{pixels.shape[0]} but the "
+                           f"manifest (data/manifest.csv) says {expected[1]}x{expected[0]}; the "
+                           "data changed since ingest: run dvc repro")
+    return pixels, load_mask_union([root / m for m in masks], pixels.shape[:2], reading.outline,
+                                   reading.mask_resize)
 
 
 def _one(args: tuple[str, str, list[str], int, Reading]) -> tuple[np.ndarray, np.ndarray]:
     raw, image, masks, size, reading = args
-    root = Path(raw)
-    pixels = load_image(root / image, reading.mask_marks, reading.channels)
-    union = load_mask_union([root / m for m in masks], pixels.shape[:2], reading.outline)
-    return resize_pair(pixels, union, size)
+    return resize_pair(*read_pair(Path(raw), image, masks, reading), size)
 
 
 def preprocess(manifest, raw_dir: str | Path, size: int, out_path: str | Path,

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from busiseg.data import dicom
 from busiseg.errors import BusisegError, first_line
 from busiseg.runtime.progress import bar
 
@@ -33,9 +34,18 @@ MAX_PIXELS = 64_000_000  # a 8k×8k ultrasound frame is already absurd; refuse b
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open and fully decode (PNG, JPEG, BMP, TIFF, ...), so truncated or corrupt files fail here
-    and not mid-training; a file named .png must be a PNG."""
+    """Open and fully decode (PNG, JPEG, BMP, TIFF, ..., DICOM and a DICOM file's frames), so
+    truncated or corrupt files fail here and not mid-training; a file named .png must be a PNG.
+    A DICOM file is read by pydicom, never by PIL, which takes some for the TIFF their preamble
+    may hold and ignores the DICOM around it."""
     path = Path(path)
+    file, frame = dicom.split_ref(path)
+    if frame is not None or dicom.is_dicom(path):
+        if not file.is_file():
+            raise BusisegError(f"{file}: no such file; check the path")
+        if file.stat().st_size == 0:
+            raise BusisegError(f"{file}: empty (0-byte) file; re-download or remove it")
+        return dicom.read_frame(path)
     try:
         if path.stat().st_size == 0:
             raise BusisegError(f"{path}: empty (0-byte) file; re-download or remove it")
@@ -79,7 +89,16 @@ def to_gray(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
       white; 32-bit integers outside that range, and floats: their own range [min, max]
       stretched to 0–255, except floats within [0, 1], scaled by 255;
     - CMYK, YCbCr, HSV: to RGB by PIL's conversion, then luma;
+    - DICOM: each frame decoded by pydicom to 8-bit grey or RGB first (dicom.read_frame: palette
+      through its colour table, YBR to RGB, MONOCHROME1 inverted, more than 8 bits scaled from
+      their stored range), then by these rules;
     - anything else (LAB, multi-frame oddities): refused."""
+    gray, note = _to_gray(img, path)
+    read = img.info.get("conversion")  # what reading a DICOM frame did (dicom.read_frame)
+    return gray, "; ".join(n for n in (read, note) if n) or None
+
+
+def _to_gray(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
     mode, name = img.mode, _mode_name(img.mode)
     if mode == "L":
         return np.asarray(img, dtype=np.uint8), None
@@ -208,9 +227,11 @@ def to_rgb(img: Image.Image, path: Path) -> tuple[np.ndarray, str | None]:
     pixel is not opaque); every grey storage converted by `to_gray`'s rule, then repeated into
     the three channels."""
     if img.mode in ("P", "CMYK", "YCbCr", "HSV", "RGB", "RGBA"):
+        read = img.info.get("conversion")
         img, notes = _stored_colour(img, path)
         if img.mode in ("RGB", "RGBA"):
             rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            notes = [read, *notes] if read else notes
             return rgb, "; ".join(notes) if notes else None
     gray, note = to_gray(img, path)
     notes = [note] if note else []
@@ -248,18 +269,49 @@ def paint_over(gray: np.ndarray, marks: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+ASPECT_TOLERANCE = 0.01  # data.mask_resize resample: mask and image aspect ratios agree to 1 %
+
+
+def fit_mask(mask: np.ndarray, shape: tuple[int, int], path: Path,
+             resample: bool = False) -> tuple[np.ndarray, str | None]:
+    """(the mask at the image's size, what was done). A mask at another size is refused, or with
+    `resample` (data.mask_resize) resized when its aspect ratio is the image's to within 1 %:
+    a mask exported at the scan's full resolution beside a downsized image is the same outline,
+    while another aspect ratio means another picture."""
+    if mask.shape == shape:
+        return mask, None
+    (mh, mw), (h, w) = mask.shape, shape
+    found = f"{path}: mask is {mw}x{mh} but its image is {w}x{h}"
+    if not resample:
+        raise BusisegError(f"{found}; re-export the mask at the image size, or set "
+                           "data.mask_resize: resample")
+    if abs((mw / mh) / (w / h) - 1) > ASPECT_TOLERANCE:
+        raise BusisegError(f"{found}, another aspect ratio ({mw / mh:.3f} against "
+                           f"{w / h:.3f}); re-export the mask at the image size")
+    return resize_mask(mask, shape), (f"mask resampled from {mw}x{mh} to the image's {w}x{h} "
+                                      "(area-weighted, lesion where ≥ half)")
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The one resize rule for masks: area-weighted (antialiased bilinear of 0/255), then lesion
+    where the result is at least half, so a mask stays binary at any size."""
+    img = Image.fromarray(mask.astype(np.uint8) * np.uint8(255))
+    resized = img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8) >= 128
+
+
 def load_mask_union(paths: list[Path], shape: tuple[int, int] | None = None,
-                    outline: bool = False) -> np.ndarray:
+                    outline: bool = False, resample: bool = False) -> np.ndarray:
     """Union of all masks of one image: BUSI stores separate lesions as _mask_1, _mask_2, ...
-    With `outline` (data.mask_kind: outline) each mask is a closed contour, filled first."""
+    With `outline` (data.mask_kind: outline) each mask is a closed contour, filled first; with
+    `resample` (data.mask_resize) a mask at another size is fitted to `shape` (`fit_mask`)."""
     union = None
     for p in paths:
         m = mask_to_bool(open_image(p), p)
         if outline:
             m = fill_outline(m)
-        if shape is not None and m.shape != shape:
-            raise BusisegError(f"{p}: mask is {m.shape[1]}x{m.shape[0]} but its image is "
-                               f"{shape[1]}x{shape[0]}; re-export the mask at the image size")
+        if shape is not None:
+            m = fit_mask(m, shape, p, resample)[0]
         union = m if union is None else (union | m)
     if union is None:
         raise BusisegError("internal: a case without masks reached load_mask_union")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from busiseg.data import dicom
 from busiseg.data.audit import (
     AUDIT_KINDS,
     AuditPolicy,
@@ -30,6 +31,7 @@ from busiseg.data.classes import ALL_CLASSES, CLASSES
 from busiseg.data.images import (
     burned_marks,
     close_outline,
+    fit_mask,
     mask_to_bool,
     open_image,
     process_map,
@@ -57,6 +59,8 @@ class Case:
     lesion_pixels: int = 0
     mark_pixels: int = 0
     patient: str = ""  # per_case layouts: the case folder; its images share one split
+    pixel_height_mm: float | None = None  # a DICOM's pixel size, where it states one
+    pixel_width_mm: float | None = None
     notes: list[Problem] = field(default_factory=list)  # conversions made, kept with a warning
     problems: list[Problem] = field(default_factory=list)
 
@@ -103,15 +107,19 @@ def _flag_duplicate_ids(raw: Path, cases: list[Case]) -> None:
         seen.setdefault(c.case_id, c)
 
 
-def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1) -> Case:
-    """Decode the image and all its masks; record sizes and hashes, or the problems found. With
-    3 channels the conversion stated is to colour, and colour is signal, not a burned-in mark."""
+def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1,
+                resample: bool = False) -> Case:
+    """Decode the image and all its masks; record sizes, hashes and a DICOM's pixel size, or
+    the problems found. With 3 channels the conversion stated is to colour, and colour is
+    signal, not a burned-in mark. `resample`: data.mask_resize (images.fit_mask)."""
     path = raw / case.image
     try:
         img = open_image(path)
         gray, note = to_gray(img, path)
         if channels == 3:
             note = to_rgb(img, path)[1]
+        if dicom.is_dicom(dicom.split_ref(path)[0]):
+            _pixel_size(case, path)
     except BusisegError as exc:
         case.problems.append(Problem(case.image, "bad_image", str(exc)))
         return case
@@ -121,7 +129,7 @@ def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1)
     case.mark_pixels = 0 if marks is None else int(marks.sum())
     union = np.zeros(gray.shape, dtype=bool)
     case.height, case.width = gray.shape
-    case.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    case.sha256 = hashlib.sha256(dicom.split_ref(path)[0].read_bytes()).hexdigest()  # the file
     case.pixel_sha256 = hashlib.sha256(gray.tobytes() + bytes(str(gray.shape), "ascii")).hexdigest()
     case.dhash = dhash(gray)
     for m in case.masks:
@@ -143,14 +151,26 @@ def _check_case(raw: Path, case: Case, outline: bool = False, channels: int = 1)
                     m, "unfillable_outline", f"{mp}: the outline encloses no region, not even "
                     "closed along the image edge (an open or broken curve); redraw it closed"))
                 continue
-        if mask.shape != gray.shape:
-            case.problems.append(Problem(
-                m, "mask_size", f"{mp}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                f"{gray.shape[1]}x{gray.shape[0]}; re-export the mask at the image size"))
-        else:
-            union |= mask
+        try:
+            mask, resampled = fit_mask(mask, gray.shape, mp, resample)
+        except BusisegError as exc:
+            case.problems.append(Problem(m, "mask_size", str(exc)))
+            continue
+        if resampled:
+            case.notes.append(Problem(m, "mask_resampled", resampled))
+        union |= mask
     case.lesion_pixels = int(union.sum())
     return case
+
+
+def _pixel_size(case: Case, path: Path) -> None:
+    """The pixel's size in mm the file states, or a note saying why sizes stay in pixels."""
+    size, why = dicom.pixel_size_mm(path)
+    if size is None:
+        case.notes.append(Problem(case.image, "no_pixel_size", f"pixel size unknown ({why}); "
+                                  "lesion sizes are given in pixels only"))
+    else:
+        case.pixel_height_mm, case.pixel_width_mm = size
 
 
 @dataclass(frozen=True)
@@ -188,7 +208,8 @@ def ingest(raw_dir: str | Path, options: IngestOptions | None = None,
     cases = [Case(f.case_id, f.cls, f.image, f.masks, patient=f.patient) for f in found]
     _flag_duplicate_ids(raw, cases)
     cases = process_map(partial(_check_case, raw, outline=layout.mask_kind == "outline",
-                                channels=channels), cases, workers, chunksize=16,
+                                channels=channels, resample=layout.mask_resize == "resample"),
+                        cases, workers, chunksize=16,
                         desc="ingest", progress=progress)
     for c in cases:
         problems.extend(c.problems)
@@ -211,7 +232,7 @@ def ingest(raw_dir: str | Path, options: IngestOptions | None = None,
     rows = [{"case_id": c.case_id, "class": c.cls, "image": c.image,
              "masks": MASK_SEP.join(c.masks), "n_masks": len(c.masks), "width": c.width,
              "height": c.height, "sha256": c.sha256, "dhash": f"{c.dhash:016x}",
-             "dup_group": g} for c, g in zip(good, groups_of)]
+             "dup_group": g, **pixel_size_columns(good, c)} for c, g in zip(good, groups_of)]
     metrics = {
         "n_images": len(good),
         "n_masks": sum(len(c.masks) for c in good),
@@ -227,6 +248,15 @@ def ingest(raw_dir: str | Path, options: IngestOptions | None = None,
     if channels == 3:  # not measured: saying 0 would claim the images were checked
         del metrics["audit_burned_marks"]
     return IngestResult(rows, problems, ignored, groups, metrics, findings)
+
+
+def pixel_size_columns(cases: list[Case], case: Case) -> dict:
+    """A pixel's height and width in mm (empty where unknown), only in a manifest where some
+    image states them, so a PNG dataset's manifest is what it always was."""
+    if all(c.pixel_height_mm is None for c in cases):
+        return {}
+    return {"pixel_height_mm": "" if case.pixel_height_mm is None else case.pixel_height_mm,
+            "pixel_width_mm": "" if case.pixel_width_mm is None else case.pixel_width_mm}
 
 
 def _join_patients(cases: list[Case], groups_of: list[int]) -> list[int]:

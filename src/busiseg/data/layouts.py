@@ -24,12 +24,13 @@ from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
 
+from busiseg.data import dicom
 from busiseg.data.classes import CLASSES
 from busiseg.errors import BusisegError
 from busiseg.params import LayoutParams as Layout
 
 PATIENT_SEP = "\x1f"  # between a case's patient keys: its folder, its data.patient_id group
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *dicom.DICOM_SUFFIXES)
 OS_CLUTTER = {".ds_store", "thumbs.db", "desktop.ini"}  # listed as ignored, never a problem
 
 
@@ -130,12 +131,23 @@ class Scanner:
             elif self.busi and p.suffix.lower() not in self.suffixes:
                 self.trouble(p, "not_png", "not a PNG file (BUSI's layout is PNG only); convert "
                              "it to PNG or remove it")
-            elif p.suffix.lower() not in self.suffixes:
+            elif (p.suffix.lower() in self.suffixes
+                  and p.suffix.lower() not in dicom.DICOM_SUFFIXES):
+                out.append(p)
+            elif dicom.is_dicom(p):  # by name, or a PACS export's file without a suffix
+                out += self.frames_of(p)
+            else:
                 self.trouble(p, "not_image", f"not an image file ({', '.join(self.suffixes)}); "
                              "remove it, or name it in data.ignore")
-            else:
-                out.append(p)
         return out
+
+    def frames_of(self, p: Path) -> list[Path]:
+        """A DICOM file's images: itself, or one reference per frame data.frames selects."""
+        try:
+            return dicom.frames(p, self.lay.frames, f"{self.section}.frames")
+        except BusisegError as exc:
+            self.trouble(p, "bad_image", str(exc).split(": ", 1)[-1])
+            return []
 
     def flat(self, root: Path):
         """(patient, image candidates, mask candidates) for each folder the layout reads."""
@@ -212,7 +224,7 @@ class Scanner:
         mask_of: dict[str, dict[int, Path]] = defaultdict(dict)
         same_folder = images is masks
         for p in masks:
-            m = mask_rule.match(p.name[: -len(p.suffix)])
+            m = mask_rule.match(dicom.image_stem(p))
             if not m:
                 if not same_folder:
                     trouble(p, "unmatched_name", f"name does not follow data.mask_name "
@@ -228,7 +240,7 @@ class Scanner:
         for p in images:
             if same_folder and p in claimed:
                 continue
-            m = image_rule.match(p.name[: -len(p.suffix)])
+            m = image_rule.match(dicom.image_stem(p))
             if not m:
                 trouble(p, "unmatched_name", (
                     f"name follows neither data.image_name '{lay.image_name}' nor data.mask_name "

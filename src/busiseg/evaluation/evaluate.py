@@ -42,6 +42,7 @@ from busiseg.evaluation.metrics import (
 )
 from busiseg.inference.confidence import calibrate, flag
 from busiseg.inference.segment import Feed, MaskSettings, predict_probabilities
+from busiseg.inference.sizes import size_row
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
@@ -72,6 +73,9 @@ class Loaded:
     # (original_spacing); None leaves the boundary figures out, having no unit to give them
     spacing: np.ndarray | None = None
     batch_size: int = 16  # the images `predict` runs at once (evaluate.batch_size)
+    # per cache image, an original pixel's (height, width) in mm, NaN where the file states
+    # none (DICOM only); None without a manifest
+    pixel_mm: np.ndarray | None = None
 
     def step(self, what: str) -> None:
         if self.progress is not None:
@@ -80,6 +84,9 @@ class Loaded:
 
     def spacing_of(self, idx: list[int]) -> np.ndarray | None:
         return None if self.spacing is None else self.spacing[idx]
+
+    def pixel_mm_of(self, idx: list[int]) -> np.ndarray | None:
+        return None if self.pixel_mm is None else self.pixel_mm[idx]
 
     def truth(self, idx: list[int]) -> np.ndarray:
         return self.cache.masks[torch.tensor(idx, dtype=torch.long)][:, 0].numpy() > 0
@@ -149,6 +156,48 @@ def original_spacing(manifest_path, case_ids: list[str], size: int) -> np.ndarra
     return hw / size
 
 
+def pixel_mm(manifest_path, case_ids: list[str]) -> np.ndarray:
+    """Each case's original pixel (height, width) in mm, NaN where the manifest has none (its
+    images are not DICOM, or the file states no usable size)."""
+    manifest = read_manifest(manifest_path).drop_duplicates("case_id").set_index("case_id")
+    if not {"pixel_height_mm", "pixel_width_mm"} <= set(manifest.columns):
+        return np.full((len(case_ids), 2), np.nan)
+    sizes = manifest.loc[case_ids, ["pixel_height_mm", "pixel_width_mm"]]
+    return sizes.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+
+
+def size_figures(p: Params, pred: np.ndarray, true: np.ndarray, spacing: np.ndarray | None,
+                 mm: np.ndarray | None, prefix: str = "") -> tuple[dict, pd.DataFrame | None]:
+    """Each image's predicted and true lesion size (inference.sizes: area, long and short axis)
+    in original pixels and, where known, mm; the long axis's error, and its mean absolute value
+    over the lesion images, as hd95 is taken, with a 95 % interval: in px, and in mm over the
+    lesion images whose pixel size is known (with their count), where there are any."""
+    if spacing is None:
+        return {}, None
+    mm = np.full((len(pred), 2), np.nan) if mm is None else mm
+    rows = []
+    for q, t, px, size in zip(pred, true, spacing, mm):
+        known = None if np.isnan(size).any() else (float(size[0]), float(size[1]))
+        rows.append({**size_row(q, tuple(px), known), **size_row(t, tuple(px), known, "true_")})
+    table = pd.DataFrame(rows, columns=list(size_row(np.zeros((1, 1)), (1, 1), None))
+                         + list(size_row(np.zeros((1, 1)), (1, 1), None, "true_")))
+    out = {}
+    lesion = np.array([bool(np.any(t)) for t in true], dtype=bool)  # masks of any sizes
+    for unit in ("px", "mm"):
+        error = (table[f"long_axis_{unit}"] - table[f"true_long_axis_{unit}"]).to_numpy()
+        table[f"long_axis_error_{unit}"] = error
+        use = lesion & ~np.isnan(error)
+        if unit == "mm" and not use.any():
+            continue
+        key = f"{prefix}long_axis_mae_{unit}"
+        out[key] = float(np.abs(error[use]).mean()) if use.any() else float("nan")
+        out[f"{key}_ci_low"], out[f"{key}_ci_high"] = interval(
+            p, np.abs(error[use])[:, None], mean_of_first)
+        if unit == "mm":
+            out[f"{prefix}n_long_axis_mm"] = int(use.sum())
+    return out, table.round(4)
+
+
 def load(p: Params, model_path, cache_path, split_path,
          opened: tuple[torch.nn.Module, dict] | None = None, steps: int | None = None,
          manifest_path=None) -> Loaded:
@@ -176,9 +225,10 @@ def load(p: Params, model_path, cache_path, split_path,
         steps = 2 + 3 * len(members) + (0 if members else 1)
     spacing = (original_spacing(manifest_path, cache.case_ids, cache.size)
                if manifest_path is not None else None)
+    mm = pixel_mm(manifest_path, cache.case_ids) if manifest_path is not None else None
     return Loaded(model, members, cache, split, predict,
                   bar(steps, "evaluate", show_progress(p.evaluate.progress)), spacing,
-                  p.evaluate.batch_size)
+                  p.evaluate.batch_size, mm)
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
@@ -322,6 +372,7 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
     metrics, counts = summarize(te_pred, te_true, te_rows["class"].tolist(), scores)
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     bounds, boundary = boundary_figures(p, te_pred, te_true, m.spacing_of(te_idx))
+    sized, sizes = size_figures(p, te_pred, te_true, m.spacing_of(te_idx), m.pixel_mm_of(te_idx))
     population = population_intervals(p, counts, scores)
     trusted = trust_figures(p, counts, trust, flagged)
     metrics = rounded({
@@ -329,6 +380,7 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
         "dice_ci_low": low,
         "dice_ci_high": high,
         **bounds,
+        **sized,
         **population,
         "threshold": chosen.pop("threshold"),
         "presence_threshold": chosen.pop("presence_threshold"),  # null: off
@@ -345,9 +397,10 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
         "presence_expected_dice": chosen.pop("presence_expected_dice"),
         **chosen,
     })
+    per_image = per_image_table(te_rows, te_pred, te_true, counts, scores, trust, flagged,
+                                boundary)
     return {"metrics": metrics,
-            "per_image": per_image_table(te_rows, te_pred, te_true, counts, scores, trust,
-                                         flagged, boundary),
+            "per_image": per_image if sizes is None else pd.concat([per_image, sizes], axis=1),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
             "test_rows": te_rows, "reliability": table, "settings": settings}
 
@@ -409,11 +462,15 @@ def score_out_of_fold(p: Params, m: Loaded, oof: HeldOut, fold: np.ndarray,
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     spacing = m.spacing_of(m.cache.indices(cv_rows["case_id"].tolist()))
     bounds, boundary = boundary_figures(p, cv_pred, oof.truth, spacing, "cv_")
+    mm = m.pixel_mm_of(m.cache.indices(cv_rows["case_id"].tolist()))
+    sized, sizes = size_figures(p, cv_pred, oof.truth, spacing, mm, "cv_")
     table = per_image_table(cv_rows, cv_pred, oof.truth, counts, cv_scores, cv_trust, cv_flagged,
                             boundary)
     table.insert(2, "fold", fold)
+    if sizes is not None:
+        table = pd.concat([table, sizes], axis=1)
     return {"metrics": {**{f"cv_{k}": v for k, v in metrics.items()},
-                        "cv_dice_ci_low": low, "cv_dice_ci_high": high, **bounds,
+                        "cv_dice_ci_low": low, "cv_dice_ci_high": high, **bounds, **sized,
                         **population_intervals(p, counts, cv_scores, "cv_"),
                         "cv_detect_ece": ece,
                         **trust_figures(p, counts, cv_trust, cv_flagged, "cv_")},

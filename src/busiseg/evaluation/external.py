@@ -40,7 +40,8 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
     with tempfile.TemporaryDirectory() as tmp:
         cache, split = Path(tmp) / "cache.npz", Path(tmp) / "split.csv"
         manifest = Path(tmp) / "manifest.csv"  # the original sizes: boundary figures' unit
-        reading = Reading(ext.mask_kind == "outline", p.data.burned_marks == "mask", channels)
+        reading = Reading(ext.mask_kind == "outline", p.data.burned_marks == "mask", channels,
+                          ext.mask_resize == "resample")
         preprocess(found.rows, ext.raw_dir, size, cache, reading, p.data.workers, shown)
         pd.DataFrame({"case_id": [r["case_id"] for r in found.rows],
                       "class": [r["class"] for r in found.rows],

@@ -35,6 +35,7 @@ from busiseg.evaluation.evaluate import (
     interval,
     mean_of_first,
     population_intervals,
+    size_figures,
 )
 from busiseg.evaluation.metrics import (
     boundary_metrics,
@@ -218,18 +219,28 @@ class Scores:
     report: dict  # what scores.json holds
 
 
+MISSING = ("empty", "error")  # --missing: a truth without a prediction scored as a miss, or refused
+
+
 def score_folders(pred: Path, truth: Path, bootstrap: int | None = None, seed: int | None = None,
                   tolerance: float | None = None, out: Path | None = None,
-                  workers: int = 0) -> Scores:
+                  workers: int = 0, missing: str = "empty") -> Scores:
     """Match, read and score; options left None take evaluate's defaults (`out` only goes into
-    the command recorded)."""
+    the command recorded). A truth without a prediction is scored as an empty mask (`missing`
+    empty), so a tool that writes only its non-empty masks scores as what it answered, or
+    stops the scoring (`missing` error)."""
     p = score_params(bootstrap, seed, tolerance)
     matched = match_folders(Path(pred), Path(truth))
+    if matched.missing and missing == "error":
+        raise BusisegError(f"--pred {pred}: {len(matched.missing)} truth case(s) have no "
+                           f"prediction: {named(matched.missing, 10)}; write their masks, or "
+                           "give --missing empty to score them as empty masks")
     cases = read_cases(matched, workers)
     metrics, table = figures(p, cases.pred, cases.true, cases.classes)
     table.insert(0, "case_id", cases.ids)
     table.insert(1, "class", cases.classes)
-    return Scores(table, report(p, matched, cases, metrics, out))
+    table.insert(2, "predicted", [int(c not in matched.missing) for c in cases.ids])
+    return Scores(table, report(p, matched, cases, metrics, out, missing))
 
 
 @dataclass
@@ -290,7 +301,7 @@ def read_cases(matched: Matched, workers: int = 0) -> Cases:
     class each case (its class folder, else `lesion`/`normal` from the true mask) and put them
     in ingest's order (class, then natural name), which the pipeline's split and test set keep,
     so the bootstrap draws the same images as evaluate's on the same cases."""
-    ids = matched.ids
+    ids = matched.ids + matched.missing  # the missing read as empty masks (_read_pair)
     read = partial(_read_pair, matched.truth.files, matched.pred.files)
     pairs = process_map(read, ids, workers, desc="score")
     mismatched = [(c, t.shape, q.shape) for c, (t, q, _) in zip(ids, pairs) if t.shape != q.shape]
@@ -312,19 +323,21 @@ def read_cases(matched: Matched, workers: int = 0) -> Cases:
 def _read_pair(truth: dict[str, list[Path]], pred: dict[str, list[Path]],
                cid: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     t, t_notes = read_case(truth[cid])
+    if cid not in pred:  # no prediction: scored as an answer of no lesion
+        return t, np.zeros_like(t), t_notes
     q, q_notes = read_case(pred[cid])
     return t, q, t_notes + q_notes
 
 
 def report(p: Params, matched: Matched, cases: Cases, metrics: dict,
-           out: Path | None = None) -> dict:
+           out: Path | None = None, missing: str = "empty") -> dict:
     """scores.json: the command that redoes it, the version, the figures and what became of
     every file in the two folders."""
     pred, truth, e = matched.pred.root, matched.truth.root, p.evaluate
     command = ["busiseg", "score", "--pred", str(pred), "--truth", str(truth),
                *(["--out", str(out)] if out is not None else []),
                "--bootstrap", str(e.bootstrap), "--bootstrap-seed", str(e.bootstrap_seed),
-               "--surface-tolerance", f"{e.surface_tolerance:g}"]
+               "--surface-tolerance", f"{e.surface_tolerance:g}", "--missing", missing]
     return {
         "command": shlex.join(command),
         "busiseg": busiseg_version(),  # as predict's predictions.json names it
@@ -338,8 +351,10 @@ def report(p: Params, matched: Matched, cases: Cases, metrics: dict,
         "matching": {
             "n_truth": len(matched.truth.files),
             "n_pred": len(matched.pred.files),
-            "n_matched": len(cases.ids),
+            "n_matched": len(matched.ids),
             "n_missing": len(matched.missing),
+            "missing_scored_as": "empty mask",  # each in the figures as a miss (--missing)
+            "n_scored": len(cases.ids),
             "n_unmatched": len(matched.unmatched),
             "missing": matched.missing,  # truth cases without a prediction (case ids)
             "unmatched": matched.unmatched,  # prediction files without a truth (under --pred)
@@ -364,14 +379,16 @@ def figures(p: Params, pred: list[np.ndarray], true: list[np.ndarray],
     true_area = (counts[:, 0] + counts[:, 2]) / sizes
     low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
     hd95, nsd = boundary_per_image(pred, true, p.evaluate.surface_tolerance)
+    sized, sizes = size_figures(p, pred, true, np.ones((len(pred), 2)), None)
     metrics = rounded({**metrics, "dice_ci_low": low, "dice_ci_high": high,
-                       **boundary_means(p, hd95, nsd, true_arr),
+                       **boundary_means(p, hd95, nsd, true_arr), **sized,
                        **population_intervals(p, counts, None)})
     dice, iou = dice_iou(counts)
     table = pd.DataFrame({"dice": np.round(dice, 6), "iou": np.round(iou, 6),
                           "lesion_area": true_area.round(6), "pred_area": pred_area.round(6),
                           "hd95": np.round(hd95, 6), "nsd": np.round(nsd, 6)})
-    return metrics, table
+    unknown = [c for c in sizes.columns if c.endswith(("_mm", "_mm2"))]  # no pixel size here
+    return metrics, pd.concat([table, sizes.drop(columns=unknown)], axis=1)
 
 
 def check_out(out: Path) -> None:
@@ -408,7 +425,7 @@ def stderr_lines(report: dict) -> list[str]:
     m, lines = report["matching"], []
     if m["missing"]:
         lines.append(f"score: {len(m['missing'])} truth case(s) without a prediction "
-                     f"(missing): {named(m['missing'])}")
+                     f"(missing), scored as empty masks: {named(m['missing'])}")
     if m["unmatched"]:
         lines.append(f"score: {len(m['unmatched'])} prediction(s) without a truth "
                      f"(unmatched): {named(m['unmatched'])}")
@@ -431,8 +448,9 @@ def stderr_lines(report: dict) -> list[str]:
 def summary(report: dict) -> list[str]:
     m, match = report["metrics"], report["matching"]
     return [
-        f"score: {match['n_matched']} matched, {match['n_missing']} missing, "
-        f"{match['n_unmatched']} unmatched ({m['n_lesion_images']} lesion, "
+        f"score: {match['n_matched']} matched, {match['n_missing']} missing"
+        + (" (scored as empty masks)" if match["n_missing"] else "")
+        + f", {match['n_unmatched']} unmatched ({m['n_lesion_images']} lesion, "
         f"{m['n_normal_images']} normal images)",
         f"score: Dice {m['dice']} [{m['dice_ci_low']}, {m['dice_ci_high']}] (lesion images, "
         f"per-image mean), pooled {m['dice_pooled']}; all images Dice {m['dice_all']} "
@@ -440,4 +458,6 @@ def summary(report: dict) -> list[str]:
         f"score: detection sensitivity {m['detect_sensitivity']}, specificity "
         f"{m['detect_specificity']}; HD95 {m['hd95']}, NSD {m['nsd']} (tolerance "
         f"{report['surface_tolerance']:g} px)",
+        f"score: long-axis error {m['long_axis_mae_px']} px [{m['long_axis_mae_px_ci_low']}, "
+        f"{m['long_axis_mae_px_ci_high']}] (mean absolute, lesion images)",
     ]

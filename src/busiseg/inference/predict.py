@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from busiseg.data import dicom
 from busiseg.data.images import load_image, outline
 from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.errors import BusisegError, first_line
@@ -44,11 +46,13 @@ from busiseg.inference.segment import (
     as_stats,
     segment_with_score,
 )
+from busiseg.inference.sizes import size_row
 from busiseg.modeling.model_file import load_model, model_file_path
 from busiseg.runtime.device import place
 
 SUFFIXES = IMAGE_SUFFIXES
 OWN_SUFFIXES = ("_overlay", "_prob")  # predict's outputs besides the mask
+SEG_SUFFIX = "_seg"  # NAME_seg.dcm, predict's DICOM SEG (--dicom-seg)
 MASK_LIKE = "name looks like a mask (contains _mask)"
 OWN_OUTPUT = "predict's own output"
 EXISTS = "already done: its mask and predictions.csv row are in --out (--continue)"
@@ -163,12 +167,14 @@ def _notes(m: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in notes.items()} if isinstance(notes, dict) else {}
 
 
-def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure], list[Failure]]:
+def collect_inputs(inputs: list[str | Path], frames: str = "all") -> tuple[
+        list[Path], list[Failure], list[Failure]]:
     """(images to predict, failures, skipped). A folder contributes its image files; what else
     it holds is skipped with its reason (masks beside their images, predict's own outputs,
     other files, subfolders), so the user learns why an image was not predicted. A file named
     explicitly is predicted whatever its name; a missing path is a failure, and so is an image
-    whose outputs would overwrite an earlier one's (`same_names`)."""
+    whose outputs would overwrite an earlier one's (`same_names`). A multi-frame DICOM file
+    gives the frames `frames` selects (dicom.select_frames), each an image of its own."""
     files, failures, skipped = [], [], []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -186,8 +192,24 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Path], list[Failure],
             files.append(item)
         else:
             failures.append(Failure(item, "no such file or folder"))
+    files = _frames(files, frames, failures)
     files, clashes = same_names(files)
     return files, failures + clashes, skipped
+
+
+def _frames(files: list[Path], rule: str, failures: list[Failure]) -> list[Path]:
+    out = []
+    for p in files:
+        if not dicom.is_dicom(p):
+            out.append(p)
+            continue
+        try:
+            out += dicom.frames(p, rule, "--frames")
+        except BusisegError as exc:
+            if "--frames" in str(exc):
+                raise
+            failures.append(Failure(p, str(exc).split(": ", 1)[-1]))
+    return out
 
 
 def same_names(files: list[Path]) -> tuple[list[Path], list[Failure]]:
@@ -211,10 +233,11 @@ def _skip_reason(p: Path) -> str | None:
     if p.is_dir():
         return "a folder inside a folder (predict does not look in; name it to predict it)"
     if p.name in (SCORES, RECORD) or (p.suffix.lower() == ".png"
-                                      and p.stem.endswith(OWN_SUFFIXES)):
+                                      and p.stem.endswith(OWN_SUFFIXES)) or (
+            p.suffix.lower() == ".dcm" and p.stem.endswith(SEG_SUFFIX)):
         return OWN_OUTPUT
-    if p.suffix.lower() not in SUFFIXES:
-        return f"not an image file predict reads ({' '.join(SUFFIXES)})"
+    if p.suffix.lower() not in SUFFIXES and not dicom.is_dicom(p):
+        return f"not an image file predict reads ({' '.join(SUFFIXES)}, or DICOM)"
     if "_mask" in p.stem:
         return MASK_LIKE
     return None
@@ -239,6 +262,7 @@ class Outputs:
     probabilities: bool = False  # NAME_prob.png, 16-bit (`save_probability_png`)
     mask_value: int = 255  # a lesion pixel's value: 255 to view, 1 for label-reading tools
     resume: bool = False  # --continue: an image done by an earlier run is skipped (plan_resume)
+    dicom_seg: bool = False  # NAME_seg.dcm beside the masks of each DICOM input (dicom_seg)
 
 
 @dataclass(frozen=True)
@@ -255,6 +279,7 @@ class RunOptions:
     overrides: dict | None = None
     fallback_eval: Path | None = None
     command: list[str] | None = None
+    frames: str = "all"  # a multi-frame DICOM's frames to predict (dicom.select_frames)
 
 
 @dataclass
@@ -305,7 +330,7 @@ def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str |
     predictor = load_predictor(model_path, options.device)
     chosen = resolve_settings(predictor, model_path, chosen, options.fallback_eval,
                               options.overrides)
-    files, failures, skipped = collect_inputs(inputs)
+    files, failures, skipped = collect_inputs(inputs, options.frames)
 
     def record(rows: list[dict], finished: bool) -> dict:
         return run_record(predictor, model_path, chosen, outputs, options,
@@ -330,6 +355,8 @@ def predict_run(model_path: str | Path, inputs: list[str | Path], out_dir: str |
         if row is not None:
             append_score(out_dir / SCORES, row, chosen.settings)
             rows.append(row)
+    if outputs.dicom_seg:
+        _write_segmentations(predictor, files, out_dir, failures)
     write_record(out_dir / RECORD, record(rows, finished=True))
     return PredictRun([out_dir / r["mask"] for r in rows], failures, skipped, chosen,
                       out_dir / RECORD)
@@ -340,15 +367,43 @@ def _predict_one(predictor: Predictor, settings: MaskSettings, path: Path, out_d
     """One image's outputs, and its predictions.csv row; None (and a failure) if unreadable."""
     try:
         image = load_image(path, mask_marks, predictor.channels)
+        pixel_mm = dicom.pixel_size_mm(path)[0] if dicom.is_dicom(dicom.split_ref(path)[0]) \
+            else None
     except BusisegError as exc:
         failures.append(Failure(path, str(exc).split(": ", 1)[-1]))
         return None
     seg = segment_with_score(predictor.forward, image, predictor.size, predictor.input_mean,
                              predictor.input_std, settings, predictor.device)
     _write_outputs(out_dir, path, image, seg, outputs)
+    sizes = {k: "" if np.isnan(v) else round(float(v), 4)
+             for k, v in size_row(seg.mask, (1.0, 1.0), pixel_mm).items()}
     return {"image": input_path(path), "mask": mask_name(path), "lesion_score": round(seg.score, 6),
             "lesion": int(seg.mask.any()), "confidence": round(seg.confidence, 6),
-            "flagged": int(seg.flagged)}
+            "flagged": int(seg.flagged), **sizes}
+
+
+def _write_segmentations(predictor: Predictor, files: list[Path], out_dir: Path,
+                         failures: list[Failure]) -> None:
+    """NAME_seg.dcm for each DICOM input, from its frames' masks in --out (this run's, and an
+    earlier run's under --continue), so the SEG holds every frame predicted, each written once."""
+    from busiseg import busiseg_version
+    from busiseg.inference.dicom_seg import write_dicom_seg
+
+    by_file: dict[Path, dict[int, Path]] = {}
+    for path in files:
+        source, frame = dicom.split_ref(path)
+        if dicom.is_dicom(source) and (out_dir / mask_name(path)).is_file():
+            by_file.setdefault(source, {})[0 if frame is None else frame - 1] = path
+    for source, frames in by_file.items():
+        masks = {k: np.asarray(Image.open(out_dir / mask_name(p))) > 0 for k, p in frames.items()}
+        try:
+            with warnings.catch_warnings():  # highdicom's quote the patient's name: not logged
+                warnings.simplefilter("ignore")
+                write_dicom_seg(source, masks, out_dir / f"{dicom.image_stem(source)}_seg.dcm",
+                                model_digest=predictor.weights_digest or predictor.file_sha256,
+                                version=busiseg_version())
+        except BusisegError as exc:
+            failures.append(Failure(source, f"no DICOM SEG: {str(exc).split(': ', 1)[-1]}"))
 
 
 def _make_folder(out_dir: Path) -> None:
@@ -364,7 +419,7 @@ def _make_folder(out_dir: Path) -> None:
 def _write_outputs(out_dir: Path, path: Path, image: np.ndarray, seg, outputs: Outputs) -> None:
     """The probability map and overlay first, the mask last, each written beside and renamed:
     a mask in the folder means the image's outputs are whole (`plan_resume`)."""
-    stem = path.stem
+    stem = dicom.image_stem(path)
     pieces = []
     if outputs.probabilities:
         pieces.append((f"{stem}_prob.png",

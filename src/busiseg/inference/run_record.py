@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from busiseg import busiseg_version
+from busiseg.data.dicom import image_stem
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path, atomic_write_text
 from busiseg.inference.segment import MaskSettings
+from busiseg.inference.sizes import SIZE_COLUMNS
 
 if TYPE_CHECKING:
     from busiseg.inference.predict import Outputs, Predictor, RunOptions, SourcedSettings
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 SCORES = "predictions.csv"
 RECORD = "predictions.json"
 COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "confidence",
-           "flagged", "review_threshold", "presence_rule")
+           "flagged", "review_threshold", "presence_rule", *SIZE_COLUMNS)
 PATHS = "absolute"  # how the record's image paths are written, said in predictions.json
 
 
@@ -38,7 +40,7 @@ class Failure:
 
 
 def mask_name(image: Path) -> str:
-    return f"{image.stem}_mask.png"
+    return f"{image_stem(image)}_mask.png"
 
 
 def input_path(path: Path) -> str:
@@ -115,8 +117,9 @@ def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
     decision (1: a lesion was drawn), the presence threshold that made it (empty: none) and the
     rule (off, threshold, or expected: MaskSettings.keep); its
     confidence (`settings.confidence`), the review flag (1: a reader should look) and the
-    threshold that set it (empty: none). A row kept from an earlier run keeps the thresholds
-    that run applied."""
+    threshold that set it (empty: none); the drawn lesion's area, long and short axis
+    (inference.sizes) in the image's pixels, and in mm where a DICOM states its pixel size
+    (empty otherwise). A row kept from an earlier run keeps the thresholds that run applied."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         _score_writer(fh, header=True).writerows(_score_row(r, settings) for r in rows)
 
