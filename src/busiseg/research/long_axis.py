@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.params import load_params
+from busiseg.runtime.device import machine
 
 OUT = Path(__file__).resolve().parents[3] / "docs" / "results" / "sizes"
 KEYS = ("cv_dice", "cv_dice_ci_low", "cv_dice_ci_high", "dice", "n_test",
@@ -61,7 +61,7 @@ def main() -> None:
     record = {"preset": args.name, "figures": measure(args.run), "code_commit": commit,
               "command": f"uv run python -m busiseg.research.long_axis RUN_DIR --name "
                          f"{args.name}",
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+              "machine": machine()}
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.name}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
