@@ -332,3 +332,29 @@ def crafted_loaded(members: list[nn.Module], cache_path: Path, split_path: Path,
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
     return Loaded(FoldEnsemble(members), members, cache, split, predict, spacing=spacing,
                   batch_size=4)
+
+
+def ultrasound_dicoms() -> list[Path]:
+    """Every ultrasound DICOM file of pydicom's test data: its own and the pydicom-data
+    package's (empty without that package)."""
+    import warnings
+
+    import pydicom
+
+    try:
+        import data_store
+    except ImportError:
+        return []
+    own = Path(pydicom.data.__file__).parent / "test_files"
+    store = Path(data_store.__file__).parent / "data"
+    out = []
+    for path in sorted(store.iterdir()) + sorted(own.glob("*.dcm")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - not a DICOM file of the store
+            continue
+        if str(ds.get("Modality", "")) == "US":
+            out.append(path)
+    return out

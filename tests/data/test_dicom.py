@@ -9,13 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from conftest import write_png
+from conftest import ultrasound_dicoms, write_png
 
 from busiseg.data import dicom
 from busiseg.data.cache import Reading, preprocess
@@ -31,20 +30,6 @@ UNDECODABLE = {"JPGLosslessP14SV1_1s_1f_8b.dcm": "pylibjpeg-libjpeg"}  # JPEG lo
 REGION_MM = 0.262287877  # OBXXXX1A's 2D region: PhysicalDeltaX/Y 0.0262… cm
 
 
-def ultrasound_files() -> list[Path]:
-    out = []
-    for path in sorted(STORE.iterdir()) + sorted(OWN.glob("*.dcm")):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-        except Exception:  # noqa: BLE001 - not a DICOM file of the store
-            continue
-        if str(ds.get("Modality", "")) == "US":
-            out.append(path)
-    return out
-
-
 def identifying(path: Path) -> list[str]:
     """The file's patient, study and institution values, to look for where they must not be."""
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
@@ -53,7 +38,7 @@ def identifying(path: Path) -> list[str]:
     return [str(ds.get(k)) for k in keys if len(str(ds.get(k) or "")) >= 4]
 
 
-FILES = ultrasound_files()
+FILES = ultrasound_dicoms()
 
 
 def test_the_test_data_holds_the_files_the_issue_names():

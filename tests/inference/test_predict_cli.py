@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_params, write_png
+from conftest import tiny_params, ultrasound_dicoms, write_png
 from PIL import Image
 
 import busiseg.inference.predict as predict_module
@@ -558,22 +558,29 @@ def test_dicom_inputs_predict_every_frame_with_mm_sizes_and_a_dicom_seg(tmp_path
     import highdicom as hd
     import pydicom
 
-    store = Path(data_store.__file__).parent / "data"
     inputs = tmp_path / "in"
     inputs.mkdir()
-    names = ("US1_UNCR.dcm", "US1_J2KR.dcm", "OBXXXX1A_rle_2frame.dcm", "gdcm-US-ALOKA-16.dcm",
-             "color3d_jpeg_baseline.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm")
-    for name in names:
-        (inputs / name).write_bytes((store / name).read_bytes())
+    files = ultrasound_dicoms()
+    assert len(files) >= 20 and data_store
+    for path in files:
+        if not (inputs / path.name).exists():  # pydicom's own copies of some store files
+            (inputs / path.name).write_bytes(path.read_bytes())
     out, model = tmp_path / "out", model_file(tmp_path, MaskSettings(threshold=0.5))
     assert main(["predict", "--model", str(model), str(inputs), "--out", str(out),
                  "--frames", "first", "--dicom-seg", "--no-overlay"]) == 1  # one input failed
     err = capsys.readouterr().err
     assert "JPGLosslessP14SV1_1s_1f_8b.dcm" in err and "pylibjpeg-libjpeg" in err
     by_mask = {r["mask"]: r for r in rows(out)}
-    assert set(by_mask) == {"US1_UNCR_mask.png", "US1_J2KR_mask.png",
-                            "OBXXXX1A_rle_2frame_f001_mask.png", "gdcm-US-ALOKA-16_mask.png",
-                            "color3d_jpeg_baseline_f001_mask.png"}
+    failed = {Path(f["path"]).name for f in record(out)["inputs"]["failed"]}
+    assert failed == {"JPGLosslessP14SV1_1s_1f_8b.dcm"}  # every other one predicted
+    assert len(by_mask) == len(list(inputs.iterdir())) - 1
+    for path in inputs.iterdir():  # mm wherever the file gives a region's pixel size
+        if path.name in failed:
+            continue
+        row = next(r for r in by_mask.values() if Path(r["image"].split("#")[0]) == path)
+        known = pydicom.dcmread(path, stop_before_pixels=True, force=True).get(
+            "SequenceOfUltrasoundRegions") is not None
+        assert (row["area_mm2"] != "") == known, path.name
     assert mask(out, "US1_UNCR").shape == (480, 640)
     assert by_mask["US1_UNCR_mask.png"]["long_axis_mm"] == ""  # no pixel size in the file
     for name, pixel in (("OBXXXX1A_rle_2frame_f001", 0.262287877),
