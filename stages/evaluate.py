@@ -24,7 +24,7 @@ def main() -> None:
     remove_outputs(METRICS, PER_IMAGE, CV_PER_IMAGE, SWEEP, RELIABILITY, RISK_COVERAGE,
                    PREDICTIONS)
     result = evaluate(load_params(), "models/model.pt", "data/cache.npz", "data/split.csv",
-                      "data/manifest.csv")
+                      "data/manifest.csv", "models/classifier.pt")
     PER_IMAGE.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(PER_IMAGE, index=False)
     cv = result.get("cv_per_image", pd.DataFrame(columns=[*result["per_image"].columns, "fold"]))

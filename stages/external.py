@@ -14,7 +14,8 @@ def main() -> None:
     metrics, per_image = Path(f"metrics/external/{name}.json"), Path(f"plots/external/{name}.csv")
     report = Path(f"data/external/{name}_report.json")
     remove_outputs(metrics, per_image, report)
-    result = evaluate_external(load_params(), name, "models/model.pt", "metrics/eval.json")
+    result = evaluate_external(load_params(), name, "models/model.pt", "metrics/eval.json",
+                               "models/classifier.pt")
     per_image.parent.mkdir(parents=True, exist_ok=True)
     result["per_image"].to_csv(per_image, index=False)
     write_json(metrics, result["metrics"])

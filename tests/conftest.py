@@ -146,7 +146,8 @@ def busiseg(args: list, cwd: Path) -> str:
 
 
 TIMING_KEYS = {"seconds", "images_per_s"}
-STAGES = ("demo", "ingest", "preprocess", "split", "train", "evaluate", "package", "plot")
+STAGES = ("demo", "ingest", "preprocess", "split", "train", "classify", "evaluate", "package",
+          "plot")
 
 
 def dvc(repo: Path, env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

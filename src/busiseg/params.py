@@ -327,6 +327,37 @@ PresenceThreshold = Annotated[float | Literal["auto", "expected"] | None,
 
 
 @dataclass(frozen=True)
+class ClassifyParams:
+    """The image classifier beside the mask model (stage classify): is there a lesion, and is it
+    malignant. Its members train on train's cache and split, fold by fold, so out of fold an
+    image meets only members that never trained on it."""
+
+    # none: no classifier (the lesion score is the mask model's); encoder: the ImageNet
+    # EfficientNet-Lite0 encoder (bundled weights), pooled, one logit each for lesion and
+    # malignant
+    kind: Literal["none", "encoder"] = "none"
+    seeds: int = 1  # members per fold (per split without folds), seeds seed, seed + 1, ...
+    seed: int = 0
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    malignant_weight: float = 1.0  # the malignancy loss's weight beside presence's (0: off)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: int = 0  # 0 = all cores
+    cpu_isa: Literal["native", "avx2", "avx512"] = "native"
+
+    def check(self) -> None:
+        _require(self.seeds >= 1, "classify.seeds", "must be ≥ 1")
+        _require(self.epochs >= 1, "classify.epochs", "must be ≥ 1")
+        _require(self.batch_size >= 2, "classify.batch_size", "must be ≥ 2 (BatchNorm)")
+        _require(self.lr > 0, "classify.lr", "must be > 0")
+        _require(self.weight_decay >= 0, "classify.weight_decay", "must be ≥ 0")
+        _require(self.malignant_weight >= 0, "classify.malignant_weight", "must be ≥ 0")
+        _require(self.threads >= 0, "classify.threads", "must be ≥ 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     threshold: float = 0.5
     tune_threshold: bool = False  # pick the threshold that maximises val Dice
@@ -381,6 +412,7 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
+    classify: ClassifyParams = field(default_factory=ClassifyParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     plot: PlotParams = field(default_factory=PlotParams)
     # external validation sets, by name: scored with the trained model, never trained on

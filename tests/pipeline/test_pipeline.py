@@ -70,6 +70,7 @@ def test_params_invalidate_only_the_stages_that_read_them(pipeline, python_env):
         for section, change, first in (("train", {"epochs": 7}, "train"),
                                        ("preprocess", {"size": 96}, "preprocess"),
                                        ("evaluate", {"tta": True}, "evaluate"),
+                                       ("classify", {"epochs": 3}, "classify"),
                                        ("split", {"seed": 5}, "split")):
             set_params(repo, **{section: change})
             assert stale_stages(repo, python_env) == {first, "package"}, section
@@ -87,8 +88,8 @@ def _cache_size(repo: Path) -> int:
 
 def test_editing_a_module_marks_exactly_the_stages_that_run_it(pipeline, python_env):
     """dvc status after a one-line edit: the Dice in evaluation/metrics.py picks train's kept
-    epoch, scores evaluate and draws plot's risk–coverage curve, so all three change;
-    data/split.py runs in the split stage alone."""
+    epoch, scores evaluate and draws plot's risk–coverage curve, and classify imports it, so
+    all four change; data/split.py runs in the split stage alone."""
     import json
 
     repo, _, _ = pipeline
@@ -98,8 +99,8 @@ def test_editing_a_module_marks_exactly_the_stages_that_run_it(pipeline, python_
 
     assert changed() == set()
     try:
-        for module, stages in (("evaluation/metrics.py", {"train", "evaluate", "package",
-                                                          "plot"}),
+        for module, stages in (("evaluation/metrics.py", {"train", "classify", "evaluate",
+                                                          "package", "plot"}),
                                ("data/split.py", {"split"})):
             path = repo / "src" / "busiseg" / module
             original = path.read_text()
@@ -304,7 +305,7 @@ def test_one_flag_runs_k_fold_cross_validation_and_evaluate_params_retrain_no_fo
     try:
         out = dvc(repo, python_env, "exp", "run", "-S", f"split.folds={folds}").stdout
         assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
-            "split", "train", "evaluate", "package", "plot"}
+            "split", "train", "classify", "evaluate", "package", "plot"}
         ev = load_metrics(repo)["eval.json"]
         assert ev["folds"] == folds
         for key in ("cv_dice", "cv_iou", "cv_dice_pooled", "cv_dice_benign",

@@ -70,7 +70,8 @@ INTENDED_USE = (
 
 # the params sections the package stage declares in dvc.yaml (a test holds the two together):
 # every one that changes the model or its scores, not plot's
-SECTIONS = ("demo", "data", "preprocess", "split", "model", "train", "augment", "evaluate")
+SECTIONS = ("demo", "data", "preprocess", "split", "model", "train", "augment", "classify",
+            "evaluate")
 
 
 def is_demo(p: Params) -> bool:

@@ -15,7 +15,7 @@ folds only, so tuning never sees the fold it is scored on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,7 @@ from busiseg.data.manifest import read_manifest
 from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.choose import HeldOut, candidates, choose, has_lesion, tta_settings
+from busiseg.evaluation.classifier import Classifier, malignancy_keys, open_classifier, out_of_fold
 from busiseg.evaluation.metrics import (
     POPULATION_STATS,
     SCORE_STATS,
@@ -76,6 +77,8 @@ class Loaded:
     # per cache image, an original pixel's (height, width) in mm, NaN where the file states
     # none (DICOM only); None without a manifest
     pixel_mm: np.ndarray | None = None
+    # the image classifier (stage classify), whose p_lesion is then the lesion score
+    classifier: Classifier | None = None
 
     def step(self, what: str) -> None:
         if self.progress is not None:
@@ -87,6 +90,9 @@ class Loaded:
 
     def pixel_mm_of(self, idx: list[int]) -> np.ndarray | None:
         return None if self.pixel_mm is None else self.pixel_mm[idx]
+
+    def images(self, idx: list[int]) -> torch.Tensor:
+        return self.cache.images[torch.tensor(idx, dtype=torch.long)]
 
     def truth(self, idx: list[int]) -> np.ndarray:
         return self.cache.masks[torch.tensor(idx, dtype=torch.long)][:, 0].numpy() > 0
@@ -200,11 +206,11 @@ def size_figures(p: Params, pred: np.ndarray, true: np.ndarray, spacing: np.ndar
 
 def load(p: Params, model_path, cache_path, split_path,
          opened: tuple[torch.nn.Module, dict] | None = None, steps: int | None = None,
-         manifest_path=None) -> Loaded:
+         manifest_path=None, classifier_path=None) -> Loaded:
     """Everything scoring reads; `opened`: the model file already loaded by open_model; `steps`:
     the progress bar's length when it is not evaluate's (an external set's); `manifest_path`:
     the images' original sizes, the unit of the boundary figures (hd95, nsd), left out
-    without it."""
+    without it; `classifier_path`: models/classifier.pt (none: the mask model's score)."""
     model, blob = opened or open_model(p, model_path)
     device = next(model.parameters()).device
     dtype = amp_dtype(p.evaluate.amp, device)
@@ -226,9 +232,12 @@ def load(p: Params, model_path, cache_path, split_path,
     spacing = (original_spacing(manifest_path, cache.case_ids, cache.size)
                if manifest_path is not None else None)
     mm = pixel_mm(manifest_path, cache.case_ids) if manifest_path is not None else None
+    classifier = (open_classifier(classifier_path, device, p.evaluate.batch_size, dtype,
+                                  blob.get("split"), cache.size)
+                  if classifier_path is not None else None)
     return Loaded(model, members, cache, split, predict,
                   bar(steps, "evaluate", show_progress(p.evaluate.progress)), spacing,
-                  p.evaluate.batch_size, mm)
+                  p.evaluate.batch_size, mm, classifier)
 
 
 def per_image_table(rows: pd.DataFrame, pred: np.ndarray, true: np.ndarray,
@@ -338,19 +347,42 @@ def gain_over_members(rows: np.ndarray) -> float:
     return float(rows[:, 0].mean() - rows[:, 1:].mean())
 
 
-def evaluate(p: Params, model_path, cache_path, split_path, manifest_path=None) -> dict:
-    m = load(p, model_path, cache_path, split_path, manifest_path=manifest_path)
+def evaluate(p: Params, model_path, cache_path, split_path, manifest_path=None,
+             classifier_path=None) -> dict:
+    m = load(p, model_path, cache_path, split_path, manifest_path=manifest_path,
+             classifier_path=classifier_path)
     if m.members:
         return evaluate_folds(p, m)
-    va_idx, _ = subset(m.cache, m.split, "val")
+    va_idx, va_rows = subset(m.cache, m.split, "val")
     held = m.held_out(m.model, va_idx, tta_settings(p.evaluate))
+    classified = None
+    if m.classifier is not None:  # its p_lesion is the lesion score from here on
+        classified = m.classifier.probabilities(m.images(va_idx))
+        held = replace(held, scores=dict.fromkeys(held.scores, classified[:, 0]))
     m.step("validation predicted")
     choice = choose(p.evaluate, held)
     m.step("settings chosen on validation")
     result = score_test(p, m, choice.settings)
+    if classified is not None:
+        add_malignancy(p, m, result, classified, va_rows["class"].tolist(), None)
     m.step("test scored")
     result["threshold_sweep"] = choice.sweep
     return result
+
+
+def add_malignancy(p: Params, m: Loaded, result: dict, held: np.ndarray,
+                   held_classes: list[str], held_fold: np.ndarray | None) -> None:
+    """The classifier's figures into the result: the malignancy keys (where it learnt
+    malignancy), and p_lesion, p_malignant in the per-image tables."""
+    test = result["classifier_test"]
+    if m.classifier.malignancy:
+        result["metrics"].update(rounded(malignancy_keys(
+            p, held[:, 1], held_classes, held_fold, test[:, 1],
+            result["test_rows"]["class"].tolist())))
+    for table, probs in ((result["per_image"], test), (result.get("cv_per_image"), held)):
+        if table is not None:
+            table["p_lesion"] = np.round(probs[:, 0], 6)
+            table["p_malignant"] = np.round(probs[:, 1], 6)
 
 
 def score_test(p: Params, m: Loaded, settings: MaskSettings,
@@ -363,6 +395,10 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
     te_idx, te_rows = subset(m.cache, m.split, "test")
     te_true = m.truth(te_idx)
     te_prob, scores = test if test is not None else m.predict(m.model, te_idx, settings.tta)
+    classified = None
+    if m.classifier is not None:  # every member's p_lesion is the lesion score on test
+        classified = m.classifier.probabilities(m.images(te_idx))
+        scores = classified[:, 0]
     trust = settings.confidences(te_prob, scores)  # read by the expected-Dice rule too
     te_pred = settings.masks(te_prob, scores, trust)
     chosen = settings.eval_keys()
@@ -402,7 +438,8 @@ def score_test(p: Params, m: Loaded, settings: MaskSettings,
     return {"metrics": metrics,
             "per_image": per_image if sizes is None else pd.concat([per_image, sizes], axis=1),
             "test_pred": te_pred, "test_idx": te_idx, "counts": counts, "test_true": te_true,
-            "test_rows": te_rows, "reliability": table, "settings": settings}
+            "test_rows": te_rows, "reliability": table, "settings": settings,
+            "classifier_test": classified}
 
 
 def evaluate_folds(p: Params, m: Loaded) -> dict:
@@ -424,6 +461,10 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
     oof = HeldOut({t: np.concatenate([h.probs[t] for h in parts]) for t in parts[0].probs},
                   {t: np.concatenate([h.scores[t] for h in parts]) for t in parts[0].scores},
                   np.concatenate([h.truth for h in parts]))
+    classified = None
+    if m.classifier is not None:  # fold k's images by fold k's classifier members alone
+        classified = out_of_fold(m.classifier, m.cache.images, oof_idx, fold)
+        oof = replace(oof, scores=dict.fromkeys(oof.scores, classified[:, 0]))
     cv = score_out_of_fold(p, m, oof, fold, cv_rows)
     choice = choose(p.evaluate, oof)
     m.step("settings chosen out of fold")
@@ -431,10 +472,14 @@ def evaluate_folds(p: Params, m: Loaded) -> dict:
                                                choice.settings.tta)
     result = score_test(p, m, choice.settings, ensemble)
     m.step("test scored")
+    if classified is not None:  # each mask member gated by the classifier, as the ensemble
+        members = [(prob, result["classifier_test"][:, 0]) for prob, _ in members]
     alone = member_figures(p, m, result, members)
     result["metrics"].update(rounded({"folds": len(m.members), **cv["metrics"], **alone}))
     result.update(threshold_sweep=choice.sweep, cv_per_image=cv["table"], cv_pred=cv["pred"],
                   cv_idx=oof_idx, reliability=cv["reliability"])  # out of fold: the one to trust
+    if classified is not None:
+        add_malignancy(p, m, result, classified, cv_rows["class"].tolist(), fold)
     return result
 
 

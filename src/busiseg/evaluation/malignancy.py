@@ -1,0 +1,67 @@
+"""Malignancy figures of the classifier's p_malignant: among the images whose lesion is labelled
+benign or malignant, how well it ranks them (AUROC), its sensitivity and specificity at a
+threshold chosen on other images (out of fold: on the other folds; on test: on every out-of-fold
+image), and its calibration (ECE). Research figures: BUSI's labels, not a diagnosis."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from busiseg.evaluation.metrics import auroc, bootstrap_ci
+from busiseg.evaluation.presence import reliability
+
+LABELLED = {"benign": 0, "malignant": 1}
+
+
+def labelled(classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(which images have a benign/malignant label, the 0/1 labels of those)."""
+    known = np.array([c in LABELLED for c in classes], dtype=bool)
+    return known, np.array([LABELLED[c] for c in classes if c in LABELLED], dtype=np.float64)
+
+
+def youden_threshold(prob: np.ndarray, label: np.ndarray) -> float:
+    """The cut with the best sensitivity + specificity (Youden's J), the midpoint between two
+    observed probabilities so it never sits on an image; 0.5 without both classes."""
+    if len(np.unique(label)) < 2:
+        return 0.5
+    values = np.unique(prob)
+    cuts = np.concatenate([[0.0], (values[1:] + values[:-1]) / 2, [1.0]])
+    pos, neg = label == 1, label == 0
+    j = [(prob[pos] >= c).mean() + (prob[neg] < c).mean() for c in cuts]
+    return float(cuts[int(np.argmax(j))])
+
+
+def _sensitivity(rows: np.ndarray) -> float:
+    pos = rows[:, 1] == 1
+    return float(rows[pos, 2].mean()) if pos.any() else float("nan")
+
+
+def _specificity(rows: np.ndarray) -> float:
+    neg = rows[:, 1] == 0
+    return float(1 - rows[neg, 2].mean()) if neg.any() else float("nan")
+
+
+STATS = {"auroc": lambda r: auroc(r[:, 1], r[:, 0]), "sensitivity": _sensitivity,
+         "specificity": _specificity}
+
+
+def malignancy_figures(prob: np.ndarray, classes: list[str], threshold: np.ndarray | float,
+                       bootstrap: int, seed: int, prefix: str = "") -> dict:
+    """`prob`: p_malignant of every image; `threshold`: one cut, or one per image (out of fold,
+    each fold's own). Keys `{prefix}malignant_auroc`, `_sensitivity`, `_specificity` with 95 %
+    intervals, `_ece`, and the counts; none without labelled images of both classes."""
+    known, label = labelled(classes)
+    if len(np.unique(label)) < 2:
+        return {}
+    cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), prob.shape)[known]
+    p = prob[known]
+    rows = np.column_stack([p, label, (p >= cut).astype(np.float64)])
+    out = {}
+    for key, stat in STATS.items():
+        out[f"{prefix}malignant_{key}"] = stat(rows)
+        low, high = bootstrap_ci(rows, stat, bootstrap, seed)
+        out[f"{prefix}malignant_{key}_ci_low"], out[f"{prefix}malignant_{key}_ci_high"] = low, high
+    out[f"{prefix}malignant_ece"] = reliability(p, label.astype(bool))[0]
+    out[f"{prefix}n_malignant"] = int(label.sum())
+    out[f"{prefix}n_benign"] = int((label == 0).sum())
+    return out

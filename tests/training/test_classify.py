@@ -1,0 +1,102 @@
+"""The image classifier beside the mask model: its members train fold by fold (× seeds), out of
+fold each image is scored by the members of its own fold alone, its p_lesion becomes the lesion
+score evaluate gates with, and its p_malignant is scored among benign and malignant lesions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import Box, crafted_loaded, fold_data
+from torch import nn
+
+from busiseg.evaluation.classifier import Classifier
+from busiseg.evaluation.evaluate import evaluate_folds
+from busiseg.evaluation.malignancy import malignancy_figures, youden_threshold
+from busiseg.inference.segment import Feed
+from busiseg.modeling.classifier import build_members, read_classifier
+from busiseg.params import parse_params
+from busiseg.training.classify import classify_loss, labels, train_classifier
+
+
+def test_members_train_per_fold_and_seed_and_read_back(tmp_path):
+    cache, split = fold_data(tmp_path, folds=2)
+    p = parse_params({"split": {"folds": 2}, "preprocess": {"size": 32},
+                      "classify": {"kind": "encoder", "seeds": 2, "epochs": 1, "batch_size": 6,
+                                   "threads": 1}})
+    summary = train_classifier(p, cache, split, tmp_path / "classifier.pt")
+    blob = read_classifier(tmp_path / "classifier.pt")
+    assert summary["members"] == 4 and summary["malignancy_trained"]
+    assert [(m["fold"], m["seed"]) for m in blob["members"]] == [
+        (k, s) for k in range(2) for s in (0, 1)]
+    assert blob["size"] == 32 and blob["split"]["folds"] == 2 and blob["malignancy"]
+    members = build_members(blob)
+    x = torch.zeros(2, 1, 32, 32)
+    assert members[0](x).shape == (2, 2)
+    # two seeds of one fold are two models
+    assert not torch.equal(members[0].head.weight, members[1].head.weight)
+
+
+def test_the_loss_learns_malignancy_only_where_it_is_known():
+    masks = torch.zeros(4, 1, 4, 4)
+    masks[:3, 0, 1, 1] = 1
+    target = labels(["malignant", "benign", "lesion", "normal"], masks)
+    assert target.lesion.tolist() == [1, 1, 1, 0]
+    assert target.malignant[:2].tolist() == [1, 0] and torch.isnan(target.malignant[2:]).all()
+    logits = torch.tensor([[2.0, 50.0], [2.0, -50.0], [2.0, 99.0], [-2.0, -99.0]])
+    presence_only = classify_loss(logits, target.lesion, target.malignant, 0.0)
+    assert classify_loss(logits, target.lesion, target.malignant, 1.0) == pytest.approx(
+        presence_only.item(), abs=1e-6)  # the known two are right; the others are not read
+    wrong = logits.clone()
+    wrong[0, 1] = -50.0
+    assert classify_loss(wrong, target.lesion, target.malignant, 1.0) > presence_only + 10
+
+
+class Constant(nn.Module):
+    """A crafted classifier member: the same two logits for every image."""
+
+    def __init__(self, lesion: float, malignant: float) -> None:
+        super().__init__()
+        self.logits = torch.tensor([lesion, malignant])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), 2)
+
+
+def test_out_of_fold_each_image_meets_its_own_folds_classifier_and_test_all(tmp_path):
+    cache, split = fold_data(tmp_path)
+    p = parse_params({"split": {"folds": 3}, "evaluate": {"bootstrap": 50,
+                                                          "presence_threshold": "auto"}})
+    m = crafted_loaded([Box(k + 8, slice(4, 20)) for k in range(3)], cache, split)
+    logits = [(-1.0, -2.0), (0.0, 0.5), (1.0, 2.0)]  # member k's lesion logit says its fold
+    m.classifier = Classifier([Constant(*v) for v in logits], [0, 1, 2], Feed(0.5, 0.25), 32,
+                              True)
+    result = evaluate_folds(p, m)
+    cv = result["cv_per_image"]
+    want = 1 / (1 + np.exp(-np.array([logits[f][0] for f in cv["fold"]])))
+    assert np.allclose(cv["p_lesion"], want, atol=1e-6)
+    assert np.allclose(cv["image_score"], want, atol=1e-6)  # the score the gate reads
+    test_p = 1 / (1 + np.exp(-np.mean([v[0] for v in logits])))  # every member's mean logit
+    assert np.allclose(result["per_image"]["p_lesion"], test_p, atol=1e-6)
+    metrics = result["metrics"]
+    for key in ("cv_malignant_auroc", "cv_malignant_auroc_ci_low", "cv_malignant_sensitivity",
+                "cv_malignant_specificity_ci_high", "cv_malignant_ece", "malignant_threshold"):
+        assert key in metrics, key
+    assert set(result["test_rows"]["class"]) == {"benign", "normal"}  # no malignant on test:
+    assert "malignant_auroc" not in metrics  # no test figure rather than a made-up one
+    # the folds' constant p_malignant ranks no image within a fold: chance at best
+    assert metrics["cv_malignant_auroc"] <= 0.75
+
+
+def test_malignancy_figures_on_known_probabilities():
+    prob = np.array([0.1, 0.2, 0.8, 0.9, 0.6, 0.3])
+    classes = ["benign", "benign", "malignant", "malignant", "normal", "lesion"]
+    known = np.array([0.1, 0.2, 0.8, 0.9])
+    assert youden_threshold(known, np.array([0, 0, 1, 1])) == pytest.approx(0.5)
+    out = malignancy_figures(prob, classes, 0.5, 100, 0)
+    assert out["malignant_auroc"] == 1.0 and out["malignant_sensitivity"] == 1.0
+    assert out["malignant_specificity"] == 1.0 and (out["n_malignant"], out["n_benign"]) == (2, 2)
+    assert out["malignant_ece"] == pytest.approx(0.15)  # |0.15-0|, |0.85-1| over two bins
+    shifted = malignancy_figures(prob, classes, 0.85, 0, 0)  # the cut misses one malignant
+    assert shifted["malignant_sensitivity"] == 0.5 and shifted["malignant_auroc"] == 1.0
+    assert malignancy_figures(prob, ["normal"] * 6, 0.5, 0, 0) == {}
