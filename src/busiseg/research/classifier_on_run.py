@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("-S", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
-    overrides = dict(s.split("=", 1) for s in args.sets)
+    overrides = {key: read_yaml(value) for key, value in (s.split("=", 1) for s in args.sets)}
     record = {"name": args.name, "run": str(args.run), "overrides": overrides,
               **measure(args.run, overrides),
               "code_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
