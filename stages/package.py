@@ -9,11 +9,13 @@ from busiseg.evaluation.card import model_card
 from busiseg.evaluation.choose import provenance
 from busiseg.files import atomic_write_text
 from busiseg.inference.segment import MaskSettings
+from busiseg.modeling.classifier import read_classifier
 from busiseg.modeling.model_file import PACKAGED_NAME, package_model
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run
 
 OUT = Path("models/busiseg-model")
+CLASSIFIER = Path("models/classifier.pt")
 METRICS = {"ingest": Path("metrics/ingest.json"), "split": Path("metrics/split.json"),
            "train": Path("metrics/train.json"), "eval": Path("metrics/eval.json")}
 
@@ -29,7 +31,12 @@ def main() -> None:
     chosen = MaskSettings.from_eval(METRICS["eval"])
     sources = provenance(p.evaluate, chosen, held_out)
     settings = chosen.as_dict()
-    blob = package_model("models/model.pt", OUT / PACKAGED_NAME, settings, sources)
+    classifier = read_classifier(CLASSIFIER)
+    if classifier["kind"] == "none":
+        classifier = None
+    else:  # the cut evaluate chose out of fold, for the card and predict's record
+        classifier["malignant_threshold"] = metrics["eval"].get("malignant_threshold")
+    blob = package_model("models/model.pt", OUT / PACKAGED_NAME, settings, sources, classifier)
     atomic_write_text(OUT / "README.md", model_card(p, blob, metrics, sources))
     gate = chosen.presence_rule + (f" at {chosen.presence_threshold}"
                                    if chosen.presence_threshold is not None else "")

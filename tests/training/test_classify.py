@@ -100,3 +100,55 @@ def test_malignancy_figures_on_known_probabilities():
     shifted = malignancy_figures(prob, classes, 0.85, 0, 0)  # the cut misses one malignant
     assert shifted["malignant_sensitivity"] == 0.5 and shifted["malignant_auroc"] == 1.0
     assert malignancy_figures(prob, ["normal"] * 6, 0.5, 0, 0) == {}
+
+
+def test_the_packaged_classifier_travels_to_predict_and_export_refuses_it(tmp_path, capsys):
+    """A packaged model carrying the classifier predicts in an empty folder with its p_lesion as
+    the lesion score and its p_malignant beside it; ONNX export refuses it in one line."""
+    import csv
+
+    from conftest import tiny_params, write_png
+
+    from busiseg.cli import main
+    from busiseg.data.images import resize_image
+    from busiseg.inference.classify import classifier_probabilities
+    from busiseg.inference.segment import MaskSettings
+    from busiseg.modeling.classifier import ImageClassifier
+    from busiseg.modeling.model_file import package_model, save_model
+    from busiseg.modeling.pretrained import input_normalisation
+    from busiseg.modeling.registry import build_model
+    from busiseg.params import ModelParams
+
+    torch.manual_seed(0)
+    model = build_model("unet", base=4, depth=2)
+    save_model(tmp_path / "model.pt", model.state_dict(), model.config, tiny_params(), size=32)
+    classifier = ImageClassifier(1)
+    mean, std = input_normalisation(ModelParams(arch="smp_unet", encoder_weights="imagenet"), 1)
+    blob = {"format": 1, "kind": "encoder", "config": classifier.config, "size": 32,
+            "members": [{"fold": 0, "seed": 0, "state": classifier.state_dict()}],
+            "input_mean": mean, "input_std": std, "malignancy": True, "malignant_threshold": 0.4}
+    # every pixel over the threshold, every image under the gate: the gate alone empties masks
+    settings = MaskSettings(threshold=0.01, presence_threshold=0.99).as_dict()
+    package_model(tmp_path / "model.pt", tmp_path / "packaged.pt", settings, {}, blob)
+    image = np.random.default_rng(0).integers(0, 255, (40, 50), np.uint8)
+    write_png(tmp_path / "in" / "a.png", image)
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(tmp_path / "packaged.pt"), str(tmp_path / "in"),
+                 "--out", str(out)]) == 0
+    with open(out / "predictions.csv", newline="") as fh:
+        row = next(csv.DictReader(fh))
+    small = torch.from_numpy(resize_image(image, 32))[None, None]
+    want = classifier_probabilities(build_members(blob), small, Feed(mean, std, batch_size=1))[0]
+    assert float(row["p_lesion"]) == pytest.approx(float(want[0]), abs=1e-6)
+    assert float(row["p_malignant"]) == pytest.approx(float(want[1]), abs=1e-6)
+    assert row["lesion_score"] == row["p_lesion"] and float(row["p_lesion"]) < 0.99
+    assert row["lesion"] == "0"  # gated on the classifier's p_lesion
+    assert main(["predict", "--model", str(tmp_path / "packaged.pt"), str(tmp_path / "in"),
+                 "--out", str(tmp_path / "open"), "--presence-threshold", "off"]) == 0
+    with open(tmp_path / "open" / "predictions.csv", newline="") as fh:
+        assert next(csv.DictReader(fh))["lesion"] == "1"  # the same masks, ungated
+    capsys.readouterr()
+    assert main(["export", "--model", str(tmp_path / "packaged.pt"), "--out",
+                 str(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "image classifier" in err and "predict with the .pt" in err

@@ -34,6 +34,11 @@ HEADLINE = (
     ("aurc", "area under the risk-coverage curve of the confidence (lower is better)"),
     ("hd95", "95 % Hausdorff distance (original pixels, lesion images)"),
     ("nsd", "normalised surface Dice (lesion images)"),
+    ("long_axis_mae_px", "long-axis error, mean absolute (original pixels, lesion images)"),
+    ("malignant_auroc", "malignancy AUROC of p_malignant (benign vs malignant lesions)"),
+    ("malignant_sensitivity", "malignancy sensitivity at the cut chosen out of fold"),
+    ("malignant_specificity", "malignancy specificity at the cut chosen out of fold"),
+    ("malignant_ece", "calibration error of p_malignant (ECE)"),
 )
 
 LIMITATIONS_BUSI = (
@@ -66,6 +71,9 @@ INTENDED_USE = (
     "Research and teaching only: segmenting breast lesions in ultrasound images to study "
     "methods. It is not a medical device, has no regulatory clearance, and must not be used to "
     "diagnose, screen or decide the care of any person.")
+INTENDED_USE_MALIGNANCY = (
+    "Its p_malignant reproduces the dataset's benign/malignant labels, for research on methods: "
+    "it is never a diagnosis, and no decision about a person may rest on it.")
 
 
 # the params sections the package stage declares in dvc.yaml (a test holds the two together):
@@ -187,7 +195,9 @@ def model_card(p: Params, blob: dict, metrics: dict, sources: dict) -> str:
         f"# {name}",
         "",
         summary(blob),
-        *section("Intended use", INTENDED_USE),
+        *section("Intended use", INTENDED_USE,
+                 *(("", INTENDED_USE_MALIGNANCY) if "cv_malignant_auroc" in ev
+                   or "malignant_auroc" in ev else ())),
         *section("Data", data_text(p, ing, busi)
                  + f" Split (seed {p.split.seed}): {held}; test: {sp.get('n_test')} images."),
         *section("Results", *results_table(ev), "",
@@ -226,6 +236,12 @@ def summary(blob: dict) -> str:
     members = int(blob.get("members") or 0)
     what = (f"{arch['arch']}" + (f" on {arch['encoder']}" if "encoder" in arch else "")
             + (f", an ensemble of its {members} fold models" if members else ""))
+    classifier = blob.get("classifier")
+    if classifier:
+        what += (f", beside an image classifier ({len(classifier['members'])} members of the "
+                 f"{classifier['config']['encoder']} encoder) whose p_lesion is the lesion score"
+                 + (" and whose p_malignant predict writes" if classifier.get("malignancy")
+                    else ""))
     return (f"A lesion segmentation model for breast ultrasound: {what}, trained and scored by "
             "busiseg's DVC pipeline. Input: one "
             f"{'grey' if pre.get('channels', 1) == 1 else 'colour'} image of any size, resized "

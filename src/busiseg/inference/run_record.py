@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 SCORES = "predictions.csv"
 RECORD = "predictions.json"
 COLUMNS = ("image", "mask", "lesion_score", "lesion", "presence_threshold", "confidence",
-           "flagged", "review_threshold", "presence_rule", *SIZE_COLUMNS)
+           "flagged", "review_threshold", "presence_rule", *SIZE_COLUMNS, "p_lesion",
+           "p_malignant")
 PATHS = "absolute"  # how the record's image paths are written, said in predictions.json
 
 
@@ -119,7 +120,9 @@ def write_scores(path: Path, rows: list[dict], settings: MaskSettings) -> None:
     confidence (`settings.confidence`), the review flag (1: a reader should look) and the
     threshold that set it (empty: none); the drawn lesion's area, long and short axis
     (inference.sizes) in the image's pixels, and in mm where a DICOM states its pixel size
-    (empty otherwise). A row kept from an earlier run keeps the thresholds that run applied."""
+    (empty otherwise); with a packaged image classifier, its p_lesion (then the lesion score)
+    and p_malignant (empty without one, or where it learnt no malignancy). A row kept from an
+    earlier run keeps the thresholds that run applied."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         _score_writer(fh, header=True).writerows(_score_row(r, settings) for r in rows)
 

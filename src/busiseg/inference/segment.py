@@ -335,19 +335,22 @@ class Segmentation(NamedTuple):
 
 
 def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Stats, std: Stats,
-                       settings: MaskSettings,
-                       device: torch.device | None = None) -> Segmentation:
+                       settings: MaskSettings, device: torch.device | None = None,
+                       score_of: Callable[[torch.Tensor], np.ndarray] | None = None
+                       ) -> Segmentation:
     """One image of any size (grey H×W, or colour H×W×3 for a 3-channel model) → its mask,
     lesion score, confidence and probability map. The image is resized to the training size
     exactly as preprocess resized the training images; the probability map, not the mask, is
     resized back, so the outline stays smooth. An image the presence decision rejects (score
     below the threshold, or the expected-Dice rule) gets an empty mask. The confidence is taken
-    at the training size, as evaluate takes it, and the expected-Dice rule reads that one."""
+    at the training size, as evaluate takes it, and the expected-Dice rule reads that one.
+    `score_of`: the lesion score of the resized uint8 1×C×S×S image from elsewhere (an image
+    classifier beside the model), as evaluate composed them."""
     small = torch.from_numpy(resize_image(image, size))
     small = (small.permute(2, 0, 1) if small.ndim == 3 else small[None])[None]
     prob, presence = predict_probabilities(forward, small, Feed(mean, std, device or CPU, 1),
                                            tta=settings.tta)
-    score = presence.numpy().astype(np.float64)
+    score = presence.numpy().astype(np.float64) if score_of is None else score_of(small)
     trust = settings.confidences(prob[:, 0].numpy(), score)
     full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",
                                            align_corners=False)[:, 0].numpy()

@@ -159,13 +159,17 @@ def build_from_config(config: dict) -> torch.nn.Module:
 PACKAGED_NAME = "model.pt"  # the file in a packaged model's folder (the busiseg-model artifact)
 
 
-def package_model(src: str | Path, dst: str | Path, settings: dict, sources: dict) -> dict:
+def package_model(src: str | Path, dst: str | Path, settings: dict, sources: dict,
+                  classifier: dict | None = None) -> dict:
     """The trained model with the settings evaluate chose (MaskSettings.as_dict()) and where each
     came from: one file that predicts the masks evaluate scored with no workspace around it.
-    The weights and their digest are the trained file's, unchanged."""
+    The weights and their digest are the trained file's, unchanged. `classifier`: the classify
+    stage's file, carried whole, since evaluate's gate was chosen on its p_lesion."""
     blob = read_model_file(src)
     blob["settings"] = dict(settings)
     blob["settings_source"] = dict(sources)
+    if classifier is not None:
+        blob["classifier"] = classifier
     gated = settings.get("presence_expected_dice") is not None
     blob["version"] = VERSION_EXPECTED if gated else VERSION
     atomic_torch_save(blob, Path(dst))

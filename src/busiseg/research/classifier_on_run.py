@@ -43,7 +43,8 @@ def figures(metrics: dict) -> dict:
                 name = f"{prefix}{key}{suffix}"
                 if name in metrics:
                     out[name] = metrics[name]
-    for key in ("presence_threshold", "presence_rule", "malignant_threshold"):
+    for key in ("presence_threshold", "presence_rule", "malignant_threshold", "cv_n_malignant",
+                "cv_n_benign", "n_malignant", "n_benign"):
         if key in metrics:
             out[key] = metrics[key]
     return out
