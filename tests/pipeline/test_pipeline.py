@@ -37,7 +37,9 @@ def test_repro_writes_every_output(pipeline):
     repo, first, metrics = pipeline
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
-    assert set(metrics) == {"ingest.json", "split.json", "train.json", "eval.json"}
+    assert set(metrics) == {"ingest.json", "split.json", "train.json", "classify.json",
+                            "eval.json"}
+    assert metrics["classify.json"] == {"kind": "none", "members": 0}  # off by default
     ingest = metrics["ingest.json"]
     assert ingest["n_images"] == 24 and ingest["n_problems"] == 0
     for key in ("n_masks", "n_multi_mask", "n_images_benign", "n_images_malignant",
@@ -67,13 +69,14 @@ def test_params_invalidate_only_the_stages_that_read_them(pipeline, python_env):
     assert stale_stages(repo, python_env) == set()
     original = (repo / "params.yaml").read_text()
     try:
-        for section, change, first in (("train", {"epochs": 7}, "train"),
-                                       ("preprocess", {"size": 96}, "preprocess"),
-                                       ("evaluate", {"tta": True}, "evaluate"),
-                                       ("classify", {"epochs": 3}, "classify"),
-                                       ("split", {"seed": 5}, "split")):
+        for section, change, first in (("train", {"epochs": 7}, {"train"}),
+                                       ("preprocess", {"size": 96}, {"preprocess"}),
+                                       ("evaluate", {"tta": True}, {"evaluate"}),
+                                       ("classify", {"epochs": 3}, {"classify"}),
+                                       # classify records the split it was trained on
+                                       ("split", {"seed": 5}, {"split", "classify"})):
             set_params(repo, **{section: change})
-            assert stale_stages(repo, python_env) == {first, "package"}, section
+            assert stale_stages(repo, python_env) == {*first, "package"}, section
             (repo / "params.yaml").write_text(original)
         set_params(repo, plot={"n_worst": 3})
         assert stale_stages(repo, python_env) == {"plot"}
