@@ -10,9 +10,9 @@ import torch
 from conftest import Box, crafted_loaded, fold_data
 from torch import nn
 
-from busiseg.evaluation.classifier import Classifier
 from busiseg.evaluation.evaluate import evaluate_folds
 from busiseg.evaluation.malignancy import malignancy_figures, youden_threshold
+from busiseg.inference.classify import Classifier
 from busiseg.inference.segment import Feed
 from busiseg.modeling.classifier import build_members, read_classifier
 from busiseg.params import parse_params

@@ -5,34 +5,14 @@ scored by the members of fold k only, which never trained on them; test by every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from busiseg.errors import BusisegError
 from busiseg.evaluation.malignancy import labelled, malignancy_figures, youden_threshold
-from busiseg.inference.classify import classifier_probabilities
-from busiseg.inference.segment import Feed
-from busiseg.modeling.classifier import build_members, read_classifier
+from busiseg.inference.classify import Classifier
+from busiseg.modeling.classifier import read_classifier
 from busiseg.params import Params
-
-
-@dataclass
-class Classifier:
-    members: list[torch.nn.Module]
-    folds: list[int]  # each member's fold (-1: trained on the train split)
-    feed: Feed
-    size: int
-    malignancy: bool  # trained for malignancy (the data had benign/malignant lesions)
-
-    def probabilities(self, images: torch.Tensor, fold: int | None = None) -> np.ndarray:
-        """N×2 (p_lesion, p_malignant) by the members of `fold` (None: all of them)."""
-        chosen = [m for m, f in zip(self.members, self.folds) if fold is None or f == fold]
-        if not chosen:
-            raise BusisegError(f"models/classifier.pt has no member of fold {fold}; re-run dvc "
-                               "repro classify (its folds must be split.folds)")
-        return classifier_probabilities(chosen, images, self.feed).numpy().astype(np.float64)
 
 
 def open_classifier(path, device: torch.device, batch_size: int, dtype, split: dict | None,
@@ -50,9 +30,7 @@ def open_classifier(path, device: torch.device, batch_size: int, dtype, split: d
     if int(blob["size"]) != size:
         raise BusisegError(f"{path}: trained at {blob['size']} px, the cache is {size} px; re-run "
                            "dvc repro classify")
-    feed = Feed(blob["input_mean"], blob["input_std"], device, batch_size, dtype)
-    return Classifier(build_members(blob, device), [int(m["fold"]) for m in blob["members"]],
-                      feed, int(blob["size"]), bool(blob.get("malignancy")))
+    return Classifier.from_blob(blob, device, batch_size, dtype)
 
 
 def out_of_fold(c: Classifier, images: torch.Tensor, idx: list[int],

@@ -26,7 +26,7 @@ from busiseg.data.manifest import read_manifest
 from busiseg.errors import BusisegError
 from busiseg.evaluation import presence
 from busiseg.evaluation.choose import HeldOut, candidates, choose, has_lesion, tta_settings
-from busiseg.evaluation.classifier import Classifier, malignancy_keys, open_classifier, out_of_fold
+from busiseg.evaluation.classifier import malignancy_keys, open_classifier, out_of_fold
 from busiseg.evaluation.metrics import (
     POPULATION_STATS,
     SCORE_STATS,
@@ -41,9 +41,10 @@ from busiseg.evaluation.metrics import (
     rounded,
     summarize,
 )
+from busiseg.inference.classify import Classifier
 from busiseg.inference.confidence import calibrate, flag
 from busiseg.inference.segment import Feed, MaskSettings, predict_probabilities
-from busiseg.inference.sizes import size_row
+from busiseg.inference.sizes import SIZE_COLUMNS, size_row
 from busiseg.modeling.archs import FoldEnsemble
 from busiseg.modeling.model_file import load_model
 from busiseg.params import Params
@@ -185,8 +186,7 @@ def size_figures(p: Params, pred: np.ndarray, true: np.ndarray, spacing: np.ndar
     for q, t, px, size in zip(pred, true, spacing, mm):
         known = None if np.isnan(size).any() else (float(size[0]), float(size[1]))
         rows.append({**size_row(q, tuple(px), known), **size_row(t, tuple(px), known, "true_")})
-    table = pd.DataFrame(rows, columns=list(size_row(np.zeros((1, 1)), (1, 1), None))
-                         + list(size_row(np.zeros((1, 1)), (1, 1), None, "true_")))
+    table = pd.DataFrame(rows, columns=[*SIZE_COLUMNS, *(f"true_{c}" for c in SIZE_COLUMNS)])
     out = {}
     lesion = np.array([bool(np.any(t)) for t in true], dtype=bool)  # masks of any sizes
     for unit in ("px", "mm"):

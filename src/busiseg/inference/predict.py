@@ -22,7 +22,7 @@ from busiseg.data.images import load_image, outline
 from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path, file_sha256
-from busiseg.inference.classify import classifier_probabilities
+from busiseg.inference.classify import Classifier
 from busiseg.inference.onnx_model import load_onnx
 from busiseg.inference.resume import check_resume, plan_resume
 from busiseg.inference.run_record import (
@@ -41,7 +41,6 @@ from busiseg.inference.segment import (
     EARLIER_NAMES,
     SETTING_NAMES,
     SETTINGS,
-    Feed,
     Forward,
     MaskSettings,
     Stats,
@@ -49,7 +48,6 @@ from busiseg.inference.segment import (
     segment_with_score,
 )
 from busiseg.inference.sizes import size_row
-from busiseg.modeling.classifier import build_members
 from busiseg.modeling.model_file import load_model, model_file_path
 from busiseg.runtime.device import place
 
@@ -128,26 +126,8 @@ class Predictor:
     kind: str = "pt"  # pt | onnx
     weights_digest: str | None = None  # the .pt blob's digest, or the one an export carries
     file_sha256: str = ""  # of the model file: a packaged copy differs from train's file
-    classifier: ImageClassifierFeed | None = None  # the packaged image classifier, if any
+    classifier: Classifier | None = None  # the packaged image classifier, if any
 
-
-@dataclass(frozen=True)
-class ImageClassifierFeed:
-    """A packaged model's image classifier: its members and how to feed them; its p_lesion is
-    the lesion score evaluate gated with."""
-
-    members: list[torch.nn.Module]
-    feed: Feed
-    malignancy: bool
-
-    @classmethod
-    def from_blob(cls, blob: dict, device: torch.device) -> ImageClassifierFeed:
-        return cls(build_members(blob, device),
-                   Feed(blob["input_mean"], blob["input_std"], device, 1),
-                   bool(blob.get("malignancy")))
-
-    def probabilities(self, small: torch.Tensor) -> np.ndarray:
-        return classifier_probabilities(self.members, small, self.feed).numpy()[0]
 
 
 def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
@@ -170,7 +150,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
         pre = blob["preprocess"]
         own = MaskSettings.from_model_file(blob, f"--model {model_path}")
         sources = field_sources(blob["settings"], "model", _notes(blob)) if own else {}
-        classifier = (ImageClassifierFeed.from_blob(blob["classifier"], where)
+        classifier = (Classifier.from_blob(blob["classifier"], where)
                       if blob.get("classifier") else None)
         predictor = Predictor(model, int(pre["size"]), as_stats(pre["input_mean"]),
                               as_stats(pre["input_std"]), where, own,
@@ -402,7 +382,7 @@ def _predict_one(predictor: Predictor, settings: MaskSettings, path: Path, out_d
     score_of = None
     if predictor.classifier is not None:
         def score_of(small: torch.Tensor) -> np.ndarray:
-            p_lesion, p_malignant = predictor.classifier.probabilities(small)
+            p_lesion, p_malignant = predictor.classifier.probabilities(small)[0]
             classified.update(p_lesion=round(float(p_lesion), 6), p_malignant=round(
                 float(p_malignant), 6) if predictor.classifier.malignancy else "")
             return np.array([p_lesion], dtype=np.float64)

@@ -15,9 +15,7 @@ place); the classifier lands in RUN_DIR/models/classifier.pt. Both scorings use
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -25,10 +23,9 @@ from busiseg.evaluation.evaluate import evaluate
 from busiseg.params import parse_params, read_yaml
 from busiseg.research.paired import paired_difference
 from busiseg.research.presets import apply_overrides
-from busiseg.runtime.device import machine
+from busiseg.research.records import file_record
 from busiseg.training.classify import train_classifier
 
-OUT = Path(__file__).resolve().parents[3] / "docs" / "results" / "classify"
 KEYS = ("dice_all", "detect_auroc", "detect_sensitivity", "detect_specificity",
         "detect_specificity_at_sens95", "detect_ece", "dice", "malignant_auroc",
         "malignant_sensitivity", "malignant_specificity", "malignant_ece")
@@ -84,19 +81,10 @@ def main() -> None:
     args = ap.parse_args()
     overrides = {key: read_yaml(value) for key, value in (s.split("=", 1) for s in args.sets)}
     record = {"name": args.name, "run": str(args.run), "overrides": overrides,
-              **measure(args.run, overrides),
-              "code_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                            capture_output=True, text=True,
-                                            cwd=OUT.parents[1]).stdout.strip(),
-              "command": "uv run python -m busiseg.research.classifier_on_run RUN_DIR --name "
-                         f"{args.name} " + " ".join(f"-S {s}" for s in args.sets),
-              "machine": machine()}
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.name}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
-    print(f"wrote {path}")
-
+              **measure(args.run, overrides)}
+    file_record("classify", args.name, record,
+                "uv run python -m busiseg.research.classifier_on_run RUN_DIR --name "
+                f"{args.name} " + " ".join(f"-S {s}" for s in args.sets))
 
 if __name__ == "__main__":
     main()

@@ -11,17 +11,14 @@ Only aggregate figures are written (docs/results/sizes/NAME.json): nothing per i
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.params import load_params
-from busiseg.runtime.device import machine
+from busiseg.research.records import file_record
 
-OUT = Path(__file__).resolve().parents[3] / "docs" / "results" / "sizes"
 KEYS = ("cv_dice", "cv_dice_ci_low", "cv_dice_ci_high", "dice", "n_test",
         "cv_long_axis_mae_px", "cv_long_axis_mae_px_ci_low", "cv_long_axis_mae_px_ci_high",
         "long_axis_mae_px", "long_axis_mae_px_ci_low", "long_axis_mae_px_ci_high",
@@ -56,18 +53,8 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a finished run's folder")
     ap.add_argument("--name", required=True, help="the preset the run is (the record's name)")
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=OUT.parents[1]).stdout.strip()
-    record = {"preset": args.name, "figures": measure(args.run), "code_commit": commit,
-              "command": f"uv run python -m busiseg.research.long_axis RUN_DIR --name "
-                         f"{args.name}",
-              "machine": machine()}
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{args.name}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
-    print(f"wrote {path}")
-
+    file_record("sizes", args.name, {"preset": args.name, "figures": measure(args.run)},
+                f"uv run python -m busiseg.research.long_axis RUN_DIR --name {args.name}")
 
 if __name__ == "__main__":
     main()
