@@ -334,8 +334,9 @@ class ClassifyParams:
 
     # none: no classifier (the lesion score is the mask model's); encoder: the ImageNet
     # EfficientNet-Lite0 encoder (bundled weights), pooled, one logit each for lesion and
-    # malignant
-    kind: Literal["none", "encoder"] = "none"
+    # malignant; segmentation: the same encoder in a U-Net that also learns the masks (they
+    # teach it where lesions are, and are discarded)
+    kind: Literal["none", "encoder", "segmentation"] = "none"
     seeds: int = 1  # members per fold (per split without folds), seeds seed, seed + 1, ...
     seed: int = 0
     epochs: int = 15
@@ -343,12 +344,19 @@ class ClassifyParams:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     malignant_weight: float = 1.0  # the malignancy loss's weight beside presence's (0: off)
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int = 0  # 0 = all cores
+    threads: int = 0  # 0 = all cores (in turn), one each side by side
+    member_workers: int = 0  # members trained side by side (0: as the mask folds, 1: in turn)
     cpu_isa: Literal["native", "avx2", "avx512"] = "native"
 
     def check(self) -> None:
         _require(self.seeds >= 1, "classify.seeds", "must be ≥ 1")
+        _require(len(self.decoder_channels) == 5 and all(
+            c >= 1 for c in self.decoder_channels),
+            "classify.decoder_channels", "must be five widths ≥ 1, e.g. [128, 64, 32, 16, 8]")
+        _require(self.member_workers >= 0, "classify.member_workers",
+                 "must be ≥ 0 (0 = as measured best)")
         _require(self.epochs >= 1, "classify.epochs", "must be ≥ 1")
         _require(self.batch_size >= 2, "classify.batch_size", "must be ≥ 2 (BatchNorm)")
         _require(self.lr > 0, "classify.lr", "must be > 0")

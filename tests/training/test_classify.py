@@ -37,6 +37,48 @@ def test_members_train_per_fold_and_seed_and_read_back(tmp_path):
     assert not torch.equal(members[0].head.weight, members[1].head.weight)
 
 
+def test_segmentation_kind_learns_masks_and_side_by_side_members_equal_members_in_turn(
+        tmp_path):
+    """Kind segmentation answers with the same two logits (its masks only teach it), and a
+    member trained in a process of its own computes exactly what it computes in turn with the
+    same one thread: classify.member_workers changes the time, never the weights."""
+    cache, split = fold_data(tmp_path, folds=2)
+    base = {"kind": "segmentation", "epochs": 1, "batch_size": 6, "threads": 1,
+            "decoder_channels": [16, 8, 8, 8, 8]}
+    runs = {}
+    for workers in (1, 2):
+        p = parse_params({"split": {"folds": 2}, "preprocess": {"size": 32},
+                          "classify": {**base, "member_workers": workers}})
+        summary = train_classifier(p, cache, split, tmp_path / f"c{workers}.pt")
+        assert summary["member_workers"] == workers and summary["members"] == 2
+        runs[workers] = read_classifier(tmp_path / f"c{workers}.pt")
+    blob = runs[2]
+    assert blob["kind"] == "segmentation" and blob["config"]["decoder_channels"] == [16, 8, 8, 8, 8]
+    for a, b in zip(runs[1]["members"], runs[2]["members"]):
+        assert a["loss"] == b["loss"]
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    member = build_members(blob)[0]
+    x = torch.rand(2, 1, 32, 32)
+    logits, masks = member.with_masks(x)
+    assert member(x).shape == (2, 2) and masks.shape == (2, 1, 32, 32)
+    assert torch.equal(member(x), logits)  # the logits skip the decoder, and equal its pass
+    # the mask term is in the loss: a member trained without it learns other weights
+    p = parse_params({"split": {"folds": 2}, "preprocess": {"size": 32},
+                      "classify": {**base, "kind": "encoder", "member_workers": 1}})
+    train_classifier(p, cache, split, tmp_path / "enc.pt")
+    enc = read_classifier(tmp_path / "enc.pt")
+    assert enc["kind"] == "encoder" and enc["members"][0]["loss"] != blob["members"][0]["loss"]
+
+
+def test_classify_params_refuse_bad_widths_and_workers():
+    from busiseg.errors import BusisegError
+
+    with pytest.raises(BusisegError, match="classify.decoder_channels"):
+        parse_params({"classify": {"decoder_channels": [8, 8]}})
+    with pytest.raises(BusisegError, match="classify.member_workers"):
+        parse_params({"classify": {"member_workers": -1}})
+
+
 def test_the_loss_learns_malignancy_only_where_it_is_known():
     masks = torch.zeros(4, 1, 4, 4)
     masks[:3, 0, 1, 1] = 1

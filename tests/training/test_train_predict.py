@@ -23,7 +23,7 @@ from busiseg.modeling.registry import build_model
 from busiseg.params import AugmentParams
 from busiseg.training.augment import augment_batch
 from busiseg.training.checkpoint import run_hash
-from busiseg.training.train import lr_factor
+from busiseg.training.schedule import lr_factor
 
 
 def test_short_training_lowers_the_loss_and_picks_best_on_val(tmp_path: Path):

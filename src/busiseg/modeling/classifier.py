@@ -1,10 +1,11 @@
 """The image classifier beside the mask model: an ImageNet encoder, pooled, with one logit for
 "is there a lesion?" and one for "is it malignant?" (read only where there is a lesion).
 
-A segmentation network's presence head learns from its masks; a plain encoder learns from the
-labels alone, which is what malignancy has. Its members (folds × seeds) live in one file,
-models/classifier.pt, so evaluate can score each image out of fold by the members that never
-trained on it, and predict can average them all.
+Two kinds (classify.kind): `encoder` learns from the image labels alone; `segmentation` is a
+U-Net whose masks teach its encoder where lesions are (presence measured better so on BUSI), its
+masks discarded after training. Either answers with the same two logits. Its members (folds ×
+seeds) live in one file, models/classifier.pt, so evaluate can score each image out of fold by
+the members that never trained on it, and predict can average them all.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from busiseg.files import atomic_torch_save
 ENCODER = "tu-tf_efficientnet_lite0"  # the encoder busiseg bundles ImageNet weights for
 LOGITS = ("lesion", "malignant")  # the classifier's outputs, in order
 FORMAT = 1
+DECODER_CHANNELS = (128, 64, 32, 16, 8)  # kind segmentation: busi-lite0-fast-cv5's decoder
 
 
 class ImageClassifier(nn.Module):
@@ -42,11 +44,54 @@ class ImageClassifier(nn.Module):
         return self.head(self.drop(features.mean(dim=(2, 3))))
 
 
-def save_classifier(path: Path, members: list[dict], config: dict, info: dict) -> None:
+class MaskSupervisedClassifier(nn.Module):
+    """smp's U-Net with its own classification head (aux_params) on the deepest features: the
+    decoder and mask head exist to be trained (`with_masks`), `forward` skips them."""
+
+    def __init__(self, in_channels: int = 1, encoder: str = ENCODER,
+                 decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> None:
+        super().__init__()
+        import segmentation_models_pytorch as smp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.net = smp.create_model(
+                "unet", encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+                classes=1, decoder_channels=tuple(decoder_channels),
+                aux_params={"classes": len(LOGITS), "pooling": "avg", "dropout": 0.2})
+        self.config = {"in_channels": in_channels, "encoder": encoder,
+                       "decoder_channels": list(decoder_channels)}
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """N×2 logits: lesion, malignant."""
+        return self.net.classification_head(self.net.encoder(x)[-1])
+
+    def with_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N×2 logits, N×1×H×W mask logits)."""
+        masks, logits = self.net(x)
+        return logits, masks
+
+
+KINDS = {"encoder": ImageClassifier, "segmentation": MaskSupervisedClassifier}
+
+
+def build_classifier(kind: str, config: dict) -> nn.Module:
+    if kind not in KINDS:
+        raise BusisegError(f"classifier kind {kind!r} unknown (known: {', '.join(KINDS)}); "
+                           "re-run dvc repro classify")
+    return KINDS[kind](**config)
+
+
+def save_classifier(path: Path, members: list[dict], config: dict, info: dict,
+                    kind: str = "encoder") -> None:
     """`members`: per member its fold (-1: trained on the train split), seed and state dict;
     `info`: what evaluate and predict need to feed it (size, channels, normalisation), the
     split it was trained on and what it was trained for."""
-    atomic_torch_save({"format": FORMAT, "kind": "encoder", "config": config,
+    atomic_torch_save({"format": FORMAT, "kind": kind, "config": config,
                        "members": members, **info}, Path(path))
 
 
@@ -73,7 +118,7 @@ def read_classifier(path: Path) -> dict:
 def build_members(blob: dict, device: torch.device | str = "cpu") -> list[nn.Module]:
     out = []
     for member in blob["members"]:
-        model = ImageClassifier(**blob["config"])
+        model = build_classifier(blob["kind"], blob["config"])
         model.load_state_dict(member["state"])
         out.append(model.to(device).eval())
     return out

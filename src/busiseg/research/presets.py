@@ -15,7 +15,8 @@ from busiseg.params import override_value, parse_params, read_yaml
 PRESETS = Path(__file__).with_name("presets.yaml")
 # what changes a run's weights besides its recipe: a recorded preset pins both to what its record
 # ran with (the fold placement sets the threads when they are not pinned; docs/reproducibility.md)
-PINS = ("train.threads", "train.cpu_isa")
+PINS = ("train.threads", "train.cpu_isa", "classify.threads", "classify.member_workers",
+        "classify.cpu_isa")
 
 
 @dataclass(frozen=True)

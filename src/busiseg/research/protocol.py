@@ -118,6 +118,8 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
         rec["split_seed"] = seed
     ev = json.loads((REPO / "metrics" / "eval.json").read_text())
     tr = json.loads((REPO / "metrics" / "train.json").read_text())
+    classify = REPO / "metrics" / "classify.json"
+    cl = json.loads(classify.read_text()) if classify.is_file() else {}
     table = None if noisy or p.split.folds else ablate(  # the ablation reads a val split
         p, REPO / "models" / "model.pt", REPO / "data" / "cache.npz", REPO / "data" / "split.csv")
     rec.setdefault("runs", {})[str(t if noisy else seed)] = {
@@ -126,6 +128,7 @@ def record(preset, seed: int, raw_dir: str, wall: float | None,
         "train": {k: v for k, v in tr.items() if k.startswith("fold") or k in (
             "best_epoch", "best_val_dice", "epochs_run", "seconds", "images_per_s", "device",
             "wall_seconds", "wall_images_per_s", "threads", "amp", "kernel_isa")},
+        **({"classify": cl} if cl.get("members") else {}),
         "wall_seconds": None if wall is None else round(wall, 1),
         # the code that trained it: a pair of runs from two codes is not the recipe change alone
         "commit": _commit(),

@@ -3,13 +3,22 @@ split, each on the other folds (or the train split), with one readable loop.
 
 Presence is learnt from every image (a lesion in its masks or not), malignancy from the lesion
 images whose class is benign or malignant: a normal image has no malignancy to learn, and a
-dataset without those classes trains presence alone.
+dataset without those classes trains presence alone. Kind `segmentation` also learns the masks
+(BCE + Dice averaged over lesion images, as the mask recipes), which is what teaches its encoder
+where a lesion is.
+
+On a CPU the members train side by side, one thread each (classify.member_workers), for the
+reason the mask folds do (training/cross_validation.py): Lite0's depthwise convolutions barely
+use a second thread.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,15 +28,19 @@ import torch.nn.functional as F
 from busiseg.data.cache import load_cache
 from busiseg.errors import BusisegError
 from busiseg.inference.segment import normalize
-from busiseg.modeling.classifier import ENCODER, ImageClassifier, save_classifier
+from busiseg.modeling.classifier import ENCODER, build_classifier, save_classifier
 from busiseg.modeling.model_file import split_identity
 from busiseg.modeling.pretrained import load_pretrained
 from busiseg.params import AugmentParams, ModelParams, Params
 from busiseg.runtime.device import kernel_isa, pin_kernels, place, seed_everything
+from busiseg.runtime.placement import cpu_cores, queue_slot
 from busiseg.training.augment import augment_batch
-from busiseg.training.train import lr_factor
+from busiseg.training.cross_validation import OVERSUBSCRIBE
+from busiseg.training.losses import LossSpec, SegLoss
+from busiseg.training.schedule import lr_factor
 
 AUGMENT = AugmentParams()  # the augment section's defaults: flips, small warps, intensity
+MASK_LOSS = SegLoss(LossSpec(reduction="image"))  # kind segmentation: the lite0 recipes' loss
 
 
 @dataclass
@@ -61,13 +74,21 @@ def normalisation(channels: int):
                                            encoder_weights="imagenet"), channels)
 
 
-def train_member(p: Params, images: torch.Tensor, target: Labels, idx: torch.Tensor,
-                 seed: int, device: torch.device) -> tuple[dict, list[float]]:
+def model_config(p: Params, channels: int) -> dict:
+    """What build_classifier rebuilds a member from."""
+    config = {"in_channels": channels, "encoder": ENCODER}
+    if p.classify.kind == "segmentation":
+        config["decoder_channels"] = list(p.classify.decoder_channels)
+    return config
+
+
+def train_member(p: Params, images: torch.Tensor, masks: torch.Tensor, target: Labels,
+                 idx: torch.Tensor, seed: int, device: torch.device) -> tuple[dict, list[float]]:
     """One member from ImageNet weights: the loop, top to bottom. Returns its weights and the
     mean loss of each epoch."""
     c = p.classify
     seed_everything(seed)
-    model = ImageClassifier(images.shape[1])
+    model = build_classifier(c.kind, model_config(p, images.shape[1]))
     load_pretrained(model.encoder, ENCODER)
     model = model.to(device)
     mean, std = normalisation(images.shape[1])
@@ -86,10 +107,10 @@ def train_member(p: Params, images: torch.Tensor, target: Labels, idx: torch.Ten
         for step in range(steps):
             batch = perm[step * bs:(step + 1) * bs]
             x = images[batch].to(device).float() / 255
-            x, _ = augment_batch(x, torch.zeros_like(x[:, :1]), AUGMENT, gen)
-            logits = model(normalize(x, mean, std))
-            loss = classify_loss(logits, target.lesion[batch].to(device),
-                                 target.malignant[batch].to(device), c.malignant_weight)
+            y = masks[batch].to(device).float()
+            x, y = augment_batch(x, y, AUGMENT, gen)
+            loss = member_loss(model, normalize(x, mean, std), y, target, batch, c.kind,
+                               c.malignant_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -97,6 +118,16 @@ def train_member(p: Params, images: torch.Tensor, target: Labels, idx: torch.Ten
             losses.append(loss.item())
         history.append(round(float(np.mean(losses)), 6))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, history
+
+
+def member_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: Labels,
+                batch: torch.Tensor, kind: str, malignant_weight: float) -> torch.Tensor:
+    lesion, malignant = target.lesion[batch].to(x.device), target.malignant[batch].to(x.device)
+    if kind != "segmentation":
+        return classify_loss(model(x), lesion, malignant, malignant_weight)
+    logits, mask_logits = model.with_masks(x)
+    return classify_loss(logits, lesion, malignant, malignant_weight) + \
+        MASK_LOSS.masks(mask_logits, y)
 
 
 def classify_loss(logits: torch.Tensor, lesion: torch.Tensor, malignant: torch.Tensor,
@@ -111,38 +142,84 @@ def classify_loss(logits: torch.Tensor, lesion: torch.Tensor, malignant: torch.T
     return loss
 
 
+def member_workers(p: Params, members: int, device: torch.device) -> int:
+    """classify.member_workers, or (0) the mask folds' rule: on a CPU, members of one thread all
+    at once up to OVERSUBSCRIBE per core; on a GPU one at a time."""
+    c = p.classify
+    if c.member_workers:
+        return min(c.member_workers, members)
+    if device.type != "cpu" or members == 1 or c.threads > 1:
+        return 1
+    slots = max(1, cpu_cores() // queue_slot().workers)
+    return members if members <= OVERSUBSCRIBE * slots else slots
+
+
+@dataclass
+class Job:
+    """One member's training, as a process of its own receives it."""
+
+    p: Params
+    cache_path: Path
+    split_path: Path
+    fold: int
+    seed: int
+    threads: int  # 0: place's share
+
+
+def train_job(job: Job) -> dict:
+    """Loads what the member trains on and trains it: the same code in turn or side by side."""
+    c = job.p.classify
+    pin_kernels(c.cpu_isa, "classify.cpu_isa")
+    device, _ = place(c.device, "classify.device", threads=job.threads)
+    cache = load_cache(job.cache_path)
+    split = pd.read_csv(job.split_path, dtype={"case_id": str}, keep_default_na=False)
+    class_of = dict(zip(split["case_id"], split["class"]))
+    target = labels([class_of.get(c, "") for c in cache.case_ids], cache.masks)
+    idx = torch.tensor(cache.indices(split.loc[training_rows(split, job.fold),
+                                               "case_id"].tolist()))
+    if len(idx) < 2:
+        raise BusisegError(f"{job.split_path}: fewer than 2 training images for classifier "
+                           f"member fold {job.fold}; re-run the split stage")
+    start = time.perf_counter()
+    state, history = train_member(job.p, cache.images, cache.masks, target, idx, job.seed, device)
+    print(f"classify: member fold {job.fold} seed {job.seed}: loss {history[0]:.4f} -> "
+          f"{history[-1]:.4f}", flush=True)
+    return {"fold": job.fold, "seed": job.seed, "state": state, "loss": history,
+            "seconds": round(time.perf_counter() - start, 2),
+            "threads": torch.get_num_threads(), "device": device.type,
+            "kernel_isa": kernel_isa() if device.type == "cpu" else None,
+            "malignancy": bool(torch.isfinite(target.malignant).any())}
+
+
 def train_classifier(p: Params, cache_path, split_path, out_path) -> dict:
     """Every member of `plan`, written to `out_path` with what feeding them needs; returns the
     summary for metrics/classify.json."""
     c = p.classify
     pin_kernels(c.cpu_isa, "classify.cpu_isa")
     device, _ = place(c.device, "classify.device", threads=c.threads)
-    cache = load_cache(cache_path)
     split = pd.read_csv(split_path, dtype={"case_id": str}, keep_default_na=False)
-    class_of = dict(zip(split["case_id"], split["class"]))
-    target = labels([class_of.get(c, "") for c in cache.case_ids], cache.masks)
-    members, start = [], time.perf_counter()
-    for fold, seed in plan(split, p.split.folds, c.seeds, c.seed):
-        idx = torch.tensor(cache.indices(split.loc[training_rows(split, fold),
-                                                   "case_id"].tolist()))
-        if len(idx) < 2:
-            raise BusisegError(f"{split_path}: fewer than 2 training images for classifier "
-                               f"member fold {fold}; re-run the split stage")
-        state, history = train_member(p, cache.images, target, idx, seed, device)
-        members.append({"fold": fold, "seed": seed, "state": state, "loss": history})
-        print(f"classify: member fold {fold} seed {seed}: loss {history[0]:.4f} -> "
-              f"{history[-1]:.4f}", flush=True)
-    mean, std = normalisation(cache.images.shape[1])
-    save_classifier(out_path, members, {"in_channels": int(cache.images.shape[1]),
-                                        "encoder": ENCODER},
+    todo = plan(split, p.split.folds, c.seeds, c.seed)
+    workers = member_workers(p, len(todo), device)
+    jobs = [Job(p, Path(cache_path), Path(split_path), fold, seed,
+                c.threads if workers == 1 else max(1, c.threads)) for fold, seed in todo]
+    start = time.perf_counter()
+    if workers == 1:
+        members = [train_job(job) for job in jobs]
+    else:
+        print(f"classify: {len(jobs)} members, {workers} side by side", flush=True)
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            members = list(pool.map(train_job, jobs))
+    wall = time.perf_counter() - start
+    cache = load_cache(cache_path)
+    channels = int(cache.images.shape[1])
+    mean, std = normalisation(channels)
+    malignancy = members[0]["malignancy"] and c.malignant_weight > 0
+    save_classifier(out_path, [{k: m[k] for k in ("fold", "seed", "state", "loss")}
+                               for m in members], model_config(p, channels),
                     {"size": cache.size, "input_mean": mean, "input_std": std,
                      "split": split_identity(p, split_path), "folds": p.split.folds,
-                     "seeds": c.seeds, "malignancy": bool(torch.isfinite(target.malignant).any()
-                                                          and c.malignant_weight > 0)})
-    seconds = time.perf_counter() - start
-    return {"members": len(members), "seconds": round(seconds, 2),
-            "device": device.type, "threads": torch.get_num_threads(),
-            "kernel_isa": kernel_isa() if device.type == "cpu" else None,
-            "malignancy_trained": bool(torch.isfinite(target.malignant).any())
-            and c.malignant_weight > 0}
-
+                     "seeds": c.seeds, "malignancy": malignancy}, kind=c.kind)
+    return {"members": len(members), "seconds": round(sum(m["seconds"] for m in members), 2),
+            "wall_seconds": round(wall, 2), "member_workers": workers,
+            "device": members[0]["device"], "threads": members[0]["threads"],
+            "kernel_isa": members[0]["kernel_isa"], "malignancy_trained": malignancy}

@@ -10,7 +10,6 @@ loop lives elsewhere: device and precision in `runtime`, resuming in `checkpoint
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from busiseg.runtime.progress import show_progress
 from busiseg.training import checkpoint
 from busiseg.training.augment import augment_batch
 from busiseg.training.losses import SegLoss
+from busiseg.training.schedule import lr_factor
 
 
 # the training loop, kept whole to read top to bottom (as nanoGPT's train.py); what surrounds
@@ -245,18 +245,6 @@ def same_checkpoint_everywhere(state, ranks: distributed.Ranks, ckpt_path: Path)
         raise BusisegError(f"{ckpt_path}: the training processes found different checkpoints; "
                            "across machines models/checkpoints must be on a shared filesystem "
                            "(or delete it there to start over)")
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """Linear warm-up, then cosine or poly decay to zero (per optimisation step)."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "poly":
-        return max(0.0, 1 - progress) ** 0.9
-    return 1.0
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainParams, steps_per_epoch: int):
