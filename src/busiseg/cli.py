@@ -171,10 +171,6 @@ def export(args) -> int:
     if args.out.suffix.lower() != ".onnx":
         raise BusisegError(f"--out {args.out}: name the file *.onnx")
     model, blob = load_model(args.model)
-    if blob.get("classifier"):
-        raise BusisegError(f"--model {args.model}: carries an image classifier (classify.kind "
-                           f"{blob['classifier'].get('kind', 'encoder')}), which the ONNX export "
-                           "does not hold yet; predict with the .pt model")
     own = None if args.from_eval else MaskSettings.from_model_file(blob, f"--model {args.model}")
     if own is not None:  # a packaged model (models/busiseg-model): evaluate's choice inside it
         settings, sources = own, blob.get("settings_source")
@@ -189,7 +185,10 @@ def export(args) -> int:
     meta = export_onnx(model, blob, settings, args.out, sources)
     print(f"export: wrote {args.out} (opset {meta['opset']}, input {meta['size']}x{meta['size']}"
           f", threshold {meta['threshold']}, tta {meta['tta']}, largest_cc {meta['largest_cc']}"
-          f", fill_holes {meta['fill_holes']})")
+          f", fill_holes {meta['fill_holes']}"
+          + (f", with its {meta['classifier']['kind']} image classifier ("
+             f"{meta['classifier']['members']} members)" if meta.get("classifier") else "")
+          + ")")
     return 0
 
 

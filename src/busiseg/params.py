@@ -218,6 +218,9 @@ class TrainParams:
     # the masks stay those of presence_weight 0
     presence_detach: bool = False
     seed: int = 0
+    # with split.folds: members per fold, trained from seeds seed, seed + 1, ... and averaged as
+    # one fold model (out of fold an image meets its own fold's seeds only)
+    seeds: int = 1
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool = True
@@ -263,6 +266,7 @@ class TrainParams:
         _require(self.presence_weight >= 0, "train.presence_weight", "must be ≥ 0 (0 = off)")
         _require(not self.presence_detach or self.presence_weight > 0, "train.presence_detach",
                  "needs a presence head: set train.presence_weight > 0 too")
+        _require(self.seeds >= 1, "train.seeds", "must be ≥ 1")
         _require(self.threads >= 0, "train.threads", "must be ≥ 0 (0 = all cores)")
         _require(self.processes >= 1, "train.processes", "must be ≥ 1 (1 = no torchrun)")
         _require(self.fold_workers >= 0, "train.fold_workers",
@@ -516,6 +520,8 @@ def parse_params(raw: Any) -> Params:
     _require(built["preprocess"].channels == 1 or built["data"].burned_marks == "warn",
              "data.burned_marks", "acts on colour marks burned into grey images; with "
              "preprocess.channels 3 colour is signal and the audit is off: keep warn")
+    _require(built["train"].seeds == 1 or built["split"].folds >= 2, "train.seeds",
+             "> 1 needs split.folds ≥ 2 (the seeds are averaged per fold); set it to 1")
     return Params(**built, external=_build_external(raw.get("external")))
 
 

@@ -144,9 +144,10 @@ def test_malignancy_figures_on_known_probabilities():
     assert malignancy_figures(prob, ["normal"] * 6, 0.5, 0, 0) == {}
 
 
-def test_the_packaged_classifier_travels_to_predict_and_export_refuses_it(tmp_path, capsys):
+def test_the_packaged_classifier_travels_to_predict_and_to_onnx(tmp_path, capsys):
     """A packaged model carrying the classifier predicts in an empty folder with its p_lesion as
-    the lesion score and its p_malignant beside it; ONNX export refuses it in one line."""
+    the lesion score and its p_malignant beside it; its ONNX export carries the classifier, and
+    predict with the .onnx alone gives the same probabilities and gate."""
     import csv
 
     from conftest import tiny_params, write_png
@@ -189,8 +190,15 @@ def test_the_packaged_classifier_travels_to_predict_and_export_refuses_it(tmp_pa
                  "--out", str(tmp_path / "open"), "--presence-threshold", "off"]) == 0
     with open(tmp_path / "open" / "predictions.csv", newline="") as fh:
         assert next(csv.DictReader(fh))["lesion"] == "1"  # the same masks, ungated
-    capsys.readouterr()
+    # the ONNX export carries the classifier: predict with it alone gives the .pt's figures
     assert main(["export", "--model", str(tmp_path / "packaged.pt"), "--out",
-                 str(tmp_path / "m.onnx")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "image classifier" in err and "predict with the .pt" in err
+                 str(tmp_path / "m.onnx")]) == 0
+    assert "image classifier (1 members)" in capsys.readouterr().out
+    (tmp_path / "packaged.pt").unlink()
+    assert main(["predict", "--model", str(tmp_path / "m.onnx"), str(tmp_path / "in"),
+                 "--out", str(tmp_path / "onnx")]) == 0
+    with open(tmp_path / "onnx" / "predictions.csv", newline="") as fh:
+        onnx_row = next(csv.DictReader(fh))
+    for key in ("p_lesion", "p_malignant", "lesion_score"):
+        assert float(onnx_row[key]) == pytest.approx(float(row[key]), abs=1e-5), key
+    assert onnx_row["lesion"] == row["lesion"] == "0"

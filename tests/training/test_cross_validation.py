@@ -235,6 +235,34 @@ def test_folds_side_by_side_are_bit_identical_to_folds_in_turn(tmp_path, capfd):
         pd.testing.assert_frame_equal(curves[name], ref_curves[name])
 
 
+def test_seed_members_are_the_runs_of_their_seeds_averaged_per_fold(tmp_path):
+    """train.seeds 2: fold k's member is a FoldEnsemble of the fold-k models of train.seed and
+    train.seed + 1, each exactly what a one-seed run from that seed trains; out of fold an image
+    meets its own fold's seeds only, and on test the ensemble is the mean over all of them."""
+    seeded, out = run_cv(tmp_path, "seeds", epochs=2, seeds=2)
+    one = {s: run_cv(tmp_path, f"seed{s}", epochs=2, seed=s)[1] for s in (0, 1)}
+    model, blob = load_model(out / "model.pt")
+    assert blob["members"] == 3 and blob["seeds"] == 2 and seeded["seeds"] == 2
+    assert seeded["epochs_run"] == 3 * 2 * 2
+    singles = {s: load_model(one[s] / "model.pt")[0] for s in (0, 1)}
+    for k in range(3):
+        for s in (0, 1):
+            mine, theirs = model.members[k].members[s].state_dict(), \
+                singles[s].members[k].state_dict()
+            assert all(torch.equal(mine[n], theirs[n]) for n in theirs), (k, s)
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.inference_mode():
+        want = torch.stack([torch.sigmoid(singles[s].members[k](x))
+                            for k in range(3) for s in (0, 1)]).mean(0)
+        assert torch.allclose(torch.sigmoid(model(x)[0]), want, atol=1e-6)
+        fold_1 = torch.stack([torch.sigmoid(singles[s].members[1](x)) for s in (0, 1)]).mean(0)
+        assert torch.allclose(torch.sigmoid(model.members[1](x)[0]), fold_1, atol=1e-6)
+    assert sorted(read_live_runs(out / "live")) == sorted(
+        f"fold {k} seed {s}" for k in range(3) for s in (0, 1))
+    with pytest.raises(BusisegError, match="train.seeds"):
+        parse_params({"train": {"seeds": 2}})  # no folds to average the seeds in
+
+
 def test_a_run_killed_in_turn_resumes_side_by_side(tmp_path, monkeypatch, capfd):
     """Checkpoints are per fold and do not depend on how many folds run at once: a run killed
     in fold 1 resumes it from its last epoch in a process of its own, and ends identical."""

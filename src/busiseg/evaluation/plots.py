@@ -27,7 +27,8 @@ def read_live_curves(live_dir: str | Path) -> pd.DataFrame:
 def read_live_runs(live_dir: str | Path) -> dict[str, pd.DataFrame]:
     """The curves of one run, or of every fold (live_dir/fold_K/) of a cross-validation run."""
     live_dir = Path(live_dir)
-    folds = sorted(live_dir.glob("fold_*"), key=lambda d: int(d.name.split("_")[1]))
+    folds = sorted(live_dir.glob("fold_*"),  # fold_K, or fold_K_seed_S with train.seeds
+                   key=lambda d: tuple(int(x) for x in d.name.split("_")[1::2]))
     if folds:
         return {d.name.replace("_", " "): read_live_curves(d) for d in folds}
     return {"": read_live_curves(live_dir)}

@@ -41,6 +41,7 @@ from busiseg.inference.segment import (
     EARLIER_NAMES,
     SETTING_NAMES,
     SETTINGS,
+    Feed,
     Forward,
     MaskSettings,
     Stats,
@@ -143,7 +144,7 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
                               as_stats(meta["input_std"]), torch.device("cpu"),
                               MaskSettings.from_dict(meta), int(meta.get("channels", 1)),
                               field_sources(meta, "model", _notes(meta)), "onnx",
-                              meta.get("weights_digest"))
+                              meta.get("weights_digest"), classifier=onnx_classifier(forward, meta))
     else:
         where, _ = place(device, "--device")
         model, blob = _named("--model", load_model, model_path, where)
@@ -157,6 +158,17 @@ def load_predictor(model_path: str | Path, device: str = "cpu") -> Predictor:
                               int(pre.get("channels", 1)), sources, "pt", str(blob["digest"]),
                               classifier=classifier)
     return replace(predictor, file_sha256=file_sha256(model_file_path(model_path)))
+
+
+def onnx_classifier(forward, meta: dict) -> Classifier | None:
+    """An export's classifier output as a Classifier of one member, fed as the masks are (the
+    graph restores the classifier's own normalisation)."""
+    c = meta.get("classifier")
+    if not c:
+        return None
+    feed = Feed(as_stats(meta["input_mean"]), as_stats(meta["input_std"]), torch.device("cpu"), 1)
+    return Classifier([forward.classifier_member()], [-1], feed, int(meta["size"]),
+                      bool(c.get("malignancy")))
 
 
 def _named(option: str, load, *args):

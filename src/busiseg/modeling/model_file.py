@@ -59,11 +59,12 @@ def split_identity(p: Params, split_path: Path) -> dict:
 
 def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
                members: int = 0, encoder_weights: dict | None = None,
-               split: dict | None = None) -> None:
+               split: dict | None = None, seeds: int = 1) -> None:
     """Weights plus what inference needs to feed them (size, normalisation). The threshold and
     post-processing are evaluate's choice, so train's file has none: the package stage writes
     them into a copy (`package_model`), and an evaluate setting changes without re-training.
-    With `members`, `state` is a FoldEnsemble's: K fold models of one architecture. `split`:
+    With `members`, `state` is a FoldEnsemble's: K fold models of one architecture, each with
+    `seeds` > 1 a FoldEnsemble of that many seeds. `split`:
     `split_identity` of the split it trained on (empty in files written without one)."""
     mean, std = input_normalisation(p.model, p.preprocess.channels)
     atomic_torch_save({
@@ -71,6 +72,7 @@ def save_model(path: Path, state: dict, kwargs: dict, p: Params, size: int,
         "version": VERSION,
         "model": dict(kwargs),
         "members": members,
+        **({"seeds": seeds} if seeds > 1 else {}),
         "state_dict": state,
         "digest": weights_digest(state),
         "preprocess": {"size": size, "input_mean": mean, "input_std": std,
@@ -136,7 +138,11 @@ def model_from_file(blob: dict, path: str | Path, device: str | torch.device = "
                 f"{path}'s recorded train.cpu_isa")
     members = blob.get("members", 0)
     try:
-        if members:
+        seeds = blob.get("seeds", 1)
+        if members and seeds > 1:
+            model = FoldEnsemble([FoldEnsemble([build_from_config(blob["model"])
+                                                for _ in range(seeds)]) for _ in range(members)])
+        elif members:
             model = FoldEnsemble([build_from_config(blob["model"]) for _ in range(members)])
         else:
             model = build_from_config(blob["model"])

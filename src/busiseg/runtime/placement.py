@@ -90,6 +90,9 @@ def _worker_node(proc) -> re.Match | None:
     return next(filter(None, map(WORKER_NODE.match, cmdline)), None)
 
 
+OVERSUBSCRIBE = 3  # one-thread training processes per core at most when all start at once
+
+
 def cpu_cores() -> int:
     """Cores this process may use (a container or `taskset` may allow fewer than the machine)."""
     try:

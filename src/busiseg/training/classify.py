@@ -33,9 +33,8 @@ from busiseg.modeling.model_file import split_identity
 from busiseg.modeling.pretrained import load_pretrained
 from busiseg.params import AugmentParams, ModelParams, Params
 from busiseg.runtime.device import kernel_isa, pin_kernels, place, seed_everything
-from busiseg.runtime.placement import cpu_cores, queue_slot
+from busiseg.runtime.placement import OVERSUBSCRIBE, cpu_cores, queue_slot
 from busiseg.training.augment import augment_batch
-from busiseg.training.cross_validation import OVERSUBSCRIBE
 from busiseg.training.losses import LossSpec, SegLoss
 from busiseg.training.schedule import lr_factor
 
