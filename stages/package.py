@@ -34,8 +34,9 @@ def main() -> None:
     classifier = read_classifier(CLASSIFIER)
     if classifier["kind"] == "none":
         classifier = None
-    else:  # the cut evaluate chose out of fold, for the card and predict's record
-        classifier["malignant_threshold"] = metrics["eval"].get("malignant_threshold")
+    else:  # the cut and calibration evaluate chose out of fold: the card, predict
+        for key in ("malignant_threshold", "malignant_temperature"):
+            classifier[key] = metrics["eval"].get(key)
     blob = package_model("models/model.pt", OUT / PACKAGED_NAME, settings, sources, classifier)
     atomic_write_text(OUT / "README.md", model_card(p, blob, metrics, sources))
     gate = chosen.presence_rule + (f" at {chosen.presence_threshold}"

@@ -122,7 +122,8 @@ def test_out_of_fold_each_image_meets_its_own_folds_classifier_and_test_all(tmp_
     assert np.allclose(result["per_image"]["p_lesion"], test_p, atol=1e-6)
     metrics = result["metrics"]
     for key in ("cv_malignant_auroc", "cv_malignant_auroc_ci_low", "cv_malignant_sensitivity",
-                "cv_malignant_specificity_ci_high", "cv_malignant_ece", "malignant_threshold"):
+                "cv_malignant_specificity_ci_high", "cv_malignant_ece", "malignant_threshold",
+                "malignant_temperature"):
         assert key in metrics, key
     assert set(result["test_rows"]["class"]) == {"benign", "normal"}  # no malignant on test:
     assert "malignant_auroc" not in metrics  # no test figure rather than a made-up one
@@ -142,6 +143,38 @@ def test_malignancy_figures_on_known_probabilities():
     shifted = malignancy_figures(prob, classes, 0.85, 0, 0)  # the cut misses one malignant
     assert shifted["malignant_sensitivity"] == 0.5 and shifted["malignant_auroc"] == 1.0
     assert malignancy_figures(prob, ["normal"] * 6, 0.5, 0, 0) == {}
+
+
+def test_p_malignant_is_calibrated_where_its_cut_is_chosen_and_ranks_as_before():
+    """Over-confident p_malignant (right 80 % of the time at 0.99): each fold is calibrated by
+    the temperature the other folds chose, which brings its ECE down and leaves the ranking
+    (AUROC) and the decisions (sensitivity, specificity) as they were."""
+    from busiseg.evaluation.classifier import malignancy_keys
+    from busiseg.evaluation.malignancy import malignancy_figures
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 2, 400)
+    right = rng.random(400) < 0.8
+    said = np.where(right, label, 1 - label)
+    prob = np.where(said == 1, 0.99, 0.01) + rng.uniform(-5e-4, 5e-4, 400)
+    classes = ["malignant" if v else "benign" for v in label]
+    fold = np.arange(400) % 4
+    p = parse_params({"evaluate": {"bootstrap": 50}})
+    keys, held, test = malignancy_keys(p, prob, classes, fold, prob[:40], classes[:40])
+    raw_cuts = np.zeros(400)  # Youden's cut on the other folds' raw values, fold by fold
+    for k in range(4):
+        raw_cuts[fold == k] = youden_threshold(prob[fold != k], label[fold != k])
+    raw = malignancy_figures(prob, classes, raw_cuts, 50, 0, "cv_")
+    assert keys["malignant_temperature"] > 2  # over-confident: softened
+    assert keys["cv_malignant_ece"] < raw["cv_malignant_ece"] / 3
+    assert keys["cv_malignant_ece"] < 0.05
+    assert keys["cv_malignant_auroc"] == pytest.approx(raw["cv_malignant_auroc"], abs=1e-9)
+    for k in ("sensitivity", "specificity"):
+        assert keys[f"cv_malignant_{k}"] == pytest.approx(raw[f"cv_malignant_{k}"], abs=1e-9)
+    for k in range(4):  # within a fold one temperature: the order of its images is kept
+        assert np.array_equal(np.argsort(held[fold == k]), np.argsort(prob[fold == k]))
+    assert np.all((held > 0.5) == (prob > 0.5)) and np.abs(held - 0.5).max() < 0.4
+    assert np.allclose(test, held[:40], atol=0.05)  # test: the temperature of all folds
 
 
 def test_the_packaged_classifier_travels_to_predict_and_to_onnx(tmp_path, capsys):

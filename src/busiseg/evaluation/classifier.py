@@ -10,7 +10,9 @@ import torch
 
 from busiseg.errors import BusisegError
 from busiseg.evaluation.malignancy import labelled, malignancy_figures, youden_threshold
+from busiseg.evaluation.presence import fit_temperature
 from busiseg.inference.classify import Classifier
+from busiseg.inference.confidence import calibrate
 from busiseg.modeling.classifier import read_classifier
 from busiseg.params import Params
 
@@ -43,23 +45,37 @@ def out_of_fold(c: Classifier, images: torch.Tensor, idx: list[int],
     return out
 
 
+def calibrated_cut(held: np.ndarray, held_classes: list[str]) -> tuple[float, float]:
+    """(temperature, cut) chosen on these images: the temperature that calibrates p_malignant
+    among the labelled ones (as the lesion score's), then Youden's cut on the calibrated value."""
+    known, label = labelled(held_classes)
+    temperature = fit_temperature(held[known], label.astype(bool))
+    return temperature, youden_threshold(calibrate(held[known], temperature), label)
+
+
 def malignancy_keys(p: Params, held: np.ndarray, held_classes: list[str],
                     held_fold: np.ndarray | None, test: np.ndarray,
-                    test_classes: list[str]) -> dict:
-    """Out of fold (`held_fold` given): each fold at the cut chosen on the other folds, `cv_`
-    keys; test at the cut chosen on every held-out image. Without folds, `held` is val: the
-    cut is chosen there and only test is reported."""
+                    test_classes: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Out of fold (`held_fold` given): each fold calibrated and cut with what the other folds
+    chose, `cv_` keys; test with what every held-out image chose. Without folds, `held` is
+    val: the choice is made there and only test is reported. Returns the keys and the
+    calibrated p_malignant of the held-out and the test images."""
     e = p.evaluate
-    known, label = labelled(held_classes)
-    cut = youden_threshold(held[known], label)
+    temperature, cut = calibrated_cut(held, held_classes)
     out = {}
+    held_calibrated = calibrate(held, temperature)
     if held_fold is not None:
         cuts = np.zeros(len(held))
         for k in np.unique(held_fold):
-            others = known & (held_fold != k)
-            _, other_label = labelled([c for c, o in zip(held_classes, others) if o])
-            cuts[held_fold == k] = youden_threshold(held[others], other_label)
-        out.update(malignancy_figures(held, held_classes, cuts, e.bootstrap, e.bootstrap_seed,
-                                      "cv_"))
-    figures = malignancy_figures(test, test_classes, cut, e.bootstrap, e.bootstrap_seed)
-    return {**out, **figures, **({"malignant_threshold": cut} if figures or out else {})}
+            others, mine = held_fold != k, held_fold == k
+            t_k, cuts[mine] = calibrated_cut(held[others], [c for c, o in zip(held_classes,
+                                                                                others) if o])
+            held_calibrated[mine] = calibrate(held[mine], t_k)
+        out.update(malignancy_figures(held, held_classes, cuts, e.bootstrap,
+                                      e.bootstrap_seed, "cv_", held_calibrated))
+    test_calibrated = calibrate(test, temperature)
+    figures = malignancy_figures(test, test_classes, cut, e.bootstrap, e.bootstrap_seed,
+                                 calibrated=test_calibrated)
+    chosen = {"malignant_threshold": cut, "malignant_temperature": temperature}
+    return {**out, **figures, **(chosen if figures or out else {})}, held_calibrated, \
+        test_calibrated

@@ -374,11 +374,13 @@ def add_malignancy(p: Params, m: Loaded, result: dict, held: np.ndarray,
                    held_classes: list[str], held_fold: np.ndarray | None) -> None:
     """The classifier's figures into the result: the malignancy keys (where it learnt
     malignancy), and p_lesion, p_malignant in the per-image tables."""
-    test = result["classifier_test"]
-    if m.classifier.malignancy:
-        result["metrics"].update(rounded(malignancy_keys(
+    test = result["classifier_test"].copy()
+    held = held.copy()
+    if m.classifier.malignancy:  # p_malignant calibrated as chosen on held-out images
+        keys, held[:, 1], test[:, 1] = malignancy_keys(
             p, held[:, 1], held_classes, held_fold, test[:, 1],
-            result["test_rows"]["class"].tolist())))
+            result["test_rows"]["class"].tolist())
+        result["metrics"].update(rounded(keys))
     for table, probs in ((result["per_image"], test), (result.get("cv_per_image"), held)):
         if table is not None:
             table["p_lesion"] = np.round(probs[:, 0], 6)

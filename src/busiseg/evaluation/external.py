@@ -22,6 +22,7 @@ from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import load, open_model, score_test
 from busiseg.evaluation.malignancy import malignancy_figures
 from busiseg.evaluation.metrics import rounded
+from busiseg.inference.confidence import calibrate
 from busiseg.inference.segment import MaskSettings
 from busiseg.params import Params
 from busiseg.runtime.progress import show_progress
@@ -67,7 +68,9 @@ def evaluate_external(p: Params, name: str, model_path: str | Path,
 
 
 def external_malignancy(p: Params, result: dict, chosen: dict, trained: bool) -> None:
-    probs = result["classifier_test"]
+    probs = result["classifier_test"].copy()
+    if chosen.get("malignant_temperature") is not None:  # calibrated as on BUSI
+        probs[:, 1] = calibrate(probs[:, 1], float(chosen["malignant_temperature"]))
     result["per_image"]["p_lesion"] = np.round(probs[:, 0], 6)
     result["per_image"]["p_malignant"] = np.round(probs[:, 1], 6)
     if trained and chosen.get("malignant_threshold") is not None:

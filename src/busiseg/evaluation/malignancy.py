@@ -46,22 +46,27 @@ STATS = {"auroc": lambda r: auroc(r[:, 1], r[:, 0]), "sensitivity": _sensitivity
 
 
 def malignancy_figures(prob: np.ndarray, classes: list[str], threshold: np.ndarray | float,
-                       bootstrap: int, seed: int, prefix: str = "") -> dict:
-    """`prob`: p_malignant of every image; `threshold`: one cut, or one per image (out of fold,
-    each fold's own). Keys `{prefix}malignant_auroc`, `_sensitivity`, `_specificity` with 95 %
-    intervals, `_ece`, and the counts; none without labelled images of both classes."""
+                       bootstrap: int, seed: int, prefix: str = "",
+                       calibrated: np.ndarray | None = None) -> dict:
+    """`prob`: p_malignant of every image, `calibrated` (default `prob`) the same calibrated;
+    `threshold`: one cut on the calibrated value, or one per image (out of fold, each fold's
+    own). Keys `{prefix}malignant_auroc` (the ranking of `prob`, as detection's AUROC ranks the
+    raw lesion score: folds calibrated apart are not pooled), `_sensitivity`, `_specificity`
+    with 95 % intervals, `_ece` (of the calibrated value), and the counts; none without
+    labelled images of both classes."""
     known, label = labelled(classes)
     if len(np.unique(label)) < 2:
         return {}
+    calibrated = prob if calibrated is None else calibrated
     cut = np.broadcast_to(np.asarray(threshold, dtype=np.float64), prob.shape)[known]
-    p = prob[known]
-    rows = np.column_stack([p, label, (p >= cut).astype(np.float64)])
+    p, c = prob[known], calibrated[known]
+    rows = np.column_stack([p, label, (c >= cut).astype(np.float64)])
     out = {}
     for key, stat in STATS.items():
         out[f"{prefix}malignant_{key}"] = stat(rows)
         low, high = bootstrap_ci(rows, stat, bootstrap, seed)
         out[f"{prefix}malignant_{key}_ci_low"], out[f"{prefix}malignant_{key}_ci_high"] = low, high
-    out[f"{prefix}malignant_ece"] = reliability(p, label.astype(bool))[0]
+    out[f"{prefix}malignant_ece"] = reliability(c, label.astype(bool))[0]
     out[f"{prefix}n_malignant"] = int(label.sum())
     out[f"{prefix}n_benign"] = int((label == 0).sum())
     return out

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from busiseg.errors import BusisegError
+from busiseg.inference.confidence import calibrate
 from busiseg.inference.segment import Feed
 from busiseg.modeling.classifier import build_members
 from busiseg.runtime.device import autocast
@@ -43,13 +44,17 @@ class Classifier:
     feed: Feed
     size: int
     malignancy: bool  # trained for malignancy (the data had benign/malignant lesions)
+    # fitted by evaluate out of fold (a packaged model carries it): p_malignant is reported
+    # calibrated; None (classify's own file) gives the members' raw probability
+    malignant_temperature: float | None = None
 
     @classmethod
     def from_blob(cls, blob: dict, device: torch.device, batch_size: int = 1,
                   dtype: torch.dtype | None = None) -> Classifier:
         feed = Feed(blob["input_mean"], blob["input_std"], device, batch_size, dtype)
         return cls(build_members(blob, device), [int(m["fold"]) for m in blob["members"]],
-                   feed, int(blob["size"]), bool(blob.get("malignancy")))
+                   feed, int(blob["size"]), bool(blob.get("malignancy")),
+                   blob.get("malignant_temperature"))
 
     def probabilities(self, images: torch.Tensor, fold: int | None = None) -> np.ndarray:
         """N×2 (p_lesion, p_malignant) by the members of `fold` (None: all of them)."""
@@ -57,4 +62,7 @@ class Classifier:
         if not chosen:
             raise BusisegError(f"models/classifier.pt has no member of fold {fold}; re-run dvc "
                                "repro classify (its folds must be split.folds)")
-        return classifier_probabilities(chosen, images, self.feed).numpy().astype(np.float64)
+        out = classifier_probabilities(chosen, images, self.feed).numpy().astype(np.float64)
+        if self.malignant_temperature is not None:
+            out[:, 1] = calibrate(out[:, 1], self.malignant_temperature)
+        return out

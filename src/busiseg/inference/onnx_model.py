@@ -121,7 +121,8 @@ def classifier_meta(classifier: dict) -> dict:
     malignancy cut evaluate chose (the card's)."""
     return {"kind": classifier.get("kind"), "malignancy": bool(classifier.get("malignancy")),
             "members": len(classifier["members"]), "output": CLASSIFIER_OUTPUT,
-            "malignant_threshold": classifier.get("malignant_threshold")}
+            "malignant_threshold": classifier.get("malignant_threshold"),
+            "malignant_temperature": classifier.get("malignant_temperature")}
 
 
 def _outputs(out) -> list[torch.Tensor]:

@@ -168,7 +168,7 @@ def onnx_classifier(forward, meta: dict) -> Classifier | None:
         return None
     feed = Feed(as_stats(meta["input_mean"]), as_stats(meta["input_std"]), torch.device("cpu"), 1)
     return Classifier([forward.classifier_member()], [-1], feed, int(meta["size"]),
-                      bool(c.get("malignancy")))
+                      bool(c.get("malignancy")), c.get("malignant_temperature"))
 
 
 def _named(option: str, load, *args):
