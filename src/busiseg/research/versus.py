@@ -83,29 +83,32 @@ def paired(a: dict, b: dict) -> dict:
                                                lesion_only=False)}
 
 
+def versus(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict:
+    """Run a against run b, each given as (gated, ungated) results."""
+    return {"paired_gated": paired(a[0], b[0]),
+            "paired_lesion_ungated": paired_difference(a[1]["cv_per_image"],
+                                                       b[1]["cv_per_image"])}
+
+
 def measure(run: Path, against: dict[str, Path]) -> dict:
+    """The run, each other run, and with seeds the run's first seed alone, each scored gated
+    and ungated; the run (and its first seed) paired against every other."""
     ungated = {"evaluate.presence_threshold": "off"}
-    own = score(run, {})
-    own_open = score(run, ungated)
-    out = {"run": figures(own["metrics"]), "run_ungated": figures(own_open["metrics"]),
-           "evaluate_seconds": own["seconds"], "against": {}}
-    for name, other in against.items():
-        theirs = score(other, {"evaluate.presence_threshold": "auto"})
-        theirs_open = score(other, ungated)
-        out["against"][name] = {
-            "gated_auto": figures(theirs["metrics"]), "ungated": figures(theirs_open["metrics"]),
-            "paired_gated": paired(own, theirs),
-            "paired_lesion_ungated": paired_difference(own_open["cv_per_image"],
-                                                       theirs_open["cv_per_image"])}
+    own = score(run, {}), score(run, ungated)
+    out = {"run": figures(own[0]["metrics"]), "run_ungated": figures(own[1]["metrics"]),
+           "evaluate_seconds": own[0]["seconds"], "against": {}}
+    one = None
     if read_model_file(run / PATHS[0]).get("seeds", 1) > 1:
         with tempfile.TemporaryDirectory() as tmp:
             single = first_seed_model(run, Path(tmp) / "seed0.pt")
-            one, one_open = score(run, {}, str(single)), score(run, ungated, str(single))
-        out["first_seed"] = {"gated": figures(one["metrics"]),
-                             "ungated": figures(one_open["metrics"]),
-                             "paired_gated": paired(own, one),
-                             "paired_lesion_ungated": paired_difference(
-                                 own_open["cv_per_image"], one_open["cv_per_image"])}
+            one = score(run, {}, str(single)), score(run, ungated, str(single))
+        out["first_seed"] = {"gated": figures(one[0]["metrics"]),
+                             "ungated": figures(one[1]["metrics"]), **versus(own, one)}
+    for name, other in against.items():
+        theirs = score(other, {"evaluate.presence_threshold": "auto"}), score(other, ungated)
+        out["against"][name] = {"gated_auto": figures(theirs[0]["metrics"]),
+                                "ungated": figures(theirs[1]["metrics"]), **versus(own, theirs),
+                                **({"first_seed": versus(one, theirs)} if one else {})}
     return out
 
 
