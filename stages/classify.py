@@ -24,7 +24,7 @@ def main() -> None:
 
     summary = train_classifier(p, "data/cache.npz", "data/split.csv", MODEL)
     write_json(METRICS, {"kind": p.classify.kind, **summary})
-    print(f"classify: {summary['members']} member(s) in {summary['seconds']} s -> {MODEL}")
+    print(f"classify: {summary['members']} member(s) in {summary['wall_seconds']} s -> {MODEL}")
 
 
 if __name__ == "__main__":

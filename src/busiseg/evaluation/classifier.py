@@ -49,7 +49,7 @@ def calibrated_cut(held: np.ndarray, held_classes: list[str]) -> tuple[float, fl
     """(temperature, cut) chosen on these images: the temperature that calibrates p_malignant
     among the labelled ones (as the lesion score's), then Youden's cut on the calibrated value."""
     known, label = labelled(held_classes)
-    temperature = fit_temperature(held[known], label.astype(bool))
+    temperature = round(fit_temperature(held[known], label.astype(bool)), 6)  # as eval.json
     return temperature, youden_threshold(calibrate(held[known], temperature), label)
 
 
@@ -77,5 +77,5 @@ def malignancy_keys(p: Params, held: np.ndarray, held_classes: list[str],
     figures = malignancy_figures(test, test_classes, cut, e.bootstrap, e.bootstrap_seed,
                                  calibrated=test_calibrated)
     chosen = {"malignant_threshold": cut, "malignant_temperature": temperature}
-    return {**out, **figures, **(chosen if figures or out else {})}, held_calibrated, \
-        test_calibrated
+    both = len(np.unique(labelled(held_classes)[1])) == 2  # else nothing was fitted
+    return {**out, **figures, **(chosen if both else {})}, held_calibrated, test_calibrated

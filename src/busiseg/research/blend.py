@@ -62,6 +62,9 @@ def blend(masks: list[Path], presence: list[Path], out: Path, cpu_isa: str | Non
         if not blob.get("members"):
             raise BusisegError(f"{f}: not a cross-validation model (split.folds > 1); a blend "
                                "is made fold by fold")
+        if blob.get("seeds", 1) > 1:
+            raise BusisegError(f"{f}: trained with train.seeds {blob['seeds']}; a blend takes "
+                               "one-seed runs (its parts are averaged as seeds already)")
         if blob["members"] != first["members"]:
             raise BusisegError(f"{f}: {blob['members']} fold models against {files[0]}'s "
                                f"{first['members']}; blend runs of one cross-validation")

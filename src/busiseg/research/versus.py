@@ -118,8 +118,14 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--against", action="append", default=[], metavar="NAME=RUN_DIR")
     args = ap.parse_args()
+    if any("=" not in a for a in args.against):
+        ap.error("--against takes NAME=RUN_DIR")
     against = {k: Path(v) for k, v in (a.split("=", 1) for a in args.against)}
-    record = {"name": args.name, **measure(args.run, against)}
+    try:
+        record = {"name": args.name, **measure(args.run, against)}
+    except (BusisegError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}; each RUN_DIR must be a finished cross-validation run "
+                         "(split.folds > 1) of the same split") from None
     file_record("versus", args.name, record,
                 f"uv run python -m busiseg.research.versus RUN_DIR --name {args.name} "
                 + " ".join(f"--against {k}=RUN_DIR" for k in against))

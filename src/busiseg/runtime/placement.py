@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 from busiseg.errors import BusisegError
@@ -125,3 +126,19 @@ def worker_device(device, local_rank: int, processes: int, slot: QueueSlot):
     gpu = torch.device("cuda", gpu_index(local_rank, processes, slot, torch.cuda.device_count()))
     torch.cuda.set_device(gpu)
     return gpu
+
+
+def die_with_parent() -> None:
+    """A training process whose parent was killed (SIGKILL leaves no time to stop it) would go
+    on writing the checkpoint or file the resumed run reads: on Linux the kernel kills it too."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing as mp
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+        os._exit(1)

@@ -14,9 +14,11 @@ use a second thread.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from busiseg.modeling.model_file import split_identity
 from busiseg.modeling.pretrained import load_pretrained
 from busiseg.params import AugmentParams, ModelParams, Params
 from busiseg.runtime.device import kernel_isa, pin_kernels, place, seed_everything
-from busiseg.runtime.placement import OVERSUBSCRIBE, cpu_cores, queue_slot
+from busiseg.runtime.placement import OVERSUBSCRIBE, cpu_cores, die_with_parent, queue_slot
 from busiseg.training.augment import augment_batch
 from busiseg.training.losses import LossSpec, SegLoss
 from busiseg.training.schedule import lr_factor
@@ -183,11 +185,33 @@ def train_job(job: Job) -> dict:
     state, history = train_member(job.p, cache.images, cache.masks, target, idx, job.seed, device)
     print(f"classify: member fold {job.fold} seed {job.seed}: loss {history[0]:.4f} -> "
           f"{history[-1]:.4f}", flush=True)
-    return {"fold": job.fold, "seed": job.seed, "state": state, "loss": history,
+    weights = io.BytesIO()  # bytes, not tensors: a process pool would pass tensors through
+    torch.save(state, weights)  # /dev/shm, which containers keep small
+    return {"fold": job.fold, "seed": job.seed, "state": weights.getvalue(), "loss": history,
             "seconds": round(time.perf_counter() - start, 2),
             "threads": torch.get_num_threads(), "device": device.type,
             "kernel_isa": kernel_isa() if device.type == "cpu" else None,
             "malignancy": bool(torch.isfinite(target.malignant).any())}
+
+
+def side_by_side(jobs: list[Job], workers: int) -> list[dict]:
+    """The members in `workers` processes at once. The first to fail stops the others at once
+    (so does Ctrl-C), and a member's process killed (out of memory) is one line."""
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                               initializer=die_with_parent)
+    futures = [pool.submit(train_job, job) for job in jobs]
+    try:
+        wait(futures, return_when=FIRST_EXCEPTION)
+        return [f.result() for f in futures]
+    except BrokenProcessPool:
+        raise BusisegError("a classifier member's training process was killed (out of "
+                           "memory?); re-run dvc repro classify, or set "
+                           "classify.member_workers 1") from None
+    finally:
+        if not all(f.done() and f.exception() is None for f in futures):
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def train_classifier(p: Params, cache_path, split_path, out_path) -> dict:
@@ -206,8 +230,9 @@ def train_classifier(p: Params, cache_path, split_path, out_path) -> dict:
         members = [train_job(job) for job in jobs]
     else:
         print(f"classify: {len(jobs)} members, {workers} side by side", flush=True)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            members = list(pool.map(train_job, jobs))
+        members = side_by_side(jobs, workers)
+    for m in members:
+        m["state"] = torch.load(io.BytesIO(m["state"]), weights_only=True)
     wall = time.perf_counter() - start
     cache = load_cache(cache_path)
     channels = int(cache.images.shape[1])

@@ -26,7 +26,13 @@ from busiseg.modeling.model_file import model_kwargs, save_model, split_identity
 from busiseg.params import Params, TrainParams
 from busiseg.runtime import distributed
 from busiseg.runtime.device import pick_device
-from busiseg.runtime.placement import OVERSUBSCRIBE, cpu_cores, cpu_threads, queue_slot
+from busiseg.runtime.placement import (
+    OVERSUBSCRIBE,
+    cpu_cores,
+    cpu_threads,
+    die_with_parent,
+    queue_slot,
+)
 from busiseg.training.train import train
 
 SUMMED = ("epochs_run", "seconds")  # per-fold figures the run reports summed
@@ -205,7 +211,7 @@ def _member_process(conn, p: Params, m: Member, cache_path: Path, split_path: Pa
                     folds_dir: Path, live_dir: Path) -> None:
     """One member in a process of its own, which reports its summary or its failure to the
     parent and never outlives it."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches every process: the parent
     try:                                          # stops the members and says so once
         conn.send(("done", train_member(p, m, cache_path, split_path, folds_dir, live_dir)))
@@ -215,18 +221,3 @@ def _member_process(conn, p: Params, m: Member, cache_path: Path, split_path: Pa
         conn.send(("crash", traceback.format_exc()))
     finally:
         conn.close()
-
-
-def _die_with_parent() -> None:
-    """A fold process whose parent was killed (SIGKILL leaves no time to stop it) would go on
-    writing the checkpoint the resumed run reads: on Linux the kernel kills it too."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import os
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    parent = mp.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
-        os._exit(1)
