@@ -107,3 +107,73 @@ def live_files(repo) -> dict:
     live = repo / "dvclive" / "train"
     return {str(f.relative_to(live)): f.read_text() for f in sorted(live.rglob("*"))
             if f.is_file()}
+
+
+def test_one_exp_run_with_a_classifier_and_seed_members_travels_to_predict(pipeline, python_env,
+                                                                          tmp_path):
+    """One `dvc exp run` with classify.kind segmentation beside two seeds a fold: classify trains
+    its members and never train's, evaluate reports malignancy out of fold and on test, and the
+    packaged model alone, in an empty folder, predicts evaluate's test masks, p_lesion and
+    p_malignant, as .pt and as its ONNX export."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    from conftest import busiseg
+    from PIL import Image
+
+    from busiseg.data.cache import load_cache
+
+    repo, _, _ = pipeline
+    try:
+        out = dvc(repo, python_env, "exp", "run", "-S", "split.folds=2", "-S", "train.seeds=2",
+                  "-S", "classify.kind=segmentation", "-S", "classify.epochs=1",
+                  "-S", "classify.member_workers=1", "-S", "classify.decoder_channels=[16,8,8,8,8]",
+                  "-S", "evaluate.presence_threshold=auto").stdout
+        assert {s for s in STAGES if f"Running stage '{s}'" in out} >= {
+            "split", "train", "classify", "evaluate", "package"}
+        metrics = load_metrics(repo)
+        assert metrics["train.json"]["seeds"] == 2 and metrics["train.json"]["folds"] == 2
+        assert metrics["classify.json"]["kind"] == "segmentation"
+        assert metrics["classify.json"]["members"] == 2
+        ev = metrics["eval.json"]
+        for key in ("cv_malignant_auroc", "cv_malignant_ece", "malignant_threshold",
+                    "cv_dice_all", "cv_detect_auroc"):
+            assert key in ev, key
+        # a classify.* change re-runs classify and what reads it, never train
+        ran = (repo / "params.yaml").read_text()
+        set_params(repo, classify={"epochs": 2})
+        dry = dvc(repo, python_env, "repro", "--dry").stdout
+        assert "Running stage 'classify'" in dry and "Running stage 'train'" not in dry
+        (repo / "params.yaml").write_text(ran)
+
+        alone = tmp_path / "alone"
+        (alone / "images").mkdir(parents=True)
+        shutil.copy(repo / "models" / "busiseg-model" / "model.pt", alone / "model.pt")
+        scored = torch.load(repo / "data" / "predictions.pt", weights_only=True)
+        cache = load_cache(repo / "data" / "cache.npz")
+        names = {}
+        for i in (int(i) for i in scored["test_idx"]):
+            names[cache.case_ids[i]] = f"case{i}"
+            Image.fromarray(cache.images[i, 0].numpy()).save(alone / "images" / f"case{i}.png")
+        table = pd.read_csv(repo / "plots" / "evaluate" / "per_image.csv",
+                            dtype={"case_id": str}).set_index("case_id")
+        busiseg(["export", "--model", "model.pt", "--out", "model.onnx"], alone)
+        for model in ("model.pt", "model.onnx"):
+            out = alone / f"by-{model}"
+            busiseg(["predict", "--model", model, "--out", out, "images"], alone)
+            got = pd.read_csv(out / "predictions.csv")
+            got["name"] = got["image"].map(lambda p: p.split("/")[-1].removesuffix(".png"))
+            got = got.set_index("name")
+            for case, name in names.items():
+                for key in ("p_lesion", "p_malignant"):
+                    assert abs(got.loc[name, key] - table.loc[case, key]) <= 1e-5, (model, key)
+                mask = np.asarray(Image.open(out / f"{name}_mask.png")) > 0
+                i = cache.case_ids.index(case)
+                want = np.asarray(scored["pred"][list(scored["test_idx"]).index(i)]) > 0
+                want = want.reshape(mask.shape)
+                # ONNX Runtime's 1e-4 may move the odd pixel at the threshold, never more
+                assert (mask != want).mean() <= (0 if model == "model.pt" else 1e-3), model
+    finally:
+        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
+        dvc(repo, python_env, "checkout", "-f")

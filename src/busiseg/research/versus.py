@@ -90,12 +90,21 @@ def versus(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict:
                                                        b[1]["cv_per_image"])}
 
 
+def run_metrics(run: Path) -> dict:
+    """What the run's own stages recorded of its training (times, members, kernels)."""
+    import json
+
+    return {name: json.loads((run / "metrics" / f"{name}.json").read_text())
+            for name in ("train", "classify") if (run / "metrics" / f"{name}.json").is_file()}
+
+
 def measure(run: Path, against: dict[str, Path]) -> dict:
     """The run, each other run, and with seeds the run's first seed alone, each scored gated
     and ungated; the run (and its first seed) paired against every other."""
     ungated = {"evaluate.presence_threshold": "off"}
     own = score(run, {}), score(run, ungated)
-    out = {"run": figures(own[0]["metrics"]), "run_ungated": figures(own[1]["metrics"]),
+    out = {"run_metrics": run_metrics(run),
+           "run": figures(own[0]["metrics"]), "run_ungated": figures(own[1]["metrics"]),
            "evaluate_seconds": own[0]["seconds"], "against": {}}
     one = None
     if read_model_file(run / PATHS[0]).get("seeds", 1) > 1:
