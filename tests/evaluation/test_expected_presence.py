@@ -40,8 +40,9 @@ def test_the_rule_keeps_a_mask_exactly_where_its_expected_dice_beats_emptying_it
     assert MaskSettings(presence_threshold=0.3).presence_rule == "threshold"
     # the temperature calibrates p before the rule reads it
     cooled = replace(s, presence_temperature=0.25)
-    assert np.array_equal(cooled.keep(scores, trust),
-                          calibrate(scores, 0.25) * q > 1 - calibrate(scores, 0.25))
+    kept = cooled.masks(np.full((6, 4, 4), 0.9), scores, trust).reshape(6, -1).all(axis=1)
+    assert np.array_equal(kept, calibrate(scores, 0.25) * q > 1 - calibrate(scores, 0.25))
+    assert not np.array_equal(kept, s.keep(scores, trust))  # the temperature moved a decision
 
 
 def test_the_curve_is_isotonic_rounded_and_off_without_both_kinds_of_image():
@@ -203,7 +204,8 @@ def test_predict_reads_the_confidence_at_the_training_size_as_evaluate_does():
     s = replace(plain, presence_temperature=0.05,
                 presence_expected_dice=((cut - 1e-4, q[0]), (cut + 1e-4, q[1])))
     scores = score.numpy().astype(float)
-    assert s.keep(scores, np.array([at_32]))[0] and not s.keep(scores, np.array([at_full]))[0]
+    p = calibrate(scores, s.presence_temperature)
+    assert s.keep(p, np.array([at_32]))[0] and not s.keep(p, np.array([at_full]))[0]
     got = segment_with_score(Soft(), image, 32, 0.5, 0.25, s)
     assert got.mask.any() and got.confidence == pytest.approx(at_32)
 

@@ -11,6 +11,7 @@ from conftest import Box, crafted_loaded, fold_data
 from torch import nn
 
 from busiseg.evaluation.evaluate import evaluate_folds
+from busiseg.evaluation.figures import FigureSettings
 from busiseg.evaluation.malignancy import malignancy_figures, youden_threshold
 from busiseg.inference.classify import Classifier
 from busiseg.inference.segment import Feed
@@ -136,21 +137,21 @@ def test_malignancy_figures_on_known_probabilities():
     classes = ["benign", "benign", "malignant", "malignant", "normal", "lesion"]
     known = np.array([0.1, 0.2, 0.8, 0.9])
     assert youden_threshold(known, np.array([0, 0, 1, 1])) == pytest.approx(0.5)
-    out = malignancy_figures(prob, classes, 0.5, 100, 0)
+    out = malignancy_figures(FigureSettings(100), prob, classes, 0.5)
     assert out["malignant_auroc"] == 1.0 and out["malignant_sensitivity"] == 1.0
     assert out["malignant_specificity"] == 1.0 and (out["n_malignant"], out["n_benign"]) == (2, 2)
     assert out["malignant_ece"] == pytest.approx(0.15)  # |0.15-0|, |0.85-1| over two bins
-    shifted = malignancy_figures(prob, classes, 0.85, 0, 0)  # the cut misses one malignant
+    # the cut misses one malignant
+    shifted = malignancy_figures(FigureSettings(0), prob, classes, 0.85)
     assert shifted["malignant_sensitivity"] == 0.5 and shifted["malignant_auroc"] == 1.0
-    assert malignancy_figures(prob, ["normal"] * 6, 0.5, 0, 0) == {}
+    assert malignancy_figures(FigureSettings(0), prob, ["normal"] * 6, 0.5) == {}
 
 
 def test_p_malignant_is_calibrated_where_its_cut_is_chosen_and_ranks_as_before():
     """Over-confident p_malignant (right 80 % of the time at 0.99): each fold is calibrated by
     the temperature the other folds chose, which brings its ECE down and leaves the ranking
     (AUROC) and the decisions (sensitivity, specificity) as they were."""
-    from busiseg.evaluation.classifier import malignancy_keys
-    from busiseg.evaluation.malignancy import malignancy_figures
+    from busiseg.evaluation.malignancy import malignancy_figures, malignancy_keys
 
     rng = np.random.default_rng(0)
     label = rng.integers(0, 2, 400)
@@ -159,12 +160,12 @@ def test_p_malignant_is_calibrated_where_its_cut_is_chosen_and_ranks_as_before()
     prob = np.where(said == 1, 0.99, 0.01) + rng.uniform(-5e-4, 5e-4, 400)
     classes = ["malignant" if v else "benign" for v in label]
     fold = np.arange(400) % 4
-    p = parse_params({"evaluate": {"bootstrap": 50}})
-    keys, held, test = malignancy_keys(p, prob, classes, fold, prob[:40], classes[:40])
+    keys, held, test = malignancy_keys(FigureSettings(50), prob, classes, fold, prob[:40],
+                                       classes[:40])
     raw_cuts = np.zeros(400)  # Youden's cut on the other folds' raw values, fold by fold
     for k in range(4):
         raw_cuts[fold == k] = youden_threshold(prob[fold != k], label[fold != k])
-    raw = malignancy_figures(prob, classes, raw_cuts, 50, 0, "cv_")
+    raw = malignancy_figures(FigureSettings(50), prob, classes, raw_cuts, "cv_")
     assert keys["malignant_temperature"] > 2  # over-confident: softened
     assert keys["cv_malignant_ece"] < raw["cv_malignant_ece"] / 3
     assert keys["cv_malignant_ece"] < 0.05

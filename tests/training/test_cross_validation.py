@@ -15,7 +15,7 @@ from torch import nn
 import busiseg.training.train as train_module
 from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import Loaded, evaluate_folds
-from busiseg.evaluation.metrics import bootstrap_ci
+from busiseg.evaluation.figures import bootstrap_ci
 from busiseg.evaluation.plots import read_live_runs
 from busiseg.inference.segment import Feed, binarize, predict_probabilities, probabilities
 from busiseg.modeling.archs import FoldEnsemble

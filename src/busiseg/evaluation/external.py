@@ -20,6 +20,7 @@ from busiseg.data.cache import Reading, preprocess
 from busiseg.data.ingest import IngestOptions, ingest, report_dict
 from busiseg.errors import BusisegError
 from busiseg.evaluation.evaluate import load, open_model, score_test
+from busiseg.evaluation.figures import FigureSettings
 from busiseg.evaluation.malignancy import malignancy_figures
 from busiseg.evaluation.metrics import rounded
 from busiseg.inference.confidence import calibrate
@@ -76,5 +77,5 @@ def external_malignancy(p: Params, result: dict, chosen: dict, trained: bool) ->
     if trained and chosen.get("malignant_threshold") is not None:
         cut = float(chosen["malignant_threshold"])
         result["metrics"].update(rounded({**malignancy_figures(
-            probs[:, 1], result["test_rows"]["class"].tolist(), cut, p.evaluate.bootstrap,
-            p.evaluate.bootstrap_seed), "malignant_threshold": cut}))
+            FigureSettings.of(p.evaluate), probs[:, 1], result["test_rows"]["class"].tolist(),
+            cut), "malignant_threshold": cut}))

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from busiseg.evaluation.metrics import auroc, bootstrap_ci
-from busiseg.evaluation.presence import reliability
+from busiseg.evaluation.figures import FigureSettings
+from busiseg.evaluation.metrics import auroc
+from busiseg.evaluation.presence import fit_temperature, reliability
+from busiseg.inference.confidence import calibrate
 
 LABELLED = {"benign": 0, "malignant": 1}
 
@@ -45,8 +47,8 @@ STATS = {"auroc": lambda r: auroc(r[:, 1], r[:, 0]), "sensitivity": _sensitivity
          "specificity": _specificity}
 
 
-def malignancy_figures(prob: np.ndarray, classes: list[str], threshold: np.ndarray | float,
-                       bootstrap: int, seed: int, prefix: str = "",
+def malignancy_figures(f: FigureSettings, prob: np.ndarray, classes: list[str],
+                       threshold: np.ndarray | float, prefix: str = "",
                        calibrated: np.ndarray | None = None) -> dict:
     """`prob`: p_malignant of every image, `calibrated` (default `prob`) the same calibrated;
     `threshold`: one cut on the calibrated value, or one per image (out of fold, each fold's
@@ -64,9 +66,40 @@ def malignancy_figures(prob: np.ndarray, classes: list[str], threshold: np.ndarr
     out = {}
     for key, stat in STATS.items():
         out[f"{prefix}malignant_{key}"] = stat(rows)
-        low, high = bootstrap_ci(rows, stat, bootstrap, seed)
+        low, high = f.interval(rows, stat)
         out[f"{prefix}malignant_{key}_ci_low"], out[f"{prefix}malignant_{key}_ci_high"] = low, high
     out[f"{prefix}malignant_ece"] = reliability(c, label.astype(bool))[0]
     out[f"{prefix}n_malignant"] = int(label.sum())
     out[f"{prefix}n_benign"] = int((label == 0).sum())
     return out
+
+
+def malignancy_keys(f: FigureSettings, held: np.ndarray, held_classes: list[str],
+                    held_fold: np.ndarray | None, test: np.ndarray,
+                    test_classes: list[str]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """p_malignant calibrated, and its cut chosen, on held-out images: a temperature that
+    calibrates it among the labelled ones (as the lesion score's), then Youden's cut on the
+    calibrated value. Out of fold (`held_fold` given) each fold takes what the other folds
+    chose, `cv_` keys; test what every held-out image chose. Without folds `held` is val: the
+    choice is made there and only test is reported. Returns the keys and the calibrated
+    p_malignant of the held-out and the test images."""
+    known, _ = labelled(held_classes)
+    label = np.array([LABELLED.get(c, 0) for c in held_classes], dtype=np.float64)
+    folds = [] if held_fold is None else list(np.unique(held_fold))
+    chosen_on = {None: known, **{k: known & (held_fold != k) for k in folds}}
+    temperature = {k: round(fit_temperature(held[use], label[use].astype(bool)), 6)  # as eval.json
+                   for k, use in chosen_on.items()}
+    calibrated = {k: calibrate(held, t) for k, t in temperature.items()}
+    test_calibrated = calibrate(test, temperature[None])
+    cut = {k: youden_threshold(calibrated[k][use], label[use]) for k, use in chosen_on.items()}
+    out, held_calibrated = {}, calibrated[None].copy()
+    if folds:
+        cuts = np.zeros(len(held))
+        for k in folds:
+            mine = held_fold == k
+            cuts[mine], held_calibrated[mine] = cut[k], calibrated[k][mine]
+        out.update(malignancy_figures(f, held, held_classes, cuts, "cv_", held_calibrated))
+    out.update(malignancy_figures(f, test, test_classes, cut[None], calibrated=test_calibrated))
+    if len(np.unique(label[known])) == 2:  # else nothing was fitted
+        out.update(malignant_threshold=cut[None], malignant_temperature=temperature[None])
+    return out, held_calibrated, test_calibrated

@@ -221,13 +221,6 @@ def boundary_metrics(pred: np.ndarray, true: np.ndarray, spacing: np.ndarray,
     return hd95, nsd
 
 
-def lesion_mean(values: np.ndarray, true: np.ndarray) -> float:
-    """Mean of per-image `values` over the images whose truth (N×H×W) has a lesion, the
-    population `dice` is averaged over; NaN when there is none."""
-    lesion = np.asarray(true).reshape(len(true), -1).any(axis=1)
-    return float(np.asarray(values)[lesion].mean()) if lesion.any() else float("nan")
-
-
 def rounded(metrics: dict, digits: int = 6) -> dict:
     """JSON-friendly: round floats, turn NaN into None (JSON has no NaN)."""
     out = {}
@@ -243,23 +236,6 @@ def lesion_dice_per_image(counts: np.ndarray) -> np.ndarray:
     """Per-image Dice of the images whose ground truth has a lesion: the values `dice` averages."""
     dice, _ = dice_iou(counts)
     return dice[(counts[:, 0] + counts[:, 2]) > 0]
-
-
-def bootstrap_ci(rows: np.ndarray, stat, n_boot: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of `stat` over images resampled with replacement (rows of `rows`, one
-    per image, so paired columns stay paired). Seeded: the same call gives the same interval."""
-    rows = np.asarray(rows, dtype=float)
-    if len(rows) == 0 or n_boot <= 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(rows), size=(n_boot, len(rows)))
-    stats = np.array([stat(rows[d]) for d in draws])
-    stats = stats[~np.isnan(stats)]  # a resample without normals has no specificity
-    if len(stats) == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
 
 
 def risk_coverage(risk: np.ndarray, confidence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,9 +30,9 @@ from busiseg.data.images import mask_to_bool, open_image, process_map
 from busiseg.data.ingest import _natural_key
 from busiseg.data.layouts import IMAGE_SUFFIXES, OS_CLUTTER, name_rule
 from busiseg.errors import BusisegError
-from busiseg.evaluation.evaluate import (
+from busiseg.evaluation.figures import (
+    FigureSettings,
     boundary_means,
-    interval,
     mean_of_first,
     population_intervals,
     size_figures,
@@ -42,10 +42,12 @@ from busiseg.evaluation.metrics import (
     confusion,
     dice_iou,
     lesion_dice_per_image,
+    population_rows,
     rounded,
     summarize_counts,
 )
 from busiseg.inference.predict import OWN_OUTPUT, OWN_SUFFIXES
+from busiseg.inference.sizes import size_table
 from busiseg.params import EvaluateParams, Params
 
 MASK_RULE = name_rule("{id}_mask", multi=True)  # the layouts' default (BUSI's) mask rule
@@ -170,16 +172,6 @@ def read_case(paths: list[Path]) -> tuple[np.ndarray, list[str]]:
                                "it at the image size")
         union = m if union is None else union | m
     return union, notes
-
-
-def stacked(masks: list[np.ndarray]) -> np.ndarray:
-    """N×H×W for the metrics; masks of different sizes padded with background, which none of
-    the figures computed from the stack counts (the areas are taken per image instead)."""
-    h, w = max(m.shape[0] for m in masks), max(m.shape[1] for m in masks)
-    out = np.zeros((len(masks), h, w), dtype=bool)
-    for i, m in enumerate(masks):
-        out[i, : m.shape[0], : m.shape[1]] = m
-    return out
 
 
 def boundary_per_image(pred: list[np.ndarray], true: list[np.ndarray],
@@ -371,18 +363,22 @@ def figures(p: Params, pred: list[np.ndarray], true: list[np.ndarray],
     calibration, confidence): `summarize_counts` over each image at its own size, the lesion
     Dice's and the whole population's intervals as score_test draws them, and the boundary
     figures over the lesion images."""
-    true_arr = stacked(true)
     counts = np.stack([confusion(a[None], b[None])[0] for a, b in zip(pred, true, strict=True)])
     sizes = np.array([m.size for m in true], dtype=np.float64)
     metrics = summarize_counts(counts, sizes, classes)
     pred_area = (counts[:, 0] + counts[:, 1]) / sizes
     true_area = (counts[:, 0] + counts[:, 2]) / sizes
-    low, high = interval(p, lesion_dice_per_image(counts)[:, None], mean_of_first)
-    hd95, nsd = boundary_per_image(pred, true, p.evaluate.surface_tolerance)
-    sized, sizes = size_figures(p, pred, true, np.ones((len(pred), 2)), None)
+    f = FigureSettings.of(p.evaluate)
+    low, high = f.interval(lesion_dice_per_image(counts)[:, None], mean_of_first)
+    hd95, nsd = boundary_per_image(pred, true, f.surface_tolerance)
+    lesion = (counts[:, 0] + counts[:, 2]) > 0
+    ones = np.ones((len(pred), 2))  # each mask at its own size: its pixels are the unit
+    sized, sizes = size_figures(f, pd.concat([size_table(pred, ones, None),
+                                              size_table(true, ones, None, "true_")], axis=1),
+                                lesion)
     metrics = rounded({**metrics, "dice_ci_low": low, "dice_ci_high": high,
-                       **boundary_means(p, hd95, nsd, true_arr), **sized,
-                       **population_intervals(p, counts, None)})
+                       **boundary_means(f, hd95, nsd, lesion), **sized,
+                       **population_intervals(f, population_rows(counts), False)})
     dice, iou = dice_iou(counts)
     table = pd.DataFrame({"dice": np.round(dice, 6), "iou": np.round(iou, 6),
                           "lesion_area": true_area.round(6), "pred_area": pred_area.round(6),

@@ -115,6 +115,14 @@ def gate(masks: np.ndarray, scores: np.ndarray, presence_threshold: float | None
     return masks & keep.reshape(-1, *([1] * (masks.ndim - 1)))
 
 
+class Decided(NamedTuple):
+    masks: np.ndarray  # N boolean masks
+    scores: np.ndarray  # the lesion score the presence decision read
+    calibrated: np.ndarray  # the lesion score calibrated at the presence temperature
+    trust: np.ndarray  # each image's confidence
+    flagged: np.ndarray  # confidence below the review threshold
+
+
 @dataclass(frozen=True)
 class MaskSettings:
     """What turns probabilities into a mask, and how far to trust it. Evaluate chooses it on
@@ -152,22 +160,15 @@ class MaskSettings:
 
     def masks(self, probs: np.ndarray, scores: np.ndarray,
               trust: np.ndarray | None = None) -> np.ndarray:
-        """N×H×W probabilities and N lesion scores → the N masks, pieces applied, gated.
-        `trust`: the images' confidence, which the expected-Dice rule reads, when the caller
-        holds it already; it must be the training size's (predict's `probs` are resized back
-        to the image, so predict passes it)."""
-        pred = binarize(probs, self.threshold, self.largest_cc, self.fill_holes)
-        if self.presence_expected_dice is None:
-            return gate(pred, scores, self.presence_threshold)
-        keep = self.keep(scores, self.confidences(probs, scores) if trust is None else trust)
-        return pred & keep.reshape(-1, *([1] * (pred.ndim - 1)))
+        """N×H×W probabilities and N lesion scores → the N masks (`decide`)."""
+        return self.decide(probs, scores, trust).masks
 
-    def keep(self, scores: np.ndarray, trust: np.ndarray) -> np.ndarray:
+    def keep(self, calibrated: np.ndarray, trust: np.ndarray) -> np.ndarray:
         """The expected-Dice rule: keep an image's mask iff p · q̂ > 1 − p, p the calibrated
         lesion probability and q̂ the lesion Dice expected at the mask's confidence. Emptying a
         mask scores 1 on a normal image and loses the mask's Dice on a lesion image, so this is
         the decision with the larger expected Dice over all images."""
-        p = calibrate(scores, self.presence_temperature)
+        p = calibrated
         knots = np.asarray(self.presence_expected_dice, dtype=np.float64)
         q = np.interp(np.asarray(trust, dtype=np.float64), knots[:, 0], knots[:, 1])
         return p * q > 1 - p
@@ -177,6 +178,24 @@ class MaskSettings:
         evaluate scores it."""
         return confidence(probs, calibrate(scores, self.presence_temperature), self.threshold,
                           self.confidence)
+
+    def decide(self, probs: np.ndarray, scores: np.ndarray,
+               trust: np.ndarray | None = None) -> Decided:
+        """Everything these settings make of N×H×W probabilities and N lesion scores, as
+        evaluate scores them: the masks (pieces applied, gated), and beside the score its
+        calibrated value, each image's confidence and its review flag. `trust`: the
+        confidences when the caller holds them already; they must be the training size's
+        (predict's `probs` are resized back to the image, so predict passes them)."""
+        calibrated = calibrate(scores, self.presence_temperature)
+        if trust is None:
+            trust = confidence(probs, calibrated, self.threshold, self.confidence)
+        flagged = flag(trust, self.review_threshold)
+        pred = binarize(probs, self.threshold, self.largest_cc, self.fill_holes)
+        if self.presence_expected_dice is None:
+            pred = gate(pred, scores, self.presence_threshold)
+        else:
+            pred = pred & self.keep(calibrated, trust).reshape(-1, *([1] * (pred.ndim - 1)))
+        return Decided(pred, scores, calibrated, trust, flagged)
 
     def eval_keys(self) -> dict:
         """The settings as metrics/eval.json names them (SETTINGS; what `from_eval` reads

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 SIZE_COLUMNS = ("area_px", "long_axis_px", "short_axis_px", "area_mm2", "long_axis_mm",
                 "short_axis_mm")  # size_row's columns
@@ -112,3 +113,13 @@ def size_row(mask: np.ndarray, pixel: tuple[float, float],
     return {f"{prefix}area_px": px.area, f"{prefix}long_axis_px": px.long_axis,
             f"{prefix}short_axis_px": px.short_axis, f"{prefix}area_mm2": mm.area,
             f"{prefix}long_axis_mm": mm.long_axis, f"{prefix}short_axis_mm": mm.short_axis}
+
+
+def size_table(masks: np.ndarray, pixels: np.ndarray, pixel_mm: np.ndarray | None,
+               prefix: str = "") -> pd.DataFrame:
+    """`size_row` of each of N masks, with its pixel (N×2) and, with `pixel_mm` (N×2, NaN where
+    unknown), its size in mm."""
+    mm = np.full((len(masks), 2), np.nan) if pixel_mm is None else pixel_mm
+    rows = [size_row(mask, tuple(px), None if np.isnan(size).any() else tuple(map(float, size)),
+                     prefix) for mask, px, size in zip(masks, pixels, mm)]
+    return pd.DataFrame(rows, columns=[f"{prefix}{c}" for c in SIZE_COLUMNS])

@@ -18,7 +18,7 @@ import json
 import pandas as pd
 
 from busiseg.errors import BusisegError
-from busiseg.evaluation.metrics import bootstrap_ci
+from busiseg.evaluation.figures import bootstrap_ci
 
 
 def paired_difference(a: pd.DataFrame, b: pd.DataFrame, column: str = "dice",

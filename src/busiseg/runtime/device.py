@@ -51,9 +51,8 @@ def place(setting: str, param: str, *, threads: int = 0, processes: int = 1,
     device = pick_device(setting, param)
     if check is not None:
         check(device)
-    device = worker_device(device, local_rank, processes, slot)
     configure_threads_and_kernels(cpu_threads(threads, processes, slot), deterministic, device)
-    return device, slot
+    return worker_device(device, local_rank, processes, slot), slot
 
 
 KERNEL_PINS = {"avx2": "AVX2", "avx512": "AVX512_CORE"}  # oneDNN's names for train.cpu_isa
