@@ -68,6 +68,21 @@ def test_auroc_by_hand_with_ties_and_a_missing_class():
     assert math.isnan(auroc(np.array([1, 1], bool), np.array([0.1, 0.2])))
 
 
+def test_auroc_is_scikit_learns_on_random_and_heavily_tied_scores():
+    from sklearn.metrics import roc_auc_score
+
+    from busiseg.evaluation.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    for n, ties in ((7, 1), (50, 2), (300, 1), (700, 6), (40, None)):
+        labels = rng.random(n) < 0.7
+        labels[:2] = True, False
+        scores = rng.random(n) if ties is None else np.round(rng.random(n), ties)
+        assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        flat = np.full(n, 0.3)  # every score tied: chance
+        assert auroc(labels, flat) == 0.5
+
+
 def test_whole_population_figures_score_emptiness_as_the_public_benchmark_does():
     """Two lesion images (one hit at Dice 0.8, one missed) and two normals (one left empty, one
     given a false lesion): dice_all = (0.8 + 0 + 1 + 0) / 4."""

@@ -50,14 +50,19 @@ def _ratio(num: float, den: float) -> float:
 
 
 def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` for boolean `labels` (scikit-learn's, ties counted
-    half); NaN when one class is absent."""
-    from sklearn.metrics import roc_auc_score
-
+    """Area under the ROC curve of `scores` for boolean `labels`, ties counted half: the
+    Mann–Whitney U over the positives' mid-ranks (the value scikit-learn's roc_auc_score gives,
+    without its input checks, which cost a millisecond on each of the bootstrap's thousand
+    resamples); NaN when one class is absent."""
     labels = np.asarray(labels, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
     if labels.all() or not labels.any():
         return float("nan")
-    return float(roc_auc_score(labels, scores))
+    _, where, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    mid_rank = np.cumsum(counts) - (counts - 1) / 2  # tied scores share their mean rank
+    positives = int(labels.sum())
+    u = mid_rank[where.reshape(-1)][labels].sum() - positives * (positives + 1) / 2
+    return float(u / (positives * (len(labels) - positives)))
 
 
 SENSITIVITY_FLOOR = 0.95  # the screening operating point: miss at most one lesion in twenty
