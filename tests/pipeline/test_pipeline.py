@@ -300,45 +300,6 @@ def test_the_trained_model_is_a_dvc_artifact(pipeline, python_env, tmp_path):
         run(["git", "tag", "-d", "busiseg-model@v0.1.0"], repo, python_env)
 
 
-def test_one_flag_runs_k_fold_cross_validation_and_evaluate_params_retrain_no_fold(
-        pipeline, python_env):
-    """`-S split.folds=3` turns the committed single-split run into a 3-fold cross-validation
-    (re-running split onwards only); an evaluate param then re-trains no fold."""
-    repo, _, _ = pipeline
-    folds = 3
-    try:
-        out = dvc(repo, python_env, "exp", "run", "-S", f"split.folds={folds}").stdout
-        assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
-            "split", "train", "classify", "evaluate", "package", "plot"}
-        ev = load_metrics(repo)["eval.json"]
-        assert ev["folds"] == folds
-        for key in ("cv_dice", "cv_iou", "cv_dice_pooled", "cv_dice_benign",
-                    "cv_normal_empty_rate", "dice_single_mean", "dice_ensemble_gain",
-                    "dice_ci_low", "cv_dice_ci_high", "dice_ensemble_gain_ci_low",
-                    *(f"dice_single_{k}" for k in range(folds))):
-            assert key in ev, key
-        split = load_metrics(repo)["split.json"]
-        assert split["n_cv"] == sum(split[f"n_fold_{k}"] for k in range(folds))
-        assert split["n_groups_across_folds"] == 0
-        assert torch.load(repo / "models" / "model.pt", weights_only=True)["members"] == folds
-        for k in range(folds):
-            assert (repo / "dvclive" / "train" / f"fold_{k}" / "metrics.json").is_file()
-        for name in ("curves.png", "dice_distribution.png", "worst.png", "worst_cv.png"):
-            assert (repo / "plots" / "figures" / name).stat().st_size > 1000, name
-        show = dvc(repo, python_env, "exp", "show", "--csv").stdout
-        assert "split.folds" in show and "cv_dice" in show and "dice_ensemble_gain" in show
-
-        digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
-        set_params(repo, evaluate={"tune_threshold": True, "tta": True, "select_on_val": True})
-        out = dvc(repo, python_env, "repro").stdout
-        ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}
-        assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
-    finally:  # back to the committed run for the tests after this one
-        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
-        dvc(repo, python_env, "checkout", "-f")
-
-
 def test_a_pretrained_encoder_trains_and_predicts_with_no_network(pipeline, python_env,
                                                                   tmp_path):
     """`-S model.arch=smp_unet -S model.encoder_weights=imagenet` trains from the ImageNet Lite0

@@ -109,12 +109,14 @@ def live_files(repo) -> dict:
             if f.is_file()}
 
 
-def test_one_exp_run_with_a_classifier_and_seed_members_travels_to_predict(pipeline, python_env,
-                                                                          tmp_path):
-    """One `dvc exp run` with classify.kind segmentation beside two seeds a fold: classify trains
-    its members and never train's, evaluate reports malignancy out of fold and on test, and the
-    packaged model alone, in an empty folder, predicts evaluate's test masks, p_lesion and
-    p_malignant, as .pt and as its ONNX export."""
+def test_one_exp_run_with_folds_a_classifier_and_seed_members_travels_to_predict(
+        pipeline, python_env, tmp_path):
+    """`-S split.folds=2` turns the committed single-split run into a 2-fold cross-validation
+    (re-running split onwards only); with it, classify.kind segmentation beside two seeds a
+    fold: classify trains its members and never train's, evaluate reports the folds' figures
+    and malignancy out of fold and on test, and the packaged model alone, in an empty folder,
+    predicts evaluate's test masks, p_lesion and p_malignant, as .pt and as its ONNX export;
+    an evaluate param then re-trains no fold."""
     import shutil
 
     import numpy as np
@@ -125,21 +127,39 @@ def test_one_exp_run_with_a_classifier_and_seed_members_travels_to_predict(pipel
     from busiseg.data.cache import load_cache
 
     repo, _, _ = pipeline
+    folds, seeds = 2, 2
     try:
-        out = dvc(repo, python_env, "exp", "run", "-S", "split.folds=2", "-S", "train.seeds=2",
+        out = dvc(repo, python_env, "exp", "run", "-S", f"split.folds={folds}",
+                  "-S", f"train.seeds={seeds}",
                   "-S", "classify.kind=segmentation", "-S", "classify.epochs=1",
                   "-S", "classify.member_workers=1", "-S", "classify.decoder_channels=[16,8,8,8,8]",
                   "-S", "evaluate.presence_threshold=auto").stdout
-        assert {s for s in STAGES if f"Running stage '{s}'" in out} >= {
-            "split", "train", "classify", "evaluate", "package"}
+        assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
+            "split", "train", "classify", "evaluate", "package", "plot"}
         metrics = load_metrics(repo)
-        assert metrics["train.json"]["seeds"] == 2 and metrics["train.json"]["folds"] == 2
+        assert metrics["train.json"]["seeds"] == seeds and metrics["train.json"]["folds"] == folds
         assert metrics["classify.json"]["kind"] == "segmentation"
-        assert metrics["classify.json"]["members"] == 2
+        assert metrics["classify.json"]["members"] == folds
         ev = metrics["eval.json"]
+        assert ev["folds"] == folds
         for key in ("cv_malignant_auroc", "cv_malignant_ece", "malignant_threshold",
-                    "cv_dice_all", "cv_detect_auroc"):
+                    "cv_dice_all", "cv_detect_auroc", "cv_dice", "cv_iou", "cv_dice_pooled",
+                    "cv_dice_benign", "cv_normal_empty_rate", "dice_single_mean",
+                    "dice_ensemble_gain", "dice_ci_low", "cv_dice_ci_high",
+                    "dice_ensemble_gain_ci_low", *(f"dice_single_{k}" for k in range(folds))):
             assert key in ev, key
+        split = metrics["split.json"]
+        assert split["n_cv"] == sum(split[f"n_fold_{k}"] for k in range(folds))
+        assert split["n_groups_across_folds"] == 0
+        assert torch.load(repo / "models" / "model.pt", weights_only=True)["members"] == folds
+        for k in range(folds):
+            for seed in range(seeds):
+                live = repo / "dvclive" / "train" / f"fold_{k}_seed_{seed}" / "metrics.json"
+                assert live.is_file(), live
+        for name in ("curves.png", "dice_distribution.png", "worst.png", "worst_cv.png"):
+            assert (repo / "plots" / "figures" / name).stat().st_size > 1000, name
+        show = dvc(repo, python_env, "exp", "show", "--csv").stdout
+        assert "split.folds" in show and "cv_dice" in show and "dice_ensemble_gain" in show
         # a classify.* change re-runs classify and what reads it, never train
         ran = (repo / "params.yaml").read_text()
         set_params(repo, classify={"epochs": 2})
@@ -174,6 +194,13 @@ def test_one_exp_run_with_a_classifier_and_seed_members_travels_to_predict(pipel
                 want = want.reshape(mask.shape)
                 # ONNX Runtime's 1e-4 may move the odd pixel at the threshold, never more
                 assert (mask != want).mean() <= (0 if model == "model.pt" else 1e-3), model
+
+        digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
+        set_params(repo, evaluate={"tune_threshold": True, "tta": True, "select_on_val": True})
+        out = dvc(repo, python_env, "repro").stdout
+        ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}
+        assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
     finally:
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
         dvc(repo, python_env, "checkout", "-f")
