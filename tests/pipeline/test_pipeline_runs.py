@@ -18,48 +18,6 @@ from conftest import STAGES, TIMING_KEYS, dvc, load_metrics, set_params, without
 pytestmark = pytest.mark.slow  # each test runs dvc on a copy of the repo
 
 
-def test_an_evaluate_param_reruns_only_evaluate_and_what_reads_it(pipeline, python_env):
-    repo, _, _ = pipeline
-    digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
-    try:
-        set_params(repo, evaluate={"threshold": 0.4, "batch_size": 3, "device": "cpu",
-                                   "tta": True})
-        out = dvc(repo, python_env, "repro").stdout
-        ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}  # plot: masks changed?
-        assert load_metrics(repo)["eval.json"]["threshold"] == 0.4
-        assert load_metrics(repo)["eval.json"]["used_tta"] == 1
-        assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
-        # the packaged model carries the new choice over the same weights
-        packaged = torch.load(repo / "models" / "busiseg-model" / "model.pt", weights_only=True)
-        assert packaged["digest"] == digest
-        assert (packaged["settings"]["threshold"], packaged["settings"]["tta"]) == (0.4, True)
-    finally:
-        subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
-        dvc(repo, python_env, "checkout", "-f")
-
-
-def test_exp_run_reruns_only_model_stages_and_reads_small_floats(pipeline, python_env):
-    """DVC writes -S train.lr=5e-5 into params.yaml as `5e-05`, which YAML 1.1 reads as a string:
-    the run must take it (and 1e-06) as the floats they are, and record them."""
-    repo, _, _ = pipeline
-    out = dvc(repo, python_env, "exp", "run", "-S", "train.epochs=1", "-S", "train.lr=5e-5",
-              "-S", "train.weight_decay=1e-6").stdout
-    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"train", "evaluate", "package", "plot"}
-    written = (repo / "params.yaml").read_text()
-    assert re.search(r"lr: 5e-0?5\b", written), written  # the spelling that used to be refused
-    trained = torch.load(repo / "models" / "model.pt", weights_only=True)["params"]["train"]
-    assert (trained["lr"], trained["weight_decay"]) == (5e-5, 1e-6)
-    show = dvc(repo, python_env, "exp", "show", "--csv").stdout
-    assert "train.epochs" in show and "dice" in show
-    header, *rows = [r.split(",") for r in show.strip().splitlines()]
-    lr = [float(r[header.index("train.lr")]) for r in rows if r[header.index("train.lr")]]
-    assert 5e-5 in lr
-    subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
-    dvc(repo, python_env, "checkout", "-f")
-
-
 def test_killed_training_resumes_to_the_same_result(pipeline, python_env):
     repo, _, _ = pipeline
     original = (repo / "params.yaml").read_text()
@@ -116,7 +74,7 @@ def test_one_exp_run_with_folds_a_classifier_and_seed_members_travels_to_predict
     fold: classify trains its members and never train's, evaluate reports the folds' figures
     and malignancy out of fold and on test, and the packaged model alone, in an empty folder,
     predicts evaluate's test masks, p_lesion and p_malignant, as .pt and as its ONNX export;
-    an evaluate param then re-trains no fold."""
+    an evaluate param then re-runs evaluate and what reads it, and re-trains no fold."""
     import shutil
 
     import numpy as np
@@ -195,12 +153,20 @@ def test_one_exp_run_with_folds_a_classifier_and_seed_members_travels_to_predict
                 # ONNX Runtime's 1e-4 may move the odd pixel at the threshold, never more
                 assert (mask != want).mean() <= (0 if model == "model.pt" else 1e-3), model
 
+        # an evaluate param re-runs evaluate and what reads it, and re-trains no fold; the
+        # packaged model carries the new choice over the same weights
         digest = torch.load(repo / "models" / "model.pt", weights_only=True)["digest"]
-        set_params(repo, evaluate={"tune_threshold": True, "tta": True, "select_on_val": True})
+        set_params(repo, evaluate={"threshold": 0.4, "batch_size": 3, "device": "cpu",
+                                   "tta": True})
         out = dvc(repo, python_env, "repro").stdout
         ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}
+        assert "evaluate" in ran and ran <= {"evaluate", "package", "plot"}  # plot: masks changed?
+        assert load_metrics(repo)["eval.json"]["threshold"] == 0.4
+        assert load_metrics(repo)["eval.json"]["used_tta"] == 1
         assert torch.load(repo / "models" / "model.pt", weights_only=True)["digest"] == digest
+        packaged = torch.load(repo / "models" / "busiseg-model" / "model.pt", weights_only=True)
+        assert packaged["digest"] == digest
+        assert (packaged["settings"]["threshold"], packaged["settings"]["tta"]) == (0.4, True)
     finally:
         subprocess.run(["git", "checkout", "-q", "--", "."], cwd=repo, check=True)
         dvc(repo, python_env, "checkout", "-f")
