@@ -84,6 +84,29 @@ def test_pixels_are_the_decoded_frame_by_the_stated_rules():
                               load_image(dicom.frame_ref(frames, 2)))
 
 
+def test_a_cine_loop_is_read_once_for_all_its_frames_and_its_pixel_size(tmp_path: Path,
+                                                                          monkeypatch):
+    """Predict reads each frame, then the pixel size: one read of the file with its pixels
+    (after the header read that counts its frames), and a file changed on disk is read anew."""
+    loop = tmp_path / "loop.dcm"
+    shutil.copy(STORE / "OBXXXX1A_rle_2frame.dcm", loop)
+    reads = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: reads.append(k) or real(*a, **k))
+    refs = dicom.frames(loop)
+    images = [load_image(ref, channels=3) for ref in refs]
+    sizes = [dicom.pixel_size_mm(ref)[0] for ref in refs]
+    assert len(refs) == 2 and sizes == [(REGION_MM, REGION_MM)] * 2
+    assert [r["stop_before_pixels"] for r in reads] == [True, False]
+    assert not np.array_equal(images[0], images[1])
+    ds = real(loop, force=True)
+    ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaX = 0.05  # now 0.5 mm a column
+    ds.SequenceOfUltrasoundRegions[0].PhysicalDeltaY = 0.05
+    ds.save_as(loop)
+    assert dicom.pixel_size_mm(refs[0])[0] == pytest.approx((0.5, 0.5))
+    assert len(reads) == 3
+
+
 def test_frames_are_named_and_selected(tmp_path: Path):
     loop = STORE / "color3d_jpeg_baseline.dcm"  # 120 frames
     refs = dicom.frames(loop)

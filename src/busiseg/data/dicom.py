@@ -74,16 +74,30 @@ def image_stem(path: Path) -> str:
     return stem if frame is None else f"{stem}_f{frame:03d}"
 
 
+_last: dict = {}  # the last file read, keyed by (path, size, mtime): see _read
+
+
 def _read(path: Path, pixels: bool = False):
+    """The file's dataset, with its pixel data when `pixels`. The last file read is kept, so a
+    cine loop whose frames are read one by one, and its pixel size after them, cost one read of
+    the file, not one per frame; a file changed on disk since is read again."""
     import pydicom
 
     try:
+        stat = Path(path).stat()
+        key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+        kept = _last.get(key)
+        if kept is not None and (kept[1] or not pixels):
+            return kept[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means an unreadable file
         raise BusisegError(f"{path}: not a readable DICOM file ({first_line(exc, 100)}); "
                            "re-export it from the scanner or PACS, or remove it") from None
+    _last.clear()
+    _last[key] = (ds, pixels)
+    return ds
 
 
 def frame_count(path: Path) -> int:
