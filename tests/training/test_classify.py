@@ -38,6 +38,60 @@ def test_members_train_per_fold_and_seed_and_read_back(tmp_path):
     assert not torch.equal(members[0].head.weight, members[1].head.weight)
 
 
+def test_members_side_by_side_stop_at_the_first_failure_and_a_killed_one_is_one_line(tmp_path):
+    """Two members at once: when one fails, the other (blocked reading a split that never comes,
+    a named pipe) is stopped, and the failure is what is raised; when a member's process is
+    killed, the run ends in one line and the other is stopped too. A guard opens the pipe
+    after two minutes, so a member left running would show, not hang the suite."""
+    import os
+    import signal
+    import threading
+
+    import psutil
+
+    from busiseg.errors import BusisegError
+    from busiseg.training.classify import Job, side_by_side
+
+    cache, _ = fold_data(tmp_path, folds=2)
+    p = parse_params({"split": {"folds": 2}, "preprocess": {"size": 32},
+                      "classify": {"kind": "encoder", "epochs": 1, "threads": 1}})
+    pipe = tmp_path / "never.csv"
+    os.mkfifo(pipe)
+    blocked = Job(p, cache, pipe, 0, 0, 1)
+    failing = Job(p, tmp_path / "missing.npz", pipe, 1, 0, 1)
+    guard_fired = []
+
+    def guard() -> None:  # a member left blocked would keep the pool waiting for ever
+        guard_fired.append(True)
+        with open(pipe, "w") as fh:
+            fh.write("case_id,split,fold,class\n")
+
+    def members() -> list:
+        return [c for c in psutil.Process().children()
+                if "spawn_main" in " ".join(c.cmdline())]
+
+    def kill_one_blocked() -> None:
+        while len(members()) < 2:
+            threading.Event().wait(0.2)
+        threading.Event().wait(5)  # both started and blocked on the pipe
+        members()[0].send_signal(signal.SIGKILL)
+
+    for jobs, setup, message in (([blocked, failing], None, "missing.npz"),
+                                 ([blocked, blocked], kill_one_blocked, "was killed")):
+        timer = threading.Timer(120, guard)
+        timer.start()
+        if setup is not None:
+            threading.Thread(target=setup, daemon=True).start()
+        try:
+            with pytest.raises(BusisegError, match=message) as caught:
+                side_by_side(jobs, 2)
+        finally:
+            timer.cancel()
+        assert not guard_fired, "a member was left running"
+        assert "\n" not in str(caught.value)
+        assert not members()
+
+
 def test_segmentation_kind_learns_masks_and_side_by_side_members_equal_members_in_turn(
         tmp_path):
     """Kind segmentation answers with the same two logits (its masks only teach it), and a

@@ -201,7 +201,10 @@ def side_by_side(jobs: list[Job], workers: int) -> list[dict]:
                                initializer=die_with_parent)
     futures = [pool.submit(train_job, job) for job in jobs]
     try:
-        wait(futures, return_when=FIRST_EXCEPTION)
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in futures:  # a failure is raised before an unfinished member is waited for
+            if f in done and f.exception() is not None:
+                f.result()
         return [f.result() for f in futures]
     except BrokenProcessPool:
         raise BusisegError("a classifier member's training process was killed (out of "
