@@ -437,6 +437,12 @@ def _evaluate_copy(run: Path, dest: Path) -> Path:
     (dest / "models").mkdir()
     for f in ("data/cache.npz", "data/split.csv", "data/manifest.csv", "models/model.pt"):
         (dest / f).symlink_to(run / f)
+    if (run / "models" / "classifier.pt").is_file():
+        (dest / "models" / "classifier.pt").symlink_to(run / "models" / "classifier.pt")
+    else:  # a run from before the classify stage: the mask model's own lesion score
+        from busiseg.modeling.classifier import save_none
+
+        save_none(dest / "models" / "classifier.pt")
     (dest / "params.yaml").write_bytes((run / "params.yaml").read_bytes())
     return dest
 

@@ -118,13 +118,8 @@ def _overrides(args) -> dict:
 
 
 def predict(args, parser) -> int:
-    from busiseg.inference.predict import (
-        Outputs,
-        RunOptions,
-        predict_run,
-        settings_from_eval,
-        settings_from_flags,
-    )
+    from busiseg.inference.predict import predict_run, settings_from_eval, settings_from_flags
+    from busiseg.inference.predict_options import Outputs, RunOptions
     from busiseg.inference.run_record import RECORD, SCORES
 
     flags = args.threshold is not None or args.tta or args.largest_cc or args.fill_holes

@@ -21,7 +21,8 @@ from busiseg.evaluation.evaluate import evaluate
 from busiseg.files import file_sha256
 from busiseg.inference.confidence import calibrate
 from busiseg.inference.onnx_model import export_onnx, load_onnx
-from busiseg.inference.predict import SourcedSettings, predict_run
+from busiseg.inference.predict import predict_run
+from busiseg.inference.predict_options import SourcedSettings
 from busiseg.inference.segment import Feed, MaskSettings, gate, predict_probabilities
 from busiseg.modeling.archs import split_output
 from busiseg.modeling.model_file import load_model

@@ -17,7 +17,8 @@ from busiseg.data.cache import load_cache
 from busiseg.evaluation.evaluate import evaluate
 from busiseg.evaluation.metrics import aurc, aurc_baselines, risk_coverage
 from busiseg.inference.confidence import confidence, flag
-from busiseg.inference.predict import Outputs, SourcedSettings, predict_run
+from busiseg.inference.predict import predict_run
+from busiseg.inference.predict_options import Outputs, SourcedSettings
 from busiseg.inference.segment import MaskSettings
 
 

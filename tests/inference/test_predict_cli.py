@@ -21,13 +21,8 @@ from busiseg import busiseg_version
 from busiseg.cli import main
 from busiseg.data.layouts import IMAGE_SUFFIXES
 from busiseg.files import file_sha256
-from busiseg.inference.predict import (
-    EXISTS,
-    MASK_LIKE,
-    SUFFIXES,
-    SourcedSettings,
-    predict_run,
-)
+from busiseg.inference.predict import EXISTS, MASK_LIKE, SUFFIXES, predict_run
+from busiseg.inference.predict_options import SourcedSettings
 from busiseg.inference.segment import SETTING_NAMES, MaskSettings
 from busiseg.modeling.model_file import save_model
 from busiseg.modeling.registry import build_model

@@ -12,17 +12,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from busiseg import busiseg_version
 from busiseg.data.dicom import image_stem
 from busiseg.errors import BusisegError, first_line
 from busiseg.files import atomic_path, atomic_write_text
+from busiseg.inference.predict_options import Outputs, Predictor, RunOptions, SourcedSettings
 from busiseg.inference.segment import MaskSettings
 from busiseg.inference.sizes import SIZE_COLUMNS
-
-if TYPE_CHECKING:
-    from busiseg.inference.predict import Outputs, Predictor, RunOptions, SourcedSettings
 
 SCORES = "predictions.csv"
 RECORD = "predictions.json"
