@@ -23,7 +23,7 @@ from busiseg.evaluation.metrics import (
     summarize,
 )
 from busiseg.inference.segment import Decided
-from busiseg.inference.sizes import size_table
+from busiseg.inference.sizes import size_tables
 from busiseg.params import EvaluateParams
 
 
@@ -49,9 +49,9 @@ class FigureSettings:
     """The params that say how a figure is drawn, not which masks it scores: the bootstrap
     (resamples, seed), NSD's tolerance in original pixels, and whether images are flagged."""
 
-    bootstrap: int = 1000
-    bootstrap_seed: int = 0
-    surface_tolerance: float = 5.0
+    bootstrap: int = EvaluateParams.bootstrap
+    bootstrap_seed: int = EvaluateParams.bootstrap_seed
+    surface_tolerance: float = EvaluateParams.surface_tolerance
     flagging: bool = False  # evaluate.review_fraction > 0: the kept and flagged images' Dice
 
     @classmethod
@@ -92,10 +92,10 @@ def boundary_means(f: FigureSettings, hd95: np.ndarray, nsd: np.ndarray, lesion:
 
 def size_figures(f: FigureSettings, sizes: pd.DataFrame, lesion: np.ndarray,
                  prefix: str = "") -> tuple[dict, pd.DataFrame]:
-    """From each image's predicted and true sizes (inference.sizes.size_table, the truth's
-    columns `true_`), the long axis's error, and its mean absolute value over the `lesion`
-    images, as hd95 is taken, with a 95 % interval: in px, and in mm over the lesion images
-    whose pixel size is known (with their count), where there are any."""
+    """From each image's predicted and true sizes (inference.sizes.size_tables), the long
+    axis's error, and its mean absolute value over the `lesion` images, as hd95 is taken, with
+    a 95 % interval: in px, and in mm over the lesion images whose pixel size is known (with
+    their count), where there are any."""
     table, out = sizes.copy(), {}
     for unit in ("px", "mm"):
         error = (table[f"long_axis_{unit}"] - table[f"true_long_axis_{unit}"]).to_numpy()
@@ -178,8 +178,7 @@ def figures_of(f: FigureSettings, s: Scored, prefix: str = "") -> Figures:
         hd95, nsd = boundary_metrics(d.masks, s.true, s.spacing, f.surface_tolerance)
     ece, reliability = presence.reliability(d.calibrated, lesion)
     if measured:
-        sizes = pd.concat([size_table(d.masks, s.spacing, s.mm),
-                           size_table(s.true, s.spacing, s.mm, "true_")], axis=1)
+        sizes = size_tables(d.masks, s.true, s.spacing, s.mm)
 
     metrics = {**{f"{prefix}{k}": v for k, v in metrics.items()},
                **dict(zip((f"{prefix}dice_ci_low", f"{prefix}dice_ci_high"),

@@ -83,8 +83,9 @@ def malignancy_keys(f: FigureSettings, held: np.ndarray, held_classes: list[str]
     chose, `cv_` keys; test what every held-out image chose. Without folds `held` is val: the
     choice is made there and only test is reported. Returns the keys and the calibrated
     p_malignant of the held-out and the test images."""
-    known, _ = labelled(held_classes)
-    label = np.array([LABELLED.get(c, 0) for c in held_classes], dtype=np.float64)
+    known, known_labels = labelled(held_classes)
+    label = np.zeros(len(held))  # per image; read only where `known`
+    label[known] = known_labels
     folds = [] if held_fold is None else list(np.unique(held_fold))
     chosen_on = {None: known, **{k: known & (held_fold != k) for k in folds}}
     temperature = {k: round(fit_temperature(held[use], label[use].astype(bool)), 6)  # as eval.json

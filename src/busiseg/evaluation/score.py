@@ -47,7 +47,7 @@ from busiseg.evaluation.metrics import (
     summarize_counts,
 )
 from busiseg.inference.predict import OWN_OUTPUT, OWN_SUFFIXES
-from busiseg.inference.sizes import size_table
+from busiseg.inference.sizes import size_tables
 from busiseg.params import EvaluateParams, Params
 
 MASK_RULE = name_rule("{id}_mask", multi=True)  # the layouts' default (BUSI's) mask rule
@@ -371,14 +371,13 @@ def figures(p: Params, pred: list[np.ndarray], true: list[np.ndarray],
     f = FigureSettings.of(p.evaluate)
     low, high = f.interval(lesion_dice_per_image(counts)[:, None], mean_of_first)
     hd95, nsd = boundary_per_image(pred, true, f.surface_tolerance)
-    lesion = (counts[:, 0] + counts[:, 2]) > 0
+    population = population_rows(counts)
+    lesion = population[:, 2] > 0
     ones = np.ones((len(pred), 2))  # each mask at its own size: its pixels are the unit
-    sized, sizes = size_figures(f, pd.concat([size_table(pred, ones, None),
-                                              size_table(true, ones, None, "true_")], axis=1),
-                                lesion)
+    sized, sizes = size_figures(f, size_tables(pred, true, ones, None), lesion)
     metrics = rounded({**metrics, "dice_ci_low": low, "dice_ci_high": high,
                        **boundary_means(f, hd95, nsd, lesion), **sized,
-                       **population_intervals(f, population_rows(counts), False)})
+                       **population_intervals(f, population, False)})
     dice, iou = dice_iou(counts)
     table = pd.DataFrame({"dice": np.round(dice, 6), "iou": np.round(iou, 6),
                           "lesion_area": true_area.round(6), "pred_area": pred_area.round(6),

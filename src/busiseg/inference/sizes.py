@@ -123,3 +123,10 @@ def size_table(masks: np.ndarray, pixels: np.ndarray, pixel_mm: np.ndarray | Non
     rows = [size_row(mask, tuple(px), None if np.isnan(size).any() else tuple(map(float, size)),
                      prefix) for mask, px, size in zip(masks, pixels, mm)]
     return pd.DataFrame(rows, columns=[f"{prefix}{c}" for c in SIZE_COLUMNS])
+
+
+def size_tables(pred: np.ndarray, true: np.ndarray, pixels: np.ndarray,
+                pixel_mm: np.ndarray | None) -> pd.DataFrame:
+    """`size_table` of the predicted masks beside the true ones' (columns `true_…`)."""
+    return pd.concat([size_table(pred, pixels, pixel_mm),
+                      size_table(true, pixels, pixel_mm, "true_")], axis=1)
