@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from busiseg.evaluation.evaluate import evaluate
-from busiseg.evaluation.plots import risk_coverage_table
+from busiseg.evaluation.figures import risk_coverage_table
 from busiseg.params import load_params
 from busiseg.pipeline.stage import remove_outputs, run, write_json
 

@@ -188,7 +188,7 @@ def built_pipeline(tmp_path_factory, env: dict) -> Path:
 # the tests that copy the built pipeline, for pytest-xdist's controller to start it early
 BUILT_PIPELINE_USERS = ("tests/pipeline/test_pipeline.py::",
                         "tests/pipeline/test_pipeline_runs.py::",
-                        "tests/pipeline/test_remotes.py::test_an_experiment_pushed",
+                        "tests/pipeline/test_remotes.py::",
                         "tests/runtime/test_scale_out.py::test_the_queue_runs")
 _controller: dict = {}
 

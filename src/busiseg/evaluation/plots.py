@@ -137,21 +137,6 @@ def plot_dice_distribution(tables: dict[str, pd.DataFrame], out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def risk_coverage_table(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """The risk–coverage curve of each per-image table that carries a confidence (1 − per-image
-    Dice over every image, the most confident first): the data behind risk_coverage.png and
-    `dvc plots diff`."""
-    parts = []
-    for name, table in tables.items():
-        if len(table) and "confidence" in table:
-            coverage, risk = risk_coverage(1 - table["dice"].to_numpy(),
-                                           table["confidence"].to_numpy())
-            parts.append(pd.DataFrame({"set": name, "coverage": coverage.round(6),
-                                       "risk": risk.round(6)}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-        columns=["set", "coverage", "risk"])
-
-
 def plot_risk_coverage(tables: dict[str, pd.DataFrame], out: Path) -> None:
     """Risk (1 − per-image Dice) of the images one keeps, against the share kept, most confident
     first; beside it what an oracle ranking and a random one would give. The closer to the
