@@ -240,9 +240,8 @@ def copy_built(built: Path, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, python_env):
-    """The built tiny run, copied for one test module, so that no module sees another's
-    changes. The pipeline tests are split over two modules so that `pytest -n` (one file per
-    worker) runs them side by side."""
+    """The built tiny run, copied for one test module on each pytest-xdist worker that runs
+    one of its tests, so that no module sees another's changes."""
     built = built_pipeline(tmp_path_factory, python_env)
     repo = copy_built(built, tmp_path_factory.mktemp("repo"))
     first = json.loads((built / "repro.json").read_text())

@@ -1,5 +1,5 @@
-"""The pipeline under `dvc exp run` and an interrupted `dvc repro` (its own module, so that a
-second pytest worker runs it beside tests/test_pipeline.py)."""
+"""The pipeline under `dvc exp run` and an interrupted `dvc repro`, on this module's own copy of
+the built tiny run (its changes never meet test_pipeline.py's)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""The classifier composed with the mask model in evaluate: its p_lesion replaces the mask
-model's lesion score wherever the score is read (the presence decision, its calibration, the
-confidence), and its p_malignant gives the malignancy figures. Out of fold, fold k's images are
-scored by the members of fold k only, which never trained on them; test by every member."""
+"""The classifier file evaluate composes with the mask model (the composing itself is
+evaluate's `Loaded.held_out` and `score_test`: its p_lesion replaces the mask model's lesion
+score, out of fold by fold k's members only; malignancy.py reads its p_malignant)."""
 
 from __future__ import annotations
 

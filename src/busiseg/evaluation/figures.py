@@ -2,7 +2,8 @@
 its out-of-fold images and `busiseg score`: each image is measured first (metrics, presence,
 sizes), then the measures are summed up here, each figure with its bootstrap 95 % interval, in
 the order eval.json lists them. Each caller decides which masks it scores; how they are scored
-is this one rule, so the three cannot drift apart."""
+is written here once: evaluate calls figures_of, and `busiseg score`, which has no per-image
+lesion score, calls the same interval, boundary, size and population functions."""
 
 from __future__ import annotations
 
@@ -128,15 +129,16 @@ TRUST_STATS = {  # key -> statistic of rows (per-image Dice over all images, con
 
 
 def trust_figures(f: FigureSettings, population: np.ndarray, trust: np.ndarray,
-                  flagged: np.ndarray, baselines: dict, prefix: str = "") -> dict:
+                  flagged: np.ndarray, prefix: str = "") -> dict:
     """How well the confidence ranks the predictions: the area under the risk–coverage curve
     (risk = 1 − per-image Dice, every image, normals scored as in dice_all: `population`'s
-    column 0) beside its random and oracle `baselines`; with a review threshold, the Dice of
-    the kept and the flagged images and what flagging gains the kept ones, each with its 95 %
-    interval. Out of fold each fold is flagged at the threshold chosen on the other folds."""
+    column 0) beside what a random and an oracle ranking would give; with a review threshold,
+    the Dice of the kept and the flagged images and what flagging gains the kept ones, each
+    with its 95 % interval. Out of fold each fold is flagged at the threshold chosen on the
+    other folds."""
     rows = np.column_stack([population[:, 0], trust, flagged])
     keys = ["aurc", *(["dice_kept", "dice_flagged", "dice_kept_gain"] if f.flagging else [])]
-    out = dict(baselines)
+    out = aurc_baselines(1 - population[:, 0])
     for key in keys:
         out[key] = TRUST_STATS[key](rows) if len(rows) else float("nan")
         out[f"{key}_ci_low"], out[f"{key}_ci_high"] = f.interval(rows, TRUST_STATS[key])
@@ -162,7 +164,7 @@ class Figures:
     detect_ece: float  # the calibrated lesion score's expected calibration error
     trust: dict  # trust_figures
     table: pd.DataFrame  # one row per image
-    counts: np.ndarray  # per image (tp, fp, fn, tn), as metrics.summarize
+    counts: np.ndarray  # per image (tp, fp, fn), as metrics.confusion
     reliability: pd.DataFrame  # the calibrated score's reliability bins
 
 
@@ -172,7 +174,6 @@ def figures_of(f: FigureSettings, s: Scored, prefix: str = "") -> Figures:
     metrics, counts = summarize(d.masks, s.true, s.rows["class"].tolist(), d.scores)
     population = population_rows(counts, d.scores)  # Dice, IoU, lesion, decision, score
     lesion_dice = lesion_dice_per_image(counts)
-    baselines = aurc_baselines(1 - population[:, 0])
     lesion = population[:, 2] > 0
     measured = s.spacing is not None  # a distance or a size needs the original pixel as unit
     if measured:
@@ -191,8 +192,8 @@ def figures_of(f: FigureSettings, s: Scored, prefix: str = "") -> Figures:
         metrics.update({**boundary_means(f, hd95, nsd, lesion, prefix), **sized})
         table = pd.concat([table, sizes], axis=1)
     metrics.update(population_intervals(f, population, True, prefix))
-    return Figures(metrics, ece, trust_figures(f, population, d.trust, d.flagged, baselines,
-                                               prefix), table, counts, reliability)
+    return Figures(metrics, ece, trust_figures(f, population, d.trust, d.flagged, prefix), table,
+                   counts, reliability)
 
 
 def gain_over_members(rows: np.ndarray) -> float:

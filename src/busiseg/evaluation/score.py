@@ -361,8 +361,8 @@ def figures(p: Params, pred: list[np.ndarray], true: list[np.ndarray],
             classes: list[str]) -> tuple[dict, pd.DataFrame]:
     """evaluate's test figures without the ones that need a model's per-image score (AUROC,
     calibration, confidence): `summarize_counts` over each image at its own size, the lesion
-    Dice's and the whole population's intervals as score_test draws them, and the boundary
-    figures over the lesion images."""
+    Dice's and the whole population's intervals, and the boundary figures over the lesion
+    images, each drawn by figures.py's functions as evaluate draws them."""
     counts = np.stack([confusion(a[None], b[None])[0] for a, b in zip(pred, true, strict=True)])
     sizes = np.array([m.size for m in true], dtype=np.float64)
     metrics = summarize_counts(counts, sizes, classes)

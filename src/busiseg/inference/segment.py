@@ -373,5 +373,6 @@ def segment_with_score(forward: Forward, image: np.ndarray, size: int, mean: Sta
     trust = settings.confidences(prob[:, 0].numpy(), score)
     full = torch.nn.functional.interpolate(prob, size=image.shape[:2], mode="bilinear",
                                            align_corners=False)[:, 0].numpy()
-    return Segmentation(settings.masks(full, score, trust)[0], float(score[0]), float(trust[0]),
-                        bool(flag(trust, settings.review_threshold)[0]), full[0])
+    decided = settings.decide(full, score, trust)
+    return Segmentation(decided.masks[0], float(score[0]), float(trust[0]),
+                        bool(decided.flagged[0]), full[0])
